@@ -1,0 +1,1 @@
+"""ONNX export of the three IP-IQA graphs (image encoder, [QA] text encoder, fusion) and TensorRT engines."""

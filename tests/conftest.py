@@ -1,0 +1,64 @@
+"""Seeded tiny inputs and authors'-layout checkpoint files, made by the tests themselves."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+torch = pytest.importorskip("torch", reason="the PyTorch reference needs ipiqa[torch]")
+
+from authors_layout import authors_files  # noqa: E402
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def save_torchscript(state_dict: dict, path: Path) -> Path:
+    """A TorchScript archive holding ``state_dict`` the way OpenAI's RN50.pt does (fp16 tensors)."""
+    root = torch.nn.Module()
+    for key, tensor in state_dict.items():
+        *parents, leaf = key.split(".")
+        mod = root
+        for name in parents:
+            if not hasattr(mod, name):
+                mod.add_module(name, torch.nn.Module())
+            mod = getattr(mod, name)
+        if tensor.is_floating_point():
+            mod.register_parameter(leaf, torch.nn.Parameter(tensor.half(), requires_grad=False))
+        else:
+            mod.register_buffer(leaf, tensor)
+    torch.jit.save(torch.jit.script(root), str(path))
+    return path
+
+
+def write_authors_files(tmp: Path, **variant) -> tuple[Path, Path, dict, dict]:
+    ft, clip = authors_files(**variant)
+    ft_path, clip_path = tmp / "ft.pth", tmp / "RN50_state_dict.pt"
+    torch.save({"model": ft, "config": {"run": {"seed": 42}}, "epoch": 99}, ft_path)
+    torch.save(clip, clip_path)
+    return ft_path, clip_path, ft, clip
+
+
+@pytest.fixture(scope="session")
+def authors_512(tmp_path_factory):
+    """The TSV's configuration exactly: 512 px, two outputs, MLP head."""
+    return write_authors_files(tmp_path_factory.mktemp("authors512"), resolution=512, n_out=2, head="mlp")
+
+
+@pytest.fixture(scope="session")
+def authors_224_linear(tmp_path_factory):
+    return write_authors_files(tmp_path_factory.mktemp("authors224"), resolution=224, n_out=1, head="linear", seed=1)
+
+
+def make_image(path: Path, size=(64, 48), mode="RGB", seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path

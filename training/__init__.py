@@ -1,0 +1,1 @@
+"""Image2Prompt pretraining and MOS fine-tuning (see issue 7)."""
