@@ -62,3 +62,19 @@ def make_image(path: Path, size=(64, 48), mode="RGB", seed=0) -> Path:
         img = img.convert(mode)
     img.save(path)
     return path
+
+
+TINY = dict(resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32, vision_heads=4,
+            text_width=64, text_layers=2, text_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory):
+    """A seeded, reduced-width model file (the real layout, small widths) for fast CLI tests."""
+    from ipiqa.checkpoint import save_model
+    from ipiqa.config import IPIQAConfig
+    from ipiqa.demo import demo_model
+
+    cfg = IPIQAConfig(**TINY)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    return save_model(path, demo_model(cfg, seed=3).state_dict(), cfg)
