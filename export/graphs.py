@@ -1,0 +1,100 @@
+"""The three exported graphs, as thin wrappers with fixed input/output names.
+
+Split: ``image_encoder`` (trunk + visual attention pool), ``text_encoder`` (the [QA] embedding) and
+``fusion`` (cross-modality pool + head). The visual pool sits in the image encoder because it needs
+nothing but the feature map: fusion then touches only what depends on the prompt, and every tensor
+between the three graphs is an engine output bound straight into the next engine's input on the
+device, so the GPU path needs no host round trip. Text embeddings are cached per prompt by the runtime.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ipiqa.model import IPIQA
+
+__all__ = ["GraphSpec", "graph_specs", "ImageEncoderGraph", "TextEncoderGraph", "FusionGraph", "ImageOnlyFusionGraph", "build_graphs",
+           "MASK_VALUE"]
+
+# Finite additive causal mask: -inf in FP16 engines turns fully masked rows into NaN and is a known
+# TensorRT trap; -1e4 still underflows exp() to exactly 0 in FP32, so FP32 results are unchanged.
+MASK_VALUE = -1e4
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def graph_specs(model: IPIQA) -> dict[str, GraphSpec]:
+    fusion_in = ("feature_map", "image_embedding", "text_embedding") if model.cfg.text else ("image_embedding",)
+    return {
+        "image_encoder": GraphSpec("image_encoder", ("image",), ("feature_map", "image_embedding")),
+        "text_encoder": GraphSpec("text_encoder", ("tokens",), ("text_embedding",)),
+        "fusion": GraphSpec("fusion", fusion_in, ("scores",)),
+    }
+
+
+class ImageEncoderGraph(nn.Module):
+    def __init__(self, model: IPIQA):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.encode_image(image)
+
+
+class TextEncoderGraph(nn.Module):
+    """open_clip's TextTransformer forward, with the end-of-text lookup made engine-safe.
+
+    TensorRT refuses ArgMax on INT64 (and INT32 in some versions): the ids are cast to float32 first,
+    exact for ids < 2^24 (CLIP's vocabulary has 49,408), and the row is read with ``gather``.
+    """
+
+    def __init__(self, model: IPIQA):
+        super().__init__()
+        self.text = model.text
+        n = model.cfg.context_length
+        self.register_buffer("mask", torch.full((n, n), MASK_VALUE).triu(1), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.text
+        x = t.token_embedding(tokens) + t.positional_embedding
+        x = t.ln_final(t.transformer(x, attn_mask=self.mask))
+        eot = tokens.to(torch.float32).argmax(dim=-1)
+        x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
+        return x @ t.text_projection
+
+
+class FusionGraph(nn.Module):
+    def __init__(self, model: IPIQA):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feature_map: torch.Tensor, image_embedding: torch.Tensor,
+                text_embedding: torch.Tensor) -> torch.Tensor:
+        return self.model.fuse(feature_map, image_embedding, text_embedding)
+
+
+class ImageOnlyFusionGraph(nn.Module):
+    """Fusion of a model without the text branch (config text=False): the head on the visual embedding."""
+
+    def __init__(self, model: IPIQA):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embedding: torch.Tensor) -> torch.Tensor:
+        return self.model.fuse(image_embedding[:, :0, None, None], image_embedding)
+
+
+def build_graphs(model: IPIQA) -> dict[str, nn.Module]:
+    graphs: dict[str, nn.Module] = {"image_encoder": ImageEncoderGraph(model)}
+    if model.cfg.text:
+        graphs.update(text_encoder=TextEncoderGraph(model), fusion=FusionGraph(model))
+    else:
+        graphs["fusion"] = ImageOnlyFusionGraph(model)
+    return {k: g.eval() for k, g in graphs.items()}

@@ -1,0 +1,74 @@
+"""Trace one graph to ONNX with the dynamo exporter, embed the model config, and check it.
+
+Weights always go to ``<name>.onnx.data`` beside the graph: no 2 GB protobuf limit at any size, and
+the runtime reads a graph's metadata without touching its weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ipiqa._optional import require
+from ipiqa.bundle import METADATA_CONFIG_KEY
+from ipiqa.config import IPIQAConfig
+from ipiqa.errors import IPIQAError
+
+__all__ = ["DEFAULT_OPSET", "export_onnx"]
+log = logging.getLogger(__name__)
+
+# 18: LayerNormalization as one op (>= 17) keeps it fusable and FP32-pinnable in TensorRT.
+DEFAULT_OPSET = 18
+
+
+def export_onnx(
+    module: torch.nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    cfg: IPIQAConfig,
+    opset: int = DEFAULT_OPSET,
+) -> Path:
+    """Export with a dynamic batch axis on every input and output; returns ``path``."""
+    onnx = require("onnx", extra="export")
+    require("onnxscript", extra="export")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = {name: {0: batch} for name in input_names}
+    quiet = io.StringIO()
+    chatty = logging.getLogger("onnxscript")
+    level, chatty.level = chatty.level, logging.ERROR  # "skipping constant folding" notes are not for users
+    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, tuple(example_inputs), dynamo=True, opset_version=opset, input_names=list(input_names),
+            output_names=list(output_names), dynamic_shapes=dynamic, optimize=True, verbose=False,
+        )
+    chatty.setLevel(level)
+    proto = program.model_proto
+    _set_batch_dim_names(proto)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_CONFIG_KEY, cfg.to_json()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_file = path.name + ".data"
+    (path.parent / data_file).unlink(missing_ok=True)  # save_model appends to an existing data file
+    # Small constants (shapes, axes) stay inline so shape inference and parsers can read them.
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_file, size_threshold=1024)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # path form: works with external data
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise IPIQAError(f"{path}: the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+    return path
+
+
+def _set_batch_dim_names(proto) -> None:
+    for value in list(proto.graph.input) + list(proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if dims and dims[0].dim_param:
+            dims[0].dim_param = "batch"

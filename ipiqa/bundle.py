@@ -1,0 +1,148 @@
+"""The export bundle's manifest: what the runtime needs to score, and what it must check before it does.
+
+A bundle is one folder: ``manifest.json``, three ONNX graphs (weights in ``.onnx.data`` beside each, so
+no 2 GB protobuf limit and a cheap metadata read), optional TensorRT engines, and the tokenizer files.
+Torch-free: the runtime reads this module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from .config import IPIQAConfig
+from .errors import BundleError
+
+__all__ = ["BUNDLE_FORMAT", "GRAPHS", "Manifest", "sha256_file", "read_bundle", "write_manifest",
+           "check_graph_metadata", "check_engine_compat", "parse_batch_profile"]
+
+BUNDLE_FORMAT = "ipiqa-bundle/1"
+GRAPHS = ("image_encoder", "text_encoder", "fusion")
+METADATA_CONFIG_KEY = "ipiqa.config"
+REBUILD = "rebuild it with: ipiqa-export MODEL.safetensors -o BUNDLE"
+
+
+def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def parse_batch_profile(text: str) -> tuple[int, int, int]:
+    """'1,32,128' -> (1, 32, 128): the (min, opt, max) batch of TensorRT optimization profiles."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"batch profile must be three integers MIN,OPT,MAX, got {text!r}") from None
+    if len(values) != 3:
+        raise ValueError(f"batch profile must be three integers MIN,OPT,MAX, got {text!r}")
+    lo, opt, hi = values
+    if not 1 <= lo <= opt <= hi:
+        raise ValueError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {text!r}")
+    return lo, opt, hi
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    data: Mapping[str, Any]
+
+    @property
+    def config(self) -> IPIQAConfig:
+        return IPIQAConfig.from_dict(self.data["config"])
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return tuple(self.data["config"]["outputs"])
+
+    @property
+    def precision(self) -> str:
+        return self.data["precision"]
+
+    def graph_path(self, name: str) -> Path:
+        return self.root / self.data["onnx"]["graphs"][name]["file"]
+
+    def engine_path(self, name: str) -> Optional[Path]:
+        engine = self.data.get("engines", {}).get("graphs", {}).get(name)
+        return self.root / engine["file"] if engine else None
+
+
+def write_manifest(root: Path, data: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json`` with the SHA-256 of every file it lists (computed here, never passed in)."""
+    data = dict(data)
+    data["format"] = BUNDLE_FORMAT
+    data["files"] = {rel: sha256_file(root / rel) for rel in sorted(data["files"])}
+    path = root / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a half-written manifest never looks valid
+    return path
+
+
+def read_bundle(root: Union[str, Path], verify_hashes: bool = True, ipiqa_version: Optional[str] = None) -> Manifest:
+    """Read and check a bundle: format, config, every file's hash, and the ipiqa version that wrote it."""
+    root = Path(root)
+    path = root / "manifest.json"
+    if not path.is_file():
+        raise BundleError(f"{root}: no manifest.json; not an ipiqa bundle ({REBUILD})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: unreadable manifest ({exc}); {REBUILD}") from None
+    if data.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: bundle format {data.get('format')!r}, this ipiqa reads {BUNDLE_FORMAT!r}; {REBUILD}")
+    try:
+        IPIQAConfig.from_dict(data["config"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise BundleError(f"{path}: invalid model config ({exc}); {REBUILD}") from None
+    if ipiqa_version is None:
+        from . import __version__ as ipiqa_version
+    built = data.get("versions", {}).get("ipiqa", "")
+    if built.split(".")[:2] != ipiqa_version.split(".")[:2]:
+        raise BundleError(f"{path}: built by ipiqa {built or '?'}, this is ipiqa {ipiqa_version}; {REBUILD}")
+    needed = GRAPHS if data["config"].get("text", True) else ("image_encoder", "fusion")
+    missing = [g for g in needed if g not in data.get("onnx", {}).get("graphs", {})]
+    if missing:
+        raise BundleError(f"{path}: graphs {missing} not listed; {REBUILD}")
+    if verify_hashes:
+        for rel, digest in data.get("files", {}).items():
+            f = root / rel
+            if not f.is_file():
+                raise BundleError(f"{f}: listed in the manifest but missing; {REBUILD}")
+            if sha256_file(f) != digest:
+                raise BundleError(f"{f}: SHA-256 does not match the manifest (file changed or corrupt); {REBUILD}")
+    return Manifest(root, data)
+
+
+def check_graph_metadata(manifest: Manifest, name: str, metadata: Mapping[str, str],
+                         input_shapes: Mapping[str, Sequence[Any]]) -> None:
+    """Refuse a graph whose embedded config or input shape disagrees with the manifest."""
+    embedded = metadata.get(METADATA_CONFIG_KEY)
+    if embedded is None:
+        raise BundleError(f"{manifest.graph_path(name)}: graph carries no ipiqa config; {REBUILD}")
+    if IPIQAConfig.from_json(embedded) != manifest.config:
+        raise BundleError(f"{manifest.graph_path(name)}: graph was exported for another config than the "
+                          f"manifest says ({embedded} vs {manifest.config.to_json()}); {REBUILD}")
+    if name == "image_encoder":
+        r = manifest.config.resolution
+        shape = list(input_shapes.get("image", []))
+        if shape[2:] != [r, r]:
+            raise BundleError(f"{manifest.graph_path(name)}: image input is {shape}, manifest says {r}x{r}; {REBUILD}")
+
+
+def check_engine_compat(manifest: Manifest, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:
+    """TensorRT engines only run with the TensorRT version and GPU architecture that built them."""
+    engines = manifest.data.get("engines")
+    if not engines:
+        raise BundleError(f"{manifest.root}: bundle has no TensorRT engines (exported with --onnx-only); "
+                          "rebuild with: ipiqa-export MODEL.safetensors -o BUNDLE --fp16")
+    if engines.get("tensorrt") != tensorrt_version:
+        raise BundleError(f"{manifest.root}: engines built with TensorRT {engines.get('tensorrt')}, this machine "
+                          f"has {tensorrt_version}; {REBUILD}")
+    if engines.get("compute_capability") != compute_capability:
+        raise BundleError(f"{manifest.root}: engines built for {engines.get('gpu')} (sm {engines.get('compute_capability')}), "
+                          f"this GPU is {gpu_name} (sm {compute_capability}); {REBUILD} on this machine")
