@@ -141,11 +141,15 @@ def engine_parity(model: IPIQA, engines: dict[str, bytes], precision: str, n: in
 def _tokenizer_files(root: Path) -> dict:
     from open_clip.tokenizer import default_bpe
 
+    from ipiqa.runtime.tokenizer import ClipTokenizer
+
     src = Path(default_bpe())
     dst = root / "tokenizer" / src.name
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-    return {"kind": "openai-clip-bpe", "files": {"bpe": f"tokenizer/{src.name}"}, "context_length": 77,
+    ClipTokenizer(dst).save(root / "tokenizer" / "tokenizer.json")  # HF tokenizers file: the runtime loads it as is
+    return {"kind": "openai-clip-bpe", "files": {"bpe": f"tokenizer/{src.name}", "json": "tokenizer/tokenizer.json"},
+            "context_length": 77,
             "sot_id": 49406, "eot_id": 49407, "pad_id": 0,
             "cleaning": "ftfy.fix_text, html.unescape twice, strip, collapse whitespace, lowercase",
             "reference": "open_clip.tokenizer.SimpleTokenizer"}

@@ -5,7 +5,6 @@ import functools
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -92,116 +91,142 @@ def info_cmd(model: Path) -> None:
     click.echo(read_config(model).to_json())
 
 
-def run_scoring(scorer, rows, output, fmt, batch, workers, quiet) -> "object":
-    """Shared by ``score`` and ``demo``: progress bar, incremental writing, summary line on stderr."""
+def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None, resume=False, fail_fast=False):
+    """Shared by ``score`` and ``demo``: progress bar with img/s, incremental writing, summary on stderr."""
     from tqdm import tqdm
 
-    from ipiqa.runtime.io import ResultWriter
-    from ipiqa.runtime.pipeline import score_rows
-
-    start = time.perf_counter()
-    with ResultWriter(output, scorer.cfg.outputs, fmt) as writer, \
-            tqdm(total=len(rows), unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
-        def on_results(results):
-            writer.write(results)
-            bar.update(len(results))
-
-        summary = score_rows(rows, scorer, batch_size=batch, workers=workers, on_results=on_results)
-    seconds = time.perf_counter() - start
-    click.echo(f"{summary.rows} rows, {summary.errors} errors, {summary.rows / max(seconds, 1e-9):.1f} img/s", err=True)
+    with tqdm(unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+        summary = scorer.score_files(source, output, prompt, fmt, batch, workers, resume, fail_fast,
+                                     on_results=lambda results: bar.update(len(results)))
+    resumed = f", {summary.skipped} already done" if summary.skipped else ""
+    click.echo(f"{summary.rows} rows scored ({summary.errors} errors{resumed}) in {summary.seconds:.1f}s, "
+               f"{summary.rows / max(summary.seconds, 1e-9):.1f} img/s, backend {scorer.backend.name}, "
+               f"prompt cache {scorer.cache.hits} hits / {scorer.cache.misses} misses", err=True)
     return summary
 
 
-@cli.command("score")
+@click.command("score")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--images", "source", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--images", "--image", "source", required=True, type=click.Path(exists=True, path_type=Path),
               help="A folder of images, one image, or a CSV/TSV/JSONL manifest with columns image,prompt.")
-@click.option("--prompt", default=None, help="Prompt for images without one (a folder, or empty manifest cells).")
+@click.option("--prompt", default=None, help="Prompt for images without one (a folder, one image, empty cells).")
 @click.option("-o", "--output", default="-", show_default=True, help="Output file (.csv or .jsonl), '-' for stdout.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Output format (default: from the file suffix, else csv).")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
+              show_default=True, help="auto: TensorRT engines > onnxruntime GPU > onnxruntime CPU (torch for MODEL files).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
-              help="Threads decoding images.")
-@click.option("--device", default="cpu", show_default=True, help="torch device: cpu, cuda, cuda:1 ...")
-@click.option("--fp16", is_flag=True, help="Half precision (CUDA only).")
+              help="Threads decoding images ahead of inference.")
+@click.option("--fp16", is_flag=True, help="Half precision for the torch backend on CUDA.")
+@click.option("--resume", is_flag=True, help="Skip the rows the output file already holds; append the rest.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first row that cannot be scored.")
 @click.option("--allow-errors", is_flag=True, help=f"Exit 0 even when rows failed (default: exit {EXIT_ROW_ERRORS}).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def score_cmd(model, source, prompt, output, fmt, batch, workers, device, fp16, allow_errors, quiet) -> None:
-    """Score images with a model file (.safetensors) on the PyTorch reference.
+def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, fp16, resume, fail_fast,
+              allow_errors, quiet) -> None:
+    """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
 
     Every input row gets one output row, in input order: the scores, or an 'error' cell naming the
-    cause (missing file, corrupt image, missing prompt). Rows are flushed as they finish.
+    cause (missing file, corrupt image, missing prompt). Rows are flushed as they finish, so an
+    interrupted run keeps them and --resume continues where it stopped.
 
     \b
-    Exit status: 0 all rows scored; 1 the run could not start (bad model, bad manifest);
+    Exit status: 0 all rows scored; 1 the run could not start (bad bundle, bad manifest);
     3 the run finished but some rows are errors (see --allow-errors).
 
     \b
     Examples:
-      ipiqa score model.safetensors --images photos/ --prompt "a red fox in snow" -o scores.csv
-      ipiqa score model.safetensors --images data.csv -o scores.jsonl --device cuda --fp16 --batch 64
+      ipiqa score bundle/ --images photos/ --prompt "a red fox in snow" -o scores.csv
+      ipiqa score bundle/ --images data.csv -o scores.jsonl --device cuda --batch 64 --resume
+      ipiqa score model.safetensors --images data.csv --backend torch --device cuda --fp16
     """
-    from ipiqa.runtime.io import read_rows
+    from ipiqa.runtime.scorer import Scorer
 
-    from .checkpoint import load_model
-    from .reference import TorchScorer
-
-    scorer = TorchScorer(load_model(model), device=device, fp16=fp16)
-    rows = read_rows(source, prompt)
-    if scorer.needs_prompt and all(r.prompt is None for r in rows):
-        raise IPIQAError(f"{source}: no prompts; this model scores an image against its prompt: pass --prompt "
-                         "TEXT or a manifest with a 'prompt' column")
-    summary = run_scoring(scorer, rows, output, fmt, batch, workers, quiet)
+    with Scorer(model, backend=backend, device=device, fp16=fp16) as scorer:
+        summary = run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt, resume, fail_fast)
     if summary.errors and not allow_errors:
         sys.exit(EXIT_ROW_ERRORS)
 
 
+cli.add_command(score_cmd)
+
+
 @cli.command("demo")
 @click.option("--out", default="ipiqa-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the demo model, sample images and scores.")
+              help="Folder for the demo model, bundle, sample images and scores.")
 @click.option("--resolution", default=512, show_default=True, type=int, help="Input resolution (512 as in the paper).")
 @_friendly
 def demo_cmd(out: Path, resolution: int) -> None:
     """Run the whole path on a seeded UNTRAINED model and generated images: no weights, GPU or network.
 
-    Writes OUT/model.safetensors, OUT/images/ (six pictures, their prompts, one broken file) and
-    OUT/scores.csv, and prints the table. The scores are meaningless (random weights); the broken
-    file shows how a bad input is reported without losing the other rows.
+    \b
+    1. reference: OUT/model.safetensors scored with the PyTorch model   -> OUT/scores_reference.csv
+    2. export:    ipiqa-export to OUT/bundle (ONNX graphs + parity gate)
+    3. runtime:   the bundle scored by the torch-free runtime (ONNX Runtime) -> OUT/scores_runtime.csv
+    The table shows both scores per image and their difference. The scores themselves are meaningless
+    (random weights); the broken file shows how a bad input is reported without losing other rows.
     """
     import csv
 
     import torch
 
-    from ipiqa.runtime.io import read_rows
+    from ipiqa.export.bundle_export import ExportOptions, export_bundle
+    from ipiqa.runtime.scorer import Scorer
 
-    from .checkpoint import load_model, save_model
+    from .checkpoint import save_model
     from .config import IPIQAConfig
     from .demo import demo_model, write_samples
-    from .reference import TorchScorer
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = IPIQAConfig(resolution=resolution)
-    click.echo(f"[1/3] building an UNTRAINED demo model (CLIP RN50, {resolution}px, seed 0) -> {out}/model.safetensors", err=True)
-    model_path = save_model(out / "model.safetensors", demo_model(cfg).state_dict(), cfg)
+    model = demo_model(cfg)
+    model_path = save_model(out / "model.safetensors", model.state_dict(), cfg)
     manifest = write_samples(out / "images")
-    click.echo(f"[2/3] wrote sample images and {manifest}", err=True)
-    click.echo("[3/3] scoring with the PyTorch reference", err=True)
-    rows = read_rows(manifest)
-    run_scoring(TorchScorer(load_model(model_path)), rows, out / "scores.csv", None, 4, 4, quiet=False)
+    click.echo(f"[1/3] reference: UNTRAINED CLIP RN50 IP-IQA ({resolution}px, seed 0) on {manifest}", err=True)
+    with Scorer(model_path, backend="torch", device="cpu") as scorer:
+        run_scoring(scorer, manifest, out / "scores_reference.csv", None, 4, 4, quiet=True)
+    click.echo(f"[2/3] export: ONNX bundle -> {out}/bundle", err=True)
+    report = export_bundle(model, [model_path], out / "bundle", ExportOptions(onnx_only=True),
+                           progress=lambda m: click.echo(f"      {m}", err=True))
+    click.echo("[3/3] runtime: the bundle on ONNX Runtime (no torch)", err=True)
+    with Scorer(out / "bundle", backend="onnxruntime", device="cpu") as scorer:
+        run_scoring(scorer, manifest, out / "scores_runtime.csv", None, 4, 4, quiet=True)
 
-    with open(out / "scores.csv", newline="", encoding="utf-8") as fh:
-        table = list(csv.DictReader(fh))
-    cols = ["image", *cfg.outputs, "error"]
-    click.echo(format_table(cols, [[Path(r["image"]).name, *[float(r[o]) if r[o] else None for o in cfg.outputs],
-                                    r["error"]] for r in table]))
-    click.echo("\nUntrained weights: these numbers only show that the path works. "
-               "Import trained weights with 'ipiqa import-official'.", err=True)
+    def load(name):
+        with open(out / name, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+
+    ref, rt = load("scores_reference.csv"), load("scores_runtime.csv")
+    rows, worst = [], 0.0
+    for a, b in zip(ref, rt):
+        cells: list = [Path(a["image"]).name]
+        diffs = []
+        for o in cfg.outputs:
+            x, y = (float(a[o]) if a[o] else None), (float(b[o]) if b[o] else None)
+            cells += [x, y]
+            if x is not None and y is not None:
+                diffs.append(abs(x - y))
+        worst = max([worst, *diffs])
+        cells += [f"{max(diffs):.1e}" if diffs else "", a["error"].split(": ", 1)[-1][:60]]
+        rows.append(cells)
+    header = ["image"] + [f"{o} ({w})" for o in cfg.outputs for w in ("reference", "runtime")] + ["max |diff|", "error"]
+    click.echo(format_table(header, rows))
+    gate = next(r for r in report.parity if r.name == "end_to_end/scores")
+    click.echo(f"\nreference vs runtime: max |diff| {worst:.1e}; export gate end-to-end {gate.max_abs:.1e} "
+               f"(tolerance {gate.tolerance:.0e}). Untrained weights: the numbers only show that the path works; "
+               "import trained weights with 'ipiqa import-official'.", err=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cli.main(args=argv, prog_name="ipiqa")
+
+
+def score_main(argv: Optional[Sequence[str]] = None) -> None:
+    """``ipiqa-score``: the same as ``ipiqa score``."""
+    score_cmd.main(args=argv, prog_name="ipiqa-score")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,7 +17,7 @@ from typing import IO, Iterable, Optional, Sequence, Union
 
 from ipiqa.errors import IPIQAError
 
-__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "read_rows", "ResultWriter"]
+__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "read_rows", "ResultWriter", "resume_point"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
@@ -97,13 +97,14 @@ def read_rows(source: Union[str, Path], prompt: Optional[str] = None) -> list[Ro
 class ResultWriter:
     """Writes results as they come (flushed per row); CSV columns: image, prompt, <outputs...>, error."""
 
-    def __init__(self, target: Union[str, Path, IO[str]], outputs: Sequence[str], fmt: Optional[str] = None):
+    def __init__(self, target: Union[str, Path, IO[str]], outputs: Sequence[str], fmt: Optional[str] = None,
+                 append: bool = False):
         self.outputs = tuple(outputs)
         if isinstance(target, (str, Path)) and str(target) != "-":
             path = Path(target)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fmt = fmt or ("jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv")
-            self._fh: IO[str] = open(path, "w", encoding="utf-8", newline="")
+            self.fmt = fmt or output_format(path)
+            self._fh: IO[str] = open(path, "a" if append else "w", encoding="utf-8", newline="")
             self._owned = True
         else:
             self.fmt = fmt or "csv"
@@ -112,9 +113,13 @@ class ResultWriter:
         if self.fmt not in ("csv", "jsonl"):
             raise IPIQAError(f"unknown output format {self.fmt!r}; use csv or jsonl")
         self._csv = csv.writer(self._fh) if self.fmt == "csv" else None
-        if self._csv:
-            self._csv.writerow(["image", "prompt", *self.outputs, "error"])
+        if self._csv and not append:
+            self._csv.writerow(self.header)
             self._fh.flush()
+
+    @property
+    def header(self) -> list[str]:
+        return ["image", "prompt", *self.outputs, "error"]
 
     def write(self, results: Iterable[Result]) -> None:
         for res in results:
@@ -138,3 +143,70 @@ class ResultWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def output_format(path: Path) -> str:
+    return "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+
+
+def resume_point(path: Path, rows: Sequence[Row], outputs: Sequence[str], fmt: Optional[str] = None) -> int:
+    """How many leading ``rows`` the output already holds; cuts a half-written last record off the file.
+
+    Outputs are written in input order, one record per row, so a killed run left a prefix of the
+    input (and maybe one partial record). The prefix is checked row by row against the input.
+    """
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    fmt = fmt or output_format(path)
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="strict")
+    header = ["image", "prompt", *outputs, "error"]
+    complete: list[tuple[int, str]] = []  # (end offset in chars, image) of each complete record
+    if fmt == "jsonl":
+        offset = 0
+        for line in text.splitlines(keepends=True):
+            offset += len(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not line.endswith("\n") or not isinstance(record, dict) or "image" not in record:
+                break
+            complete.append((offset, record["image"]))
+    else:
+        lines = text.splitlines(keepends=True)
+        reader = csv.reader(iter(lines))
+        try:
+            first = next(reader)
+        except StopIteration:
+            first = []
+        if first != header:
+            raise IPIQAError(f"{path}: cannot resume: its columns {first} are not {header}; use another --output")
+        offsets = [0]
+        for line in lines:
+            offsets.append(offsets[-1] + len(line))
+        start = offsets[reader.line_num]
+        complete.append((start, ""))  # the header: nothing to skip yet
+        try:
+            for record in reader:
+                end = offsets[reader.line_num]
+                if len(record) != len(header) or not text[:end].endswith(("\n", "\r")):
+                    break
+                complete.append((end, record[0]))
+        except csv.Error:
+            pass
+        complete = complete[1:] if complete else []
+        if not complete:
+            path.write_bytes(text[:start].encode("utf-8"))
+            return 0
+    done = len(complete)
+    if done > len(rows):
+        raise IPIQAError(f"{path}: holds {done} rows but the input has {len(rows)}; it is not this input's output")
+    for i, (_, image) in enumerate(complete):
+        if image != rows[i].image:
+            raise IPIQAError(f"{path}: row {i + 1} is {image!r} but the input's row {i + 1} is {rows[i].image!r}; "
+                             "resume needs the same input in the same order")
+    keep = complete[-1][0] if complete else 0
+    if keep < len(text):
+        path.write_bytes(text[:keep].encode("utf-8"))  # drop the record the kill cut in half
+    return done

@@ -112,9 +112,13 @@ def test_help_teaches_with_examples():
 
 
 @pytest.mark.slow
-def test_demo_runs_the_whole_path_on_the_real_architecture(tmp_path):
+def test_demo_runs_reference_export_and_runtime_which_agree(tmp_path):
     res = run("demo", "--out", tmp_path / "demo", "--resolution", "224")
     assert res.exit_code == 0, res.output
-    rows = _read_csv(tmp_path / "demo" / "scores.csv")
-    assert len(rows) == 7 and sum(bool(r["error"]) for r in rows) == 1
-    assert len({r["quality"] for r in rows if not r["error"]}) == 6  # inputs differ -> scores differ
+    ref, rt = (_read_csv(tmp_path / "demo" / f"scores_{k}.csv") for k in ("reference", "runtime"))
+    assert len(ref) == len(rt) == 7 and sum(bool(r["error"]) for r in rt) == 1
+    assert len({r["quality"] for r in ref if not r["error"]}) == 6  # inputs differ -> scores differ
+    for a, b in zip(ref, rt):
+        if not a["error"]:
+            assert abs(float(a["quality"]) - float(b["quality"])) <= 1e-4
+    assert "reference" in res.output and "runtime" in res.output

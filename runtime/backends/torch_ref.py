@@ -1,0 +1,54 @@
+"""PyTorch backend: the reference model from a ``.safetensors`` file (for users without ONNX/TensorRT).
+
+On CUDA it runs channels-last, optionally in FP16. Only imported when chosen.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ipiqa.errors import IPIQAError
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    name = "torch"
+    max_batch: Optional[int] = None
+
+    def __init__(self, model_path: Union[str, Path], device: str = "cpu", fp16: bool = False):
+        import torch
+
+        from ipiqa.checkpoint import load_model
+
+        self.torch = torch
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise IPIQAError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+        if fp16 and self.device.type != "cuda":
+            raise IPIQAError("--fp16 needs --device cuda (half precision on CPU is slow and inexact)")
+        self.dtype = torch.float16 if fp16 else torch.float32
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.model = load_model(model_path).to(self.device, self.dtype, memory_format=self.memory_format).eval()
+        self.cfg = self.model.cfg
+        self.name = f"torch-{self.device.type}{'-fp16' if fp16 else ''}"
+
+    def encode_image(self, images: np.ndarray) -> Any:
+        x = self.torch.from_numpy(np.ascontiguousarray(images)).to(self.device, self.dtype)
+        with self.torch.inference_mode():
+            return self.model.encode_image(x.contiguous(memory_format=self.memory_format))
+
+    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            return self.model.encode_text(self.torch.from_numpy(tokens).to(self.device)).float().cpu().numpy()
+
+    def fuse(self, image_side: Any, text_embedding: Optional[np.ndarray]) -> np.ndarray:
+        feature_map, image_embedding = image_side
+        text = None if text_embedding is None else self.torch.from_numpy(text_embedding).to(self.device, self.dtype)
+        with self.torch.inference_mode():
+            return self.model.fuse(feature_map, image_embedding, text).float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None

@@ -1,0 +1,200 @@
+"""``Scorer``: a bundle (or a model file) behind one object that scores images against prompts.
+
+    with Scorer("bundle/") as scorer:
+        records = scorer.score(["a.jpg", "b.png"], ["a red fox", "a red fox"])
+        summary = scorer.score_files("images.csv", output="scores.csv", resume=True)
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from ipiqa.bundle import Manifest, read_bundle
+from ipiqa.config import IPIQAConfig
+from ipiqa.errors import IPIQAError
+from ipiqa.preprocess import preprocess, preprocess_file
+
+from .cache import PromptCache
+from .io import Result, ResultWriter, Row, read_rows, resume_point
+from .pipeline import RunSummary, score_rows
+from .tokenizer import ClipTokenizer
+
+__all__ = ["Scorer", "BACKENDS", "select_backend"]
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+
+
+def _device(device: str) -> tuple[str, int]:
+    kind, _, index = device.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and not index.isdigit()):
+        raise IPIQAError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+    return kind, int(index or 0)
+
+
+def _ort_gpu_provider() -> Optional[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    for provider, name in (("tensorrt", "TensorrtExecutionProvider"), ("cuda", "CUDAExecutionProvider")):
+        if name in available:
+            return provider
+    return None
+
+
+def _tensorrt_usable(manifest: Manifest) -> bool:
+    import importlib.util
+
+    return bool(manifest.data.get("engines")) and importlib.util.find_spec("tensorrt") is not None
+
+
+def select_backend(manifest: Manifest, backend: str = "auto", device: str = "auto") -> Any:
+    """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > ORT CPU."""
+    kind, index = _device(device)
+    if backend not in BACKENDS:
+        raise IPIQAError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "torch":
+        raise IPIQAError(f"{manifest.root}: the torch backend runs a model file (.safetensors), not a bundle; "
+                         "pass the model file, or use --backend onnxruntime/tensorrt for the bundle")
+    if backend == "tensorrt" or (backend == "auto" and kind != "cpu" and _tensorrt_usable(manifest)):
+        if kind == "cpu":
+            raise IPIQAError("the tensorrt backend needs --device cuda")
+        from .backends.trt import TrtBackend
+        return TrtBackend(manifest, index)
+    from .backends.ort import OrtBackend
+    if kind == "cpu":
+        return OrtBackend(manifest, "cpu")
+    provider = _ort_gpu_provider()
+    if provider is None:
+        if kind == "cuda":
+            raise IPIQAError("--device cuda: no TensorRT and no GPU onnxruntime here; install 'ipiqa[gpu]' or "
+                             "'ipiqa[tensorrt]', or use --device cpu")
+        return OrtBackend(manifest, "cpu")
+    return OrtBackend(manifest, provider, index)
+
+
+class Scorer:
+    """Scores (image, prompt) pairs with a bundle or a ``.safetensors`` model; text embeddings are cached."""
+
+    def __init__(self, source: Union[str, Path], backend: str = "auto", device: str = "auto",
+                 cache_size: int = 16384, fp16: bool = False):
+        source = Path(source)
+        if source.is_dir():
+            self.manifest: Optional[Manifest] = read_bundle(source)
+            self.cfg: IPIQAConfig = self.manifest.config
+            tok = self.manifest.data["tokenizer"]["files"]
+            self.tokenizer = ClipTokenizer(source / tok.get("json", tok["bpe"]), self.cfg.context_length)
+            self.backend = select_backend(self.manifest, backend, device)
+        elif source.is_file():
+            if backend not in ("auto", "torch"):
+                raise IPIQAError(f"{source}: a model file runs on the torch backend; export a bundle for {backend} "
+                                 "(ipiqa-export MODEL -o BUNDLE)")
+            from open_clip.tokenizer import default_bpe
+
+            from .backends.torch_ref import TorchBackend
+
+            kind, index = _device(device)
+            if kind == "auto":
+                import torch
+                kind = "cuda" if torch.cuda.is_available() else "cpu"
+            self.manifest = None
+            self.backend = TorchBackend(source, f"{kind}:{index}" if kind == "cuda" else "cpu", fp16)
+            self.cfg = self.backend.cfg
+            self.tokenizer = ClipTokenizer(default_bpe(), self.cfg.context_length)
+        else:
+            raise IPIQAError(f"{source}: no such bundle folder or model file")
+        log.info("backend: %s", self.backend.name)
+        self.cache = PromptCache(cache_size)
+
+    # -- what the pipeline needs
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolution
+
+    @property
+    def needs_prompt(self) -> bool:
+        return self.cfg.text
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.cfg.outputs
+
+    def score_arrays(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
+        """Preprocessed (B, 3, R, R) images + B prompts -> (B, N); split to the engine's max batch."""
+        step = self.backend.max_batch or len(images) or 1
+        out = []
+        for i in range(0, len(images), step):
+            x = np.ascontiguousarray(images[i:i + step], dtype=np.float32)
+            side = self.backend.encode_image(x)
+            text = self.cache.lookup(self.tokenizer(prompts[i:i + step]), self.backend.encode_text) if self.cfg.text else None
+            out.append(np.asarray(self.backend.fuse(side, text), dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.num_outputs), np.float32)
+
+    # -- public API
+    def score(self, images: Sequence[ImageInput], prompts: Optional[Sequence[Optional[str]]] = None) -> list[dict]:
+        """One record per image: ``{output: score, ...}`` plus ``error`` (None, or why it was not scored)."""
+        prompts = list(prompts) if prompts is not None else [None] * len(images)
+        if len(prompts) != len(images):
+            raise IPIQAError(f"{len(images)} images but {len(prompts)} prompts")
+        arrays, errors = [], []
+        for img, prompt in zip(images, prompts):
+            try:
+                if self.needs_prompt and not (prompt or "").strip():
+                    raise IPIQAError("missing prompt")
+                if isinstance(img, np.ndarray):
+                    if img.shape != (3, self.resolution, self.resolution):
+                        raise IPIQAError(f"array of shape {img.shape}, expected (3, {self.resolution}, {self.resolution})")
+                    arrays.append(img.astype(np.float32))
+                else:
+                    arrays.append(preprocess(img, self.resolution) if isinstance(img, Image.Image)
+                                  else preprocess_file(img, self.resolution))
+                errors.append(None)
+            except IPIQAError as exc:
+                arrays.append(None)
+                errors.append(str(exc))
+        good = [i for i, a in enumerate(arrays) if a is not None]
+        scores = self.score_arrays(np.stack([arrays[i] for i in good]), [prompts[i] or "" for i in good]) if good else []
+        by_index = dict(zip(good, scores))
+        return [{**({o: float(v) for o, v in zip(self.outputs, by_index[i])} if i in by_index
+                    else dict.fromkeys(self.outputs)), "error": errors[i]} for i in range(len(images))]
+
+    def score_files(self, source: Union[str, Path, Sequence[Row]], output: Union[str, Path] = "-", prompt: Optional[str] = None,
+                    fmt: Optional[str] = None, batch_size: int = 8, workers: int = 4, resume: bool = False,
+                    fail_fast: bool = False, on_results: Callable[[list[Result]], None] = lambda r: None) -> RunSummary:
+        """Stream a folder/manifest through the model into ``output`` (flushed per batch)."""
+        rows = list(source) if not isinstance(source, (str, Path)) else read_rows(source, prompt)
+        if self.needs_prompt and rows and all(r.prompt is None for r in rows):
+            raise IPIQAError(f"{source}: no prompts; this model scores an image against its prompt: pass --prompt "
+                             "TEXT or a manifest with a 'prompt' column")
+        skipped = 0
+        out_path = None if str(output) == "-" else Path(output)
+        if resume:
+            if out_path is None:
+                raise IPIQAError("--resume needs an --output file")
+            skipped = resume_point(out_path, rows, self.outputs, fmt)
+        append = bool(resume and out_path is not None and out_path.is_file() and out_path.stat().st_size > 0)
+        start = time.perf_counter()
+        with ResultWriter(output, self.outputs, fmt, append=append) as writer:
+            def sink(results: list[Result]) -> None:
+                writer.write(results)
+                on_results(results)
+
+            summary = score_rows(rows[skipped:], self, batch_size, workers, sink, fail_fast)
+        summary.skipped = skipped
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Scorer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
