@@ -120,12 +120,13 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
               help="Threads decoding images ahead of inference.")
 @click.option("--fp16", is_flag=True, help="Half precision for the torch backend on CUDA.")
+@click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the image encoder (CUDA graphs on GPU).")
 @click.option("--resume", is_flag=True, help="Skip the rows the output file already holds; append the rest.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first row that cannot be scored.")
 @click.option("--allow-errors", is_flag=True, help=f"Exit 0 even when rows failed (default: exit {EXIT_ROW_ERRORS}).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, fp16, resume, fail_fast,
+def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, fp16, compile_, resume, fail_fast,
               allow_errors, quiet) -> None:
     """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
 
@@ -145,7 +146,7 @@ def score_cmd(model, source, prompt, output, fmt, backend, device, batch, worker
     """
     from ipiqa.runtime.scorer import Scorer
 
-    with Scorer(model, backend=backend, device=device, fp16=fp16) as scorer:
+    with Scorer(model, backend=backend, device=device, fp16=fp16, compile=compile_) as scorer:
         summary = run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt, resume, fail_fast)
     if summary.errors and not allow_errors:
         sys.exit(EXIT_ROW_ERRORS)

@@ -83,7 +83,7 @@ class Scorer:
     """Scores (image, prompt) pairs with a bundle or a ``.safetensors`` model; text embeddings are cached."""
 
     def __init__(self, source: Union[str, Path], backend: str = "auto", device: str = "auto",
-                 cache_size: int = 16384, fp16: bool = False):
+                 cache_size: int = 16384, fp16: bool = False, compile: bool = False):
         source = Path(source)
         if source.is_dir():
             self.manifest: Optional[Manifest] = read_bundle(source)
@@ -104,7 +104,7 @@ class Scorer:
                 import torch
                 kind = "cuda" if torch.cuda.is_available() else "cpu"
             self.manifest = None
-            self.backend = TorchBackend(source, f"{kind}:{index}" if kind == "cuda" else "cpu", fp16)
+            self.backend = TorchBackend(source, f"{kind}:{index}" if kind == "cuda" else "cpu", fp16, compile)
             self.cfg = self.backend.cfg
             self.tokenizer = ClipTokenizer(default_bpe(), self.cfg.context_length)
         else:

@@ -296,3 +296,12 @@ def test_ipiqa_score_console_script_scores_a_bundle(tiny_bundle, good_images, tm
                            "--format", "jsonl", "-q"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[0])["error"] is None
+
+
+@pytest.mark.slow
+def test_compiled_torch_backend_matches_eager(tiny_model_file, good_images):
+    with Scorer(tiny_model_file, backend="torch", device="cpu") as eager, \
+            Scorer(tiny_model_file, backend="torch", device="cpu", compile=True) as compiled:
+        assert compiled.backend.name == "torch-cpu-compiled"
+        a, b = eager.score(good_images, ["x"] * 4), compiled.score(good_images, ["x"] * 4)
+    assert all(abs(x["quality"] - y["quality"]) <= 1e-4 for x, y in zip(a, b))
