@@ -24,7 +24,7 @@ from ipiqa._optional import require
 from ipiqa.bundle import BUNDLE_FORMAT, Manifest, read_bundle, sha256_file, write_manifest
 from ipiqa.config import CLIP_MEAN, CLIP_STD
 from ipiqa.errors import BundleError, IPIQAError
-from ipiqa.model import IPIQA, tokenize
+from ipiqa.model import IPIQA, exact_pooling, tokenize
 from ipiqa.preprocess import RESIZE_FILTER
 
 from .graphs import build_graphs, graph_specs
@@ -57,6 +57,7 @@ class ExportOptions:
     engine: EngineSpec = field(default_factory=lambda: EngineSpec("fp16", (1, 32, 128)))
     opset: int = DEFAULT_OPSET
     parity_images: int = 4  # FP32 gate inputs; the FP16 engine gate always uses 64
+    single_query_pooling: bool = True  # the exact rewrite of both pools (issue 9); False exports the plain form
 
 
 @dataclass
@@ -99,8 +100,11 @@ def onnx_parity(model: IPIQA, graph_paths: dict[str, Path], n: int = 4) -> list[
     """Each graph against the PyTorch module on the same inputs, then the three composed end to end."""
     model = model.eval()
     images, tokens = gate_inputs(model, n)
-    fmap, emb = model.encode_image(images)
-    text = model.encode_text(tokens) if model.cfg.text else None  # open_clip's forward: checks the wrapper too
+    with exact_pooling(model):  # the reference is always the straightforward (authors') computation
+        fmap, emb = model.encode_image(images)
+        text = model.encode_text(tokens) if model.cfg.text else None  # open_clip's forward: checks the wrapper
+        scores = model.fuse(fmap, emb, text)
+        e2e = model(images, tokens if model.cfg.text else None)
     run = {name: _ort_session(p) for name, p in graph_paths.items()}
     fmap_o, emb_o = run["image_encoder"].run(None, {"image": images.numpy()})
     results = [compare("image_encoder/feature_map", fmap.numpy(), fmap_o),
@@ -112,10 +116,9 @@ def onnx_parity(model: IPIQA, graph_paths: dict[str, Path], n: int = 4) -> list[
         feeds.update(feature_map=fmap.numpy(), text_embedding=text.numpy())
         composed.update(feature_map=fmap_o, text_embedding=text_o)
     (scores_o,) = run["fusion"].run(None, feeds)
-    results.append(compare("fusion/scores", model.fuse(fmap, emb, text).numpy(), scores_o, scores=True))
+    results.append(compare("fusion/scores", scores.numpy(), scores_o, scores=True))
     (e2e_o,) = run["fusion"].run(None, composed)
-    results.append(compare("end_to_end/scores", model(images, tokens if model.cfg.text else None).numpy(), e2e_o,
-                           scores=True))
+    results.append(compare("end_to_end/scores", e2e.numpy(), e2e_o, scores=True))
     return results
 
 
@@ -128,7 +131,8 @@ def engine_parity(model: IPIQA, engines: dict[str, bytes], precision: str, n: in
     ref, out = [], []
     for i in range(0, n, batch):
         x, t = images[i:i + batch].cuda(), tokens[i:i + batch].cuda()
-        ref.append(model(x, t if model.cfg.text else None).float().cpu())
+        with exact_pooling(model):
+            ref.append(model(x, t if model.cfg.text else None).float().cpu())
         img = runners["image_encoder"](image=x)
         feeds = {"image_embedding": img["image_embedding"]}
         if model.cfg.text:
@@ -176,7 +180,7 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
             raise IPIQAError("TensorRT engines need a CUDA GPU; on this machine export with --onnx-only")
     out.mkdir(parents=True, exist_ok=True)
     versions = _versions()
-    onnx_key = _key([sha256_file(p) for p in source_files], options.opset, versions)
+    onnx_key = _key([sha256_file(p) for p in source_files], options.opset, options.single_query_pooling, versions)
     previous = _existing(out)
     specs = graph_specs(model)
     graphs = build_graphs(model)
@@ -190,6 +194,7 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
         tokenizer = previous.data["tokenizer"]
     else:
         (out / "manifest.json").unlink(missing_ok=True)  # the old manifest would describe files we overwrite
+        model.single_query_pooling = options.single_query_pooling
         images, tokens = gate_inputs(model, 2)
         with torch.no_grad():
             fmap, emb = model.encode_image(images)
@@ -225,6 +230,7 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
                        "resize": RESIZE_FILTER, "convert": "RGB", "layout": "NCHW", "scale": "1/255"},
         "tokenizer": tokenizer,
         "onnx": {"opset": options.opset, "precision": "fp32",
+                 "pooling": "single_query" if options.single_query_pooling else "exact",
                  "graphs": {n: {"file": files[n], "inputs": list(specs[n].inputs), "outputs": list(specs[n].outputs)}
                             for n in files}},
         "shapes": {k: list(v) for k, v in shapes.items()},

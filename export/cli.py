@@ -33,10 +33,13 @@ def _batch(ctx, param, value: str) -> tuple[int, int, int]:
 @click.option("--batch", default="1,32,128", show_default=True, callback=_batch,
               help="TensorRT batch profile MIN,OPT,MAX (engines run any batch in [MIN, MAX]).")
 @click.option("--workspace", default=4.0, show_default=True, type=float, help="TensorRT builder workspace (GiB).")
+@click.option("--exact-pooling", is_flag=True,
+              help="Export the pools as written (project all 257 tokens) instead of the exact single-query rewrite.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17), help="ONNX opset (>= 17).")
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
 @_friendly
-def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, batch, workspace, opset, verbose) -> None:
+def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, batch, workspace, exact_pooling,
+         opset, verbose) -> None:
     """Export an IP-IQA model to a bundle the runtime scores with.
 
     \b
@@ -86,7 +89,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         net, sources = load_model(model), [model]
     progress(f"model: {net.cfg.resolution}px, outputs={','.join(net.cfg.outputs)}, head={net.cfg.head}")
     try:
-        report = export_bundle(net, sources, output, ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset), progress)
+        report = export_bundle(net, sources, output, ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset,
+                                                             single_query_pooling=not exact_pooling), progress)
     except ParityGateError as exc:
         click.echo(format_table(["check", "max |diff|", "tolerance", "passed"],
                                 [[r.name, f"{r.max_abs:.2e}", f"{r.tolerance:.1e}", r.passed] for r in exc.results]), err=True)

@@ -9,7 +9,8 @@
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from open_clip.modified_resnet import ModifiedResNet
@@ -19,9 +20,9 @@ from torch import nn
 
 from .config import IPIQAConfig
 from .heads import build_head
-from .pooling import CrossModalAttentionPool
+from .pooling import CrossModalAttentionPool, visual_pool
 
-__all__ = ["IPIQA", "tokenize"]
+__all__ = ["IPIQA", "tokenize", "exact_pooling"]
 
 _TOKENIZER: Optional[SimpleTokenizer] = None
 
@@ -32,6 +33,16 @@ def tokenize(prompts: Sequence[str], context_length: int = 77) -> torch.Tensor:
     if _TOKENIZER is None:
         _TOKENIZER = SimpleTokenizer(context_length=context_length)
     return _TOKENIZER(list(prompts), context_length=context_length)
+
+
+@contextmanager
+def exact_pooling(model: "IPIQA") -> Iterator["IPIQA"]:
+    """Run ``model`` with the straightforward pooling (the authors' computation) inside the block."""
+    before, model.single_query_pooling = model.single_query_pooling, False
+    try:
+        yield model
+    finally:
+        model.single_query_pooling = before
 
 
 class IPIQA(nn.Module):
@@ -62,6 +73,9 @@ class IPIQA(nn.Module):
                 cfg.grid, cfg.feature_dim, cfg.embed_dim, cfg.vision_heads, cfg.embed_dim
             )
         self.head = build_head(cfg)
+        # Both pools have one query; True uses the exact single-query rewrite (pooling.single_query_attention),
+        # False the straightforward attention over all tokens, which parity is checked against.
+        self.single_query_pooling = True
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual
@@ -70,6 +84,8 @@ class IPIQA(nn.Module):
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized images (B, 3, R, R) -> (feature map (B, C, g, g), visual embedding (B, E))."""
         feature_map = self.trunk(images)
+        if self.single_query_pooling:
+            return feature_map, visual_pool(self.visual.attnpool, feature_map)
         return feature_map, self.visual.attnpool(feature_map)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -88,7 +104,7 @@ class IPIQA(nn.Module):
         if self.cfg.text:
             if text_embedding is None:
                 raise ValueError("this model needs a text embedding (config text=True)")
-            pooled = self.txt_attnpool(feature_map, text_embedding)
+            pooled = self.txt_attnpool(feature_map, text_embedding, self.single_query_pooling)
             image_embedding = torch.cat([image_embedding, pooled.to(image_embedding.dtype)], dim=-1)
         return self.head(image_embedding)
 

@@ -134,11 +134,16 @@ def test_resume_after_a_kill_writes_every_row_exactly_once(scorer, good_images, 
     full = tmp_path / "full.csv"
     scorer.score_files(rows, full, batch_size=2)
     content = full.read_bytes()
+    expected = _csv(full)
     for cut in (len(content) // 3, len(content) // 2 + 7, len(content) - 5):  # kills mid-record
         part = tmp_path / f"part{cut}.csv"
         part.write_bytes(content[:cut])
         summary = scorer.score_files(rows, part, batch_size=2, resume=True)
-        assert part.read_bytes() == content and summary.skipped + summary.rows == len(rows)
+        got = _csv(part)
+        assert [r["image"] for r in got] == [r.image for r in rows]  # each row once, in order
+        assert summary.skipped + summary.rows == len(rows)
+        # batches start at another row after a resume, so floats may differ in the last digits only
+        assert all(abs(float(a["quality"]) - float(b["quality"])) <= 1e-5 for a, b in zip(got, expected))
 
 
 def test_resume_jsonl_continues_after_the_last_complete_line(scorer, good_images, tmp_path):
@@ -149,7 +154,7 @@ def test_resume_jsonl_continues_after_the_last_complete_line(scorer, good_images
     part = tmp_path / "part.jsonl"
     part.write_text("".join(lines[:2]) + lines[2][:10])
     scorer.score_files(rows, part, batch_size=1, resume=True)
-    assert part.read_text() == full.read_text()
+    assert part.read_text() == full.read_text()  # batch 1: identical computation, identical bytes
 
 
 def test_resume_refuses_an_output_of_another_input(scorer, good_images, tmp_path):
