@@ -11,7 +11,7 @@ from typing import Optional
 import click
 
 from ipiqa.bundle import parse_batch_profile
-from ipiqa.cli import _friendly, format_table
+from ipiqa._console import _friendly, format_table
 
 
 def _batch(ctx, param, value: str) -> tuple[int, int, int]:

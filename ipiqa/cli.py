@@ -1,40 +1,16 @@
 """``ipiqa`` command line. Heavy imports (torch, onnx) live inside command bodies so ``--help`` is instant."""
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import click
 
+from ._console import EXIT_ROW_ERRORS, _friendly, format_table
 from .errors import IPIQAError
-
-EXIT_ROW_ERRORS = 3
-
-
-def _friendly(fn: Callable) -> Callable:
-    """Expected failures print one line naming the file and the fix, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except IPIQAError as exc:
-            raise click.ClickException(str(exc)) from None
-
-    return wrapper
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(h) for h in header]] + [["" if c is None else (f"{c:.4f}" if isinstance(c, float) else str(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ipiqa")
@@ -219,6 +195,15 @@ def demo_cmd(out: Path, resolution: int) -> None:
     click.echo(f"\nreference vs runtime: max |diff| {worst:.1e}; export gate end-to-end {gate.max_abs:.1e} "
                f"(tolerance {gate.tolerance:.0e}). Untrained weights: the numbers only show that the path works; "
                "import trained weights with 'ipiqa import-official'.", err=True)
+
+
+def _add_train() -> None:
+    from ipiqa.training.cli import train  # click only: torch loads inside the commands
+
+    cli.add_command(train)
+
+
+_add_train()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

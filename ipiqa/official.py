@@ -28,13 +28,14 @@ __all__ = [
     "read_official_finetuned",
     "read_clip_base",
     "import_official",
+    "init_from_clip",
 ]
 
 StateDict = dict[str, torch.Tensor]
 
 # Our key prefix -> (authors' .pth prefix, base CLIP prefix or None). First match wins.
 _SOURCES: tuple[tuple[str, str, Optional[str]], ...] = (
-    ("visual.attnpool.", "attnpool.", None),
+    ("visual.attnpool.", "attnpool.", "visual.attnpool."),
     ("visual.", "resnet50.", "visual."),
     ("text.token_embedding.", "wte.", "token_embedding."),
     ("text.positional_embedding", "txt_pos", "positional_embedding"),
@@ -154,7 +155,7 @@ def convert_official(
     for key, ref in expected.items():
         origin, name = _source_for(key, ft, clip)
         if origin is None:
-            files = ft_name if key.startswith(("visual.attnpool.", "txt_attnpool.", "head.")) else f"{ft_name} or {clip_name}"
+            files = ft_name if key.startswith(("txt_attnpool.", "head.")) else f"{ft_name} or {clip_name}"
             raise CheckpointError(f"missing tensor '{name}' (for {key}): it is in neither {files}")
         tensor = (ft if origin == "ft" else clip)[name]
         if key == "visual.attnpool.positional_embedding" and tensor.shape != ref.shape:
@@ -234,3 +235,25 @@ def import_official(
     return convert_official(
         read_official_finetuned(ft_path), read_clip_base(clip_path), outputs, str(ft_path), str(clip_path)
     )
+
+
+def init_from_clip(model: IPIQA, clip: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load base CLIP RN50 weights into a fresh model (the start of training); returns the keys left at init.
+
+    The attention-pool table is bicubically interpolated to the model's grid, as the authors did; the
+    cross-modality pool and the head have no CLIP counterpart and keep their initialization.
+    """
+    own = model.state_dict()
+    loaded = {}
+    for key, ref in own.items():
+        origin, name = _source_for(key, {}, clip)
+        if origin != "clip":
+            continue
+        tensor = clip[name].float() if clip[name].is_floating_point() else clip[name]
+        if key == "visual.attnpool.positional_embedding":
+            tensor = interpolate_pos_embed(tensor, model.cfg.grid)
+        if tuple(tensor.shape) != tuple(ref.shape):
+            raise CheckpointError(f"base CLIP tensor '{name}' has shape {tuple(tensor.shape)}, model needs {tuple(ref.shape)}")
+        loaded[key] = tensor
+    model.load_state_dict(loaded, strict=False)
+    return sorted(set(own) - set(loaded))

@@ -1,0 +1,258 @@
+"""``python -m benchmarks``: latency and throughput of every backend against the PyTorch reference, in one run.
+
+The anchor, ``reference-eager-fp32``, runs the model the way the authors' code does: FP32, one eager
+graph, straightforward pooling, and the prompt tokenized and encoded again for every image. Every
+other row is measured on the same inputs in the same process, and its speedup is a ratio to the
+anchor at the same batch. Backends that cannot run here are listed with the reason, never estimated.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .flops import graph_flops
+from .machine import machine_info, machine_slug, measured_peak_flops
+from .report import write_report
+
+IMAGES_PER_PROMPT = 10  # AGIQA-3k: 2,982 images of 300 prompts
+SMOKE_ARCH = dict(vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32, vision_heads=4, text_width=64,
+                  text_layers=2, text_heads=2)
+
+
+def _args(argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batches", default=None, help="comma list (default: 1,4,8 on CPU; 1,8,32,64,128 on GPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per backend and batch")
+    p.add_argument("--iters", type=int, default=5, help="minimum timed iterations")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="keep timing until this much time has passed")
+    p.add_argument("--e2e-images", type=int, default=40, help="JPEG files (1024x1024) for the end-to-end run")
+    p.add_argument("--e2e-batch", type=int, default=4)
+    p.add_argument("--skip", default="", help="comma list of backends to leave out (e.g. torch-compile)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".work", help="exported bundles are cached here")
+    p.add_argument("--smoke", action="store_true", help="CI: reduced-width model, 224 px, batch 1-2, 2 iterations")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.resolution, args.batches, args.warmup, args.iters, args.min_seconds = 224, "1,2", 1, 2, 0.0
+        args.e2e_images, args.e2e_batch = 4, 2
+        args.skip = ",".join(filter(None, [args.skip, "torch-compile"]))
+    return args
+
+
+def _timed(fn: Callable, images: np.ndarray, prompts_for: Callable[[int], list], warmup: int, iters: int,
+           min_seconds: float) -> list[float]:
+    for i in range(warmup):
+        fn(images, prompts_for(i))
+    times: list[float] = []
+    start = time.perf_counter()
+    i = warmup
+    while len(times) < iters or time.perf_counter() - start < min_seconds:
+        prompts = prompts_for(i)
+        t0 = time.perf_counter()
+        fn(images, prompts)
+        times.append(time.perf_counter() - t0)
+        i += 1
+    return times
+
+
+def _setup(args, cuda: bool):
+    """Seeded model at the real architecture (reduced in smoke) and its two bundles (rewrite on / off)."""
+    import torch
+
+    from ipiqa.checkpoint import save_model
+    from ipiqa.config import IPIQAConfig
+    from ipiqa.demo import demo_model
+    from ipiqa.export.bundle_export import ExportOptions, export_bundle
+
+    cfg = IPIQAConfig(resolution=args.resolution, **(SMOKE_ARCH if args.smoke else {}))
+    work = args.workdir / f"{'smoke' if args.smoke else 'rn50'}-{args.resolution}"
+    model = demo_model(cfg)
+    model_path = save_model(work / "model.safetensors", model.state_dict(), cfg)
+    bundles = {}
+    for name, single in (("single_query", True), ("exact", False)):
+        options = ExportOptions(onnx_only=True, single_query_pooling=single)
+        export_bundle(model, [model_path], work / f"bundle-{name}", options, progress=lambda m: print(f"  {m}", file=sys.stderr))
+        bundles[name] = work / f"bundle-{name}"
+    return cfg, model, model_path, bundles
+
+
+def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tuple[Optional[Callable], str, Optional[object]]]:
+    """name -> (fn(images, prompts), note, owner with cache/close) ; fn None = not available, note says why."""
+    import torch
+
+    from ipiqa.model import exact_pooling, tokenize
+    from ipiqa.runtime.scorer import Scorer
+
+    device = "cuda" if cuda else "cpu"
+    skip = set(filter(None, args.skip.split(",")))
+    out: dict = {}
+    ref_model = model.to(device).eval()
+
+    def reference(images, prompts):
+        with torch.inference_mode(), exact_pooling(ref_model):  # authors' way: prompt re-encoded per image
+            return ref_model(torch.from_numpy(images).to(device), tokenize(prompts).to(device)).cpu()
+
+    out["reference-eager-fp32"] = (reference, "FP32 eager, exact pools, prompt encoded per image", None)
+
+    def scorer_runner(name, source, note, **kw):
+        if name in skip:
+            out[name] = (None, "skipped (--skip)", None)
+            return
+        try:
+            s = Scorer(source, **kw)
+        except Exception as exc:  # noqa: BLE001 - the reason goes into the table
+            out[name] = (None, f"not available on this machine: {exc}".split("; ")[0][:120], None)
+            return
+        out[name] = (s.score_arrays, f"{note}; backend {s.backend.name}", s)
+
+    if cuda:
+        scorer_runner("torch-fp16", model_path, "FP16 channels-last, single-query pools, prompt cache",
+                      backend="torch", device="cuda", fp16=True)
+        scorer_runner("torch-compile", model_path, "FP16, torch.compile reduce-overhead (CUDA graphs)",
+                      backend="torch", device="cuda", fp16=True, compile=True)
+    else:
+        out["torch-fp16"] = (None, "not available on this machine: FP16 needs CUDA", None)
+        scorer_runner("torch-compile", model_path, "FP32 torch.compile, single-query pools, prompt cache",
+                      backend="torch", device="cpu", compile=True)
+    scorer_runner("runtime-torch-fp32", model_path, "runtime torch backend, single-query pools, prompt cache",
+                  backend="torch", device=device)
+    scorer_runner("onnxruntime-cpu", bundles["single_query"], "single-query pools, prompt cache",
+                  backend="onnxruntime", device="cpu")
+    scorer_runner("onnxruntime-cpu-exact-pools", bundles["exact"], "pools as written (before issue 9), prompt cache",
+                  backend="onnxruntime", device="cpu")
+    if cuda:
+        scorer_runner("onnxruntime-gpu", bundles["single_query"], "CUDA/TensorRT EP", backend="onnxruntime", device="cuda")
+        scorer_runner("tensorrt", bundles["single_query"], "TensorRT engines", backend="tensorrt", device="cuda")
+    else:
+        out["onnxruntime-gpu"] = (None, "not available on this machine: no GPU", None)
+        out["tensorrt"] = (None, "not available on this machine: no GPU, tensorrt not installable here", None)
+    return out
+
+
+def _flops(bundles) -> dict:
+    table = {}
+    for graph in ("image_encoder", "text_encoder", "fusion"):
+        table[graph] = {"single_query": graph_flops(bundles["single_query"] / f"{graph}.onnx"),
+                        "exact": graph_flops(bundles["exact"] / f"{graph}.onnx")}
+    return table
+
+
+def _per_image_flops(flops: dict, backend: str) -> float:
+    if backend == "reference-eager-fp32":
+        return sum(v["exact"] for v in flops.values())  # text encoded for every image
+    pools = "exact" if "exact" in backend else "single_query"
+    return (flops["image_encoder"][pools] + flops["fusion"][pools]
+            + flops["text_encoder"][pools] / IMAGES_PER_PROMPT)  # one text pass per prompt
+
+
+def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
+    """JPEG files (1024x1024, like AGIQA-3k) -> scores through the runtime pipeline, prompt cache on and off."""
+    from PIL import Image
+
+    from ipiqa.runtime.cache import PromptCache
+    from ipiqa.runtime.io import Row
+
+    folder = workdir / f"jpegs-{args.e2e_images}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(args.e2e_images):
+        p = folder / f"img{i:05d}.jpg"
+        if not p.exists():
+            base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # smooth-ish content, realistic JPEG size
+            Image.fromarray(base).resize((1024, 1024), Image.BICUBIC).save(p, quality=90)
+        paths.append(p)
+    rows = [Row(str(p), f"a generated image, prompt #{i // IMAGES_PER_PROMPT}") for i, p in enumerate(paths)]
+    results = []
+    for name in ("onnxruntime-cpu", "onnxruntime-gpu", "tensorrt", "torch-fp16"):
+        fn, _, scorer = runners.get(name, (None, "", None))
+        if fn is None:
+            continue
+        for label, cache in (("prompt cache on", None), ("prompt cache off", 1)):
+            scorer.cache = PromptCache(cache or 16384)
+            ordered = rows if cache is None else [rows[i] for i in rng.permutation(len(rows))]
+            summary = scorer.score_files(ordered, output=workdir / "e2e.csv", batch_size=args.e2e_batch,
+                                         workers=os.cpu_count() or 1)
+            rate = summary.rows / summary.seconds
+            engine = engine_rate.get((name, args.e2e_batch))
+            results.append({"name": f"{name}, {label}", "batch": args.e2e_batch, "images": summary.rows,
+                            "images_per_s": rate, "fraction_of_engine": rate / engine if engine else None,
+                            "cache_hits": scorer.cache.hits, "cache_misses": scorer.cache.misses})
+            print(f"  e2e {results[-1]['name']}: {rate:.2f} img/s", file=sys.stderr)
+    return results
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    import torch
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    torch.set_num_threads(os.cpu_count() or 1)
+    batches = [int(b) for b in (args.batches or ("1,8,32,64,128" if cuda else "1,4,8")).split(",")]
+    info = machine_info()
+    print(f"machine: {info['cpu']} x{info['cores']}, GPU: {info['gpu'].get('name', 'none')}", file=sys.stderr)
+    cfg, model, model_path, bundles = _setup(args, cuda)
+    flops = _flops(bundles)
+    peak = measured_peak_flops("cuda" if cuda else "cpu", 8192 if cuda else 2048, "float16" if cuda else "float32")
+    runners = _runners(args, cfg, model, model_path, bundles, cuda)
+    rng = np.random.default_rng(0)
+    runs, engine_rate = [], {}
+    for batch in batches:
+        images = rng.standard_normal((batch, 3, cfg.resolution, cfg.resolution), dtype=np.float32)
+        anchor = None
+        for name, (fn, note, _) in runners.items():
+            row = {"backend": name, "batch": batch, "note": note}
+            if fn is not None:
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                counter = iter(range(10**9))
+
+                def prompts_for(_i, batch=batch, counter=counter):
+                    return [f"a generated image, prompt #{next(counter) // IMAGES_PER_PROMPT}" for _ in range(batch)]
+
+                times = _timed(fn, images, prompts_for, args.warmup, args.iters, args.min_seconds)
+                p50 = float(np.median(times))
+                row.update(p50_ms=p50 * 1e3, p99_ms=float(np.percentile(times, 99)) * 1e3, iterations=len(times),
+                           images_per_s=batch / p50, gflop_per_image=_per_image_flops(flops, name) / 1e9)
+                row["peak_fraction_pct"] = 100 * row["gflop_per_image"] * 1e9 * row["images_per_s"] / peak
+                row["peak_memory_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda and name.startswith(("torch", "reference", "runtime-torch"))
+                                          else None if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                if name == "reference-eager-fp32":
+                    anchor = row["images_per_s"]
+                row["speedup"] = row["images_per_s"] / anchor if anchor else None
+                engine_rate[(name, batch)] = row["images_per_s"]
+                print(f"  {name:<28} batch {batch:>4}: {row['images_per_s']:8.2f} img/s  p50 {row['p50_ms']:8.1f} ms"
+                      f"  x{row['speedup'] or 0:.2f}", file=sys.stderr)
+            runs.append(row)
+            gc.collect()
+    if args.e2e_batch not in batches:
+        print(f"  note: --e2e-batch {args.e2e_batch} was not timed engine-only; no ratio", file=sys.stderr)
+    e2e = _end_to_end(args, runners, engine_rate, args.workdir)
+    for _, _, owner in runners.values():
+        if owner is not None:
+            owner.close()
+    info["slug"] = slug = machine_slug(info) + ("-smoke" if args.smoke else "")
+    results = {"slug": slug, "machine": info, "resolution": cfg.resolution, "images_per_prompt": IMAGES_PER_PROMPT,
+               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": runs, "end_to_end": e2e,
+               "flops": flops, "peak_gflops": peak / 1e9,
+               "peak_note": f"torch {'FP16 8192^3 on GPU' if cuda else 'FP32 2048^3 on CPU'}, best of 5",
+               "smoke": args.smoke, "command": " ".join(["python -m benchmarks", *(argv or sys.argv[1:])])}
+    written = write_report(results, args.out / slug)
+    print("\n".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""What the numbers were measured on: CPU, GPU, driver, library versions, and a measured matmul peak."""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import time
+from importlib import metadata
+
+__all__ = ["machine_info", "machine_slug", "measured_peak_flops"]
+
+
+def _cpu_model() -> str:
+    try:
+        text = open("/proc/cpuinfo", encoding="utf-8").read()
+        match = re.search(r"model name\s*:\s*(.+)", text)
+        return match.group(1).strip() if match else platform.processor()
+    except OSError:
+        return platform.processor() or "unknown"
+
+
+def _gpu() -> dict:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            p = torch.cuda.get_device_properties(0)
+            info = {"name": p.name, "compute_capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1)}
+            try:
+                info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                                capture_output=True, text=True, timeout=10).stdout.strip()
+            except (OSError, subprocess.SubprocessError):
+                pass
+            return info
+    except ImportError:
+        pass
+    return {}
+
+
+def machine_info() -> dict:
+    versions = {}
+    for dist in ("ipiqa", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy", "pillow"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "gpu": _gpu(), "versions": versions}
+
+
+def machine_slug(info: dict) -> str:
+    name = info["gpu"].get("name") if info["gpu"] else f"cpu-{info['cores']}core"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def measured_peak_flops(device: str = "cpu", n: int = 2048, dtype: str = "float32") -> float:
+    """FLOP/s of a large matrix product through torch: the ceiling the model's convolutions chase."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(3):
+        a @ b
+    reps, best = 5, float("inf")
+    for _ in range(reps):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best

@@ -1,0 +1,78 @@
+"""Results as JSON, a Markdown table and a PNG plot (throughput vs batch per backend)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["write_report", "markdown"]
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def markdown(results: dict) -> str:
+    info, rows = results["machine"], results["runs"]
+    gpu = info["gpu"].get("name", "none") if info["gpu"] else "none"
+    lines = [f"# ipiqa benchmark: {results['slug']}", "",
+             f"CPU: {info['cpu']} ({info['cores']} cores) · GPU: {gpu} · resolution {results['resolution']} px · "
+             f"prompts: {results['images_per_prompt']} images per prompt · {results['timestamp']}", "",
+             "| backend | batch | p50 ms | p99 ms | img/s | × reference | GFLOP/img | % of measured peak | peak mem MiB | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['backend']} | {r['batch']} | {_fmt(r.get('p50_ms'), '.1f')} | {_fmt(r.get('p99_ms'), '.1f')} | "
+                     f"{_fmt(r.get('images_per_s'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} | "
+                     f"{_fmt(r.get('gflop_per_image'), '.1f')} | {_fmt(r.get('peak_fraction_pct'), '.1f')} | "
+                     f"{_fmt(r.get('peak_memory_mib'), '.0f')} | {r.get('note', '')} |")
+    if results.get("end_to_end"):
+        lines += ["", "## End to end (JPEG files on disk -> scores)", "",
+                  "| run | batch | images | img/s | vs engine-only | prompt cache hits/misses |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for e in results["end_to_end"]:
+            lines.append(f"| {e['name']} | {e['batch']} | {e['images']} | {e['images_per_s']:.2f} | "
+                         f"{_fmt(e.get('fraction_of_engine'), '.0%')} | {e['cache_hits']}/{e['cache_misses']} |")
+    if results.get("flops"):
+        lines += ["", "## FLOPs per image (counted from the ONNX graphs: Conv, MatMul, Gemm)", "",
+                  "| graph | single-query pools | exact pools |", "| --- | ---: | ---: |"]
+        for name, v in results["flops"].items():
+            lines.append(f"| {name} | {v['single_query'] / 1e9:.2f} G | {_fmt(v.get('exact') and v['exact'] / 1e9, '.2f')} G |")
+    lines += ["", f"Measured matmul peak (the % column's reference): {results['peak_gflops']:.0f} GFLOP/s "
+              f"({results['peak_note']}). GFLOP/img counts what each backend computes per image, the text encoder "
+              f"amortized over {results['images_per_prompt']} images per prompt where a prompt cache is used.",
+              "Peak memory: on GPU, torch's peak allocation per backend (torch backends only); on CPU, the process's "
+              "maximum resident set so far (cumulative over the run, so it only grows down the table).",
+              "", f"Command: `{results.get('command', 'python -m benchmarks')}`"]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    backends = sorted({r["backend"] for r in results["runs"] if r.get("images_per_s")})
+    for b in backends:
+        pts = sorted((r["batch"], r["images_per_s"]) for r in results["runs"] if r["backend"] == b and r.get("images_per_s"))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"ipiqa throughput, {results['slug']}, {results['resolution']} px")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: dict, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "results.json", out / "results.md"]
+    written[0].write_text(json.dumps(results, indent=2) + "\n")
+    written[1].write_text(markdown(results))
+    if _plot(results, out / "throughput.png"):
+        written.append(out / "throughput.png")
+    return written

@@ -1,0 +1,68 @@
+"""The benchmark's CI smoke mode produces a well-formed report; FLOP counts show what the pool rewrite removes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out, work = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("work")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out), "--workdir", str(work)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return json.loads((folder / "results.json").read_text()), folder
+
+
+def test_smoke_report_has_every_backend_at_every_batch(smoke):
+    results, _ = smoke
+    names = {r["backend"] for r in results["runs"]}
+    assert {"reference-eager-fp32", "onnxruntime-cpu", "onnxruntime-cpu-exact-pools", "tensorrt", "torch-fp16"} <= names
+    assert {r["batch"] for r in results["runs"]} == {1, 2}
+
+
+def test_every_row_is_a_measurement_or_says_why_not(smoke):
+    results, _ = smoke
+    for r in results["runs"]:
+        if r.get("images_per_s") is None:
+            assert r["note"].startswith(("not available on this machine", "skipped"))
+        else:
+            assert r["images_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 and r["iterations"] >= 2
+
+
+def test_speedups_are_ratios_to_the_reference_measured_in_the_same_run(smoke):
+    results, _ = smoke
+    for batch in (1, 2):
+        rows = {r["backend"]: r for r in results["runs"] if r["batch"] == batch}
+        ref = rows["reference-eager-fp32"]["images_per_s"]
+        assert rows["reference-eager-fp32"]["speedup"] == 1.0
+        ort = rows["onnxruntime-cpu"]
+        assert ort["speedup"] == pytest.approx(ort["images_per_s"] / ref)
+
+
+def test_end_to_end_reports_prompt_cache_counts(smoke):
+    results, _ = smoke
+    on = next(e for e in results["end_to_end"] if e["name"] == "onnxruntime-cpu, prompt cache on")
+    assert on["images"] == 4 and on["cache_misses"] == 1 and on["cache_hits"] == 3  # 4 images of one prompt
+
+
+def test_markdown_and_machine_info_are_written(smoke):
+    results, folder = smoke
+    text = (folder / "results.md").read_text()
+    assert "| backend | batch |" in text and "reference-eager-fp32" in text
+    assert results["machine"]["cores"] >= 1 and "onnxruntime" in results["machine"]["versions"]
+
+
+def test_single_query_pools_remove_the_token_projections(smoke):
+    """Fusion loses its 2 x 257 token projections; the image encoder loses the visual pool's 3 x 257."""
+    flops = smoke[0]["flops"]
+    assert flops["fusion"]["single_query"] < flops["fusion"]["exact"] / 5
+    assert flops["image_encoder"]["single_query"] < flops["image_encoder"]["exact"]
+    assert flops["text_encoder"]["single_query"] == flops["text_encoder"]["exact"]
