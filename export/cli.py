@@ -36,10 +36,14 @@ def _batch(ctx, param, value: str) -> tuple[int, int, int]:
 @click.option("--exact-pooling", is_flag=True,
               help="Export the pools as written (project all 257 tokens) instead of the exact single-query rewrite.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17), help="ONNX opset (>= 17).")
+@click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Also write a Triton model repository here (ensemble: image bytes + prompt -> scores).")
+@click.option("--triton-backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Triton backend for the three graphs.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
 @_friendly
 def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, batch, workspace, exact_pooling,
-         opset, verbose) -> None:
+         opset, triton_dir, triton_backend, verbose) -> None:
     """Export an IP-IQA model to a bundle the runtime scores with.
 
     \b
@@ -54,6 +58,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
       ipiqa-export model.safetensors -o bundle/ --onnx-only
       ipiqa-export model.safetensors -o bundle/ --fp16 --batch 1,32,128 --workspace 8
       ipiqa-export --official agiqa3k_best.pth --clip RN50.pt -o bundle/
+      ipiqa-export model.safetensors -o bundle/ --onnx-only --triton triton_repo/
     """
     import torch
 
@@ -99,6 +104,13 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
                             [[r.name, f"{r.max_abs:.2e}", f"{r.tolerance:.1e}",
                               "" if r.spearman is None else f"{r.spearman:.5f}", r.passed] for r in report.parity]))
     click.echo(f"bundle written: {output}/manifest.json ({time.perf_counter() - start:.1f}s)", err=True)
+    if triton_dir:
+        from ipiqa.bundle import read_bundle
+
+        from .triton import write_triton_repository
+
+        write_triton_repository(read_bundle(output), triton_dir, triton_backend, max_batch=batch[2])
+        click.echo(f"Triton repository written: {triton_dir} (client example: {triton_dir}/client.py)", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover
