@@ -100,10 +100,12 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
 @click.option("--resume", is_flag=True, help="Skip the rows the output file already holds; append the rest.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first row that cannot be scored.")
 @click.option("--allow-errors", is_flag=True, help=f"Exit 0 even when rows failed (default: exit {EXIT_ROW_ERRORS}).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Score on a Ray cluster (ADDRESS, or a local one): decode in CPU tasks, one scorer per GPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, fp16, compile_, resume, fail_fast,
-              allow_errors, quiet) -> None:
+              ray_address, allow_errors, quiet) -> None:
     """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
 
     Every input row gets one output row, in input order: the scores, or an 'error' cell naming the
@@ -119,7 +121,23 @@ def score_cmd(model, source, prompt, output, fmt, backend, device, batch, worker
       ipiqa score bundle/ --images photos/ --prompt "a red fox in snow" -o scores.csv
       ipiqa score bundle/ --images data.csv -o scores.jsonl --device cuda --batch 64 --resume
       ipiqa score model.safetensors --images data.csv --backend torch --device cuda --fp16
+      ipiqa score bundle/ --images data.csv -o scores.csv --ray ray://head:10001
     """
+    if ray_address is not None:
+        from ipiqa._optional import require
+
+        require("ray", extra="ray")
+        from ipiqa.runtime.distributed import score_with_ray
+
+        if resume or fail_fast or str(output) == "-":
+            raise IPIQAError("--ray writes a file (-o scores.csv, or a .parquet folder) and does not take --resume/--fail-fast")
+        summary = score_with_ray(model, source, output, prompt, ray_address, batch_size=batch, backend=backend,
+                                 device=device, fmt=fmt)
+        click.echo(f"{summary.rows} rows scored on Ray ({summary.errors} errors) in {summary.seconds:.1f}s", err=True)
+        if summary.errors and not allow_errors:
+            sys.exit(EXIT_ROW_ERRORS)
+        return
+
     from ipiqa.runtime.scorer import Scorer
 
     with Scorer(model, backend=backend, device=device, fp16=fp16, compile=compile_) as scorer:

@@ -282,6 +282,7 @@ for args in (["--help"], ["score", "--help"], ["score", sys.argv[1], "--images",
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, (args, result.output)
 assert "torch" not in sys.modules, "torch was imported"
+assert "ray" not in sys.modules, "ray was imported without --ray"
 print("torch-free")
 """
 
