@@ -69,7 +69,6 @@ def _timed(fn: Callable, images: np.ndarray, prompts_for: Callable[[int], list],
 
 def _setup(args, cuda: bool):
     """Seeded model at the real architecture (reduced in smoke) and its two bundles (rewrite on / off)."""
-    import torch
 
     from ipiqa.checkpoint import save_model
     from ipiqa.config import IPIQAConfig

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .checkpoint import save_model
 from .config import IPIQAConfig
 from .model import IPIQA
 

@@ -78,3 +78,14 @@ def tiny_model_file(tmp_path_factory):
     cfg = IPIQAConfig(**TINY)
     path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
     return save_model(path, demo_model(cfg, seed=3).state_dict(), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_model_file, tmp_path_factory):
+    """The tiny model exported to an ONNX bundle (shared by runtime, Ray and Triton tests)."""
+    from ipiqa.checkpoint import load_model
+    from ipiqa.export.bundle_export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    export_bundle(load_model(tiny_model_file), [tiny_model_file], out, ExportOptions(onnx_only=True), progress=lambda m: None)
+    return out

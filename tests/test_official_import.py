@@ -8,7 +8,7 @@ from authors_layout import reference_forward
 from conftest import save_torchscript
 from ipiqa.checkpoint import load_model, save_model
 from ipiqa.errors import CheckpointError
-from ipiqa.model import IPIQA, tokenize
+from ipiqa.model import tokenize
 from ipiqa.official import convert_official, import_official, read_clip_base, read_official_finetuned
 
 PROMPTS = ["a photo of a cat wearing a hat", "statue of a man, oil painting " * 20]

@@ -22,13 +22,8 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_model_file, tmp_path_factory):
-    from ipiqa.checkpoint import load_model
-    from ipiqa.export.bundle_export import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("ray") / "bundle"
-    export_bundle(load_model(tiny_model_file), [tiny_model_file], out, ExportOptions(onnx_only=True), progress=lambda m: None)
-    return out
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

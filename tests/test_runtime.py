@@ -25,15 +25,6 @@ from ipiqa.export.bundle_export import ExportOptions, export_bundle
 from ipiqa.runtime.scorer import Scorer
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_model_file, tmp_path_factory):
-    from ipiqa.checkpoint import load_model
-
-    out = tmp_path_factory.mktemp("rt") / "bundle"
-    export_bundle(load_model(tiny_model_file), [tiny_model_file], out, ExportOptions(onnx_only=True), progress=lambda m: None)
-    return out
-
-
 @pytest.fixture(scope="module")
 def scorer(tiny_bundle):
     with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as s:

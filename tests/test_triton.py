@@ -25,13 +25,8 @@ DTYPES = {"tensor(float)": model_config_pb2.TYPE_FP32, "tensor(int64)": model_co
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_model_file, tmp_path_factory):
-    from ipiqa.checkpoint import load_model
-    from ipiqa.export.bundle_export import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("tr") / "bundle"
-    export_bundle(load_model(tiny_model_file), [tiny_model_file], out, ExportOptions(onnx_only=True), progress=lambda m: None)
-    return read_bundle(out)
+def bundle(tiny_bundle):
+    return read_bundle(tiny_bundle)
 
 
 @pytest.fixture(scope="module")
