@@ -219,7 +219,7 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
     if not options.onnx_only:
         engines_entry = _engines(model, out, files, specs, shapes, options.engine, onnx_key, previous, report, progress)
 
-    listed = [f for f in files.values()] + [f + ".data" for f in files.values()] + list(tokenizer["files"].values())
+    listed = [*files.values()] + [f + ".data" for f in files.values()] + list(tokenizer["files"].values())
     if engines_entry:
         listed += [g["file"] for g in engines_entry["graphs"].values()]
     manifest = {
