@@ -11,28 +11,13 @@ from typing import Optional
 
 import numpy as np
 
+from ipiqa.training.metrics import srcc as spearman  # one rank implementation, checked against scipy
+
 __all__ = ["ParityResult", "compare", "spearman", "FP32_TOL", "FP16_ATOL", "FP16_SPEARMAN"]
 
 FP32_TOL = 1e-4
 FP16_ATOL = 2e-2
 FP16_SPEARMAN = 0.999
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    # average ranks of ties, as scipy.stats.rankdata does
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _ranks(np.asarray(a, np.float64).ravel()), _ranks(np.asarray(b, np.float64).ravel())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import IO, Iterable, Optional, Sequence, Union
 
 from ipiqa.errors import IPIQAError
 
-__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "read_rows", "ResultWriter", "resume_point"]
+__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "read_rows", "output_columns", "ResultWriter", "resume_point"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
@@ -94,6 +94,11 @@ def read_rows(source: Union[str, Path], prompt: Optional[str] = None) -> list[Ro
     return _manifest_rows(path, prompt)
 
 
+def output_columns(outputs: Sequence[str]) -> list[str]:
+    """The output schema: image, prompt, one column per score, error."""
+    return ["image", "prompt", *outputs, "error"]
+
+
 class ResultWriter:
     """Writes results as they come (flushed per row); CSV columns: image, prompt, <outputs...>, error."""
 
@@ -114,12 +119,8 @@ class ResultWriter:
             raise IPIQAError(f"unknown output format {self.fmt!r}; use csv or jsonl")
         self._csv = csv.writer(self._fh) if self.fmt == "csv" else None
         if self._csv and not append:
-            self._csv.writerow(self.header)
+            self._csv.writerow(output_columns(self.outputs))
             self._fh.flush()
-
-    @property
-    def header(self) -> list[str]:
-        return ["image", "prompt", *self.outputs, "error"]
 
     def write(self, results: Iterable[Result]) -> None:
         for res in results:
@@ -158,10 +159,10 @@ def resume_point(path: Path, rows: Sequence[Row], outputs: Sequence[str], fmt: O
     if not path.is_file() or path.stat().st_size == 0:
         return 0
     fmt = fmt or output_format(path)
-    raw = path.read_bytes()
-    text = raw.decode("utf-8", errors="strict")
-    header = ["image", "prompt", *outputs, "error"]
+    text = path.read_bytes().decode("utf-8", errors="strict")
+    header = output_columns(outputs)
     complete: list[tuple[int, str]] = []  # (end offset in chars, image) of each complete record
+    keep_min = 0  # what is kept even when no record is complete (the CSV header)
     if fmt == "jsonl":
         offset = 0
         for line in text.splitlines(keepends=True):
@@ -175,18 +176,14 @@ def resume_point(path: Path, rows: Sequence[Row], outputs: Sequence[str], fmt: O
             complete.append((offset, record["image"]))
     else:
         lines = text.splitlines(keepends=True)
-        reader = csv.reader(iter(lines))
-        try:
-            first = next(reader)
-        except StopIteration:
-            first = []
-        if first != header:
-            raise IPIQAError(f"{path}: cannot resume: its columns {first} are not {header}; use another --output")
         offsets = [0]
         for line in lines:
             offsets.append(offsets[-1] + len(line))
-        start = offsets[reader.line_num]
-        complete.append((start, ""))  # the header: nothing to skip yet
+        reader = csv.reader(iter(lines))
+        first = next(reader, [])
+        if first != header:
+            raise IPIQAError(f"{path}: cannot resume: its columns {first} are not {header}; use another --output")
+        keep_min = offsets[reader.line_num]
         try:
             for record in reader:
                 end = offsets[reader.line_num]
@@ -195,10 +192,6 @@ def resume_point(path: Path, rows: Sequence[Row], outputs: Sequence[str], fmt: O
                 complete.append((end, record[0]))
         except csv.Error:
             pass
-        complete = complete[1:] if complete else []
-        if not complete:
-            path.write_bytes(text[:start].encode("utf-8"))
-            return 0
     done = len(complete)
     if done > len(rows):
         raise IPIQAError(f"{path}: holds {done} rows but the input has {len(rows)}; it is not this input's output")
@@ -206,7 +199,7 @@ def resume_point(path: Path, rows: Sequence[Row], outputs: Sequence[str], fmt: O
         if image != rows[i].image:
             raise IPIQAError(f"{path}: row {i + 1} is {image!r} but the input's row {i + 1} is {rows[i].image!r}; "
                              "resume needs the same input in the same order")
-    keep = complete[-1][0] if complete else 0
+    keep = complete[-1][0] if complete else keep_min
     if keep < len(text):
         path.write_bytes(text[:keep].encode("utf-8"))  # drop the record the kill cut in half
     return done

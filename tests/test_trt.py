@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from ipiqa.bundle import Manifest, check_engine_compat, parse_batch_profile
@@ -138,3 +139,20 @@ def test_fp16_engines_pass_the_gate_and_are_recorded(tiny_model_file, tmp_path):
                           ExportOptions(engine=EngineSpec("fp16", (1, 4, 16), 1.0)), progress=print)
     assert again.reused_engines
     shutil.rmtree(tmp_path / "b")
+
+
+def test_fp16_gate_fails_when_ranking_breaks_within_the_absolute_bound():
+    from ipiqa.export.parity import compare
+
+    ref = np.linspace(0, 0.5, 64)[:, None]  # scores 0.008 apart: a 0.015 shuffle stays under 2e-2 but reorders
+    out = ref + np.where(np.arange(64) % 2 == 0, 0.015, -0.0)[:, None]
+    result = compare("engines[fp16]/scores", ref, out, scores=True, fp16=True)
+    assert result.max_abs <= 2e-2 and result.spearman < 0.999 and not result
+
+
+def test_fp16_gate_fails_above_the_absolute_bound_even_in_order():
+    from ipiqa.export.parity import compare
+
+    ref = np.linspace(0, 5, 64)[:, None]
+    assert not compare("engines[fp16]/scores", ref, ref + 0.03, scores=True, fp16=True)
+    assert compare("engines[fp16]/scores", ref, ref + 0.01, scores=True, fp16=True)
