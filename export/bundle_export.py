@@ -24,7 +24,7 @@ from ipiqa._optional import require
 from ipiqa.bundle import BUNDLE_FORMAT, Manifest, read_bundle, sha256_file, write_manifest
 from ipiqa.config import CLIP_MEAN, CLIP_STD
 from ipiqa.errors import BundleError, IPIQAError
-from ipiqa.model import IPIQA, exact_pooling, tokenize
+from ipiqa.model import IPIQA, exact_pooling, pooling_mode, tokenize
 from ipiqa.preprocess import RESIZE_FILTER
 
 from .graphs import build_graphs, graph_specs
@@ -194,17 +194,18 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
         tokenizer = previous.data["tokenizer"]
     else:
         (out / "manifest.json").unlink(missing_ok=True)  # the old manifest would describe files we overwrite
-        model.single_query_pooling = options.single_query_pooling
         images, tokens = gate_inputs(model, 2)
         with torch.no_grad():
             fmap, emb = model.encode_image(images)
             text = model.encode_text(tokens) if cfg.text else None
         examples = {"image_encoder": (images,), "text_encoder": (tokens,),
                     "fusion": (fmap, emb, text) if cfg.text else (emb,)}
-        for name, module in graphs.items():
-            start = time.perf_counter()
-            export_onnx(module, examples[name], out / files[name], specs[name].inputs, specs[name].outputs, cfg, options.opset)
-            progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
+        with pooling_mode(model, options.single_query_pooling):  # traced into the graphs; caller's mode kept
+            for name, module in graphs.items():
+                start = time.perf_counter()
+                export_onnx(module, examples[name], out / files[name], specs[name].inputs, specs[name].outputs, cfg,
+                            options.opset)
+                progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
         tokenizer = _tokenizer_files(out)
         report.parity = onnx_parity(model, {n: out / f for n, f in files.items()}, options.parity_images)
         for r in report.parity:

@@ -22,7 +22,7 @@ from .config import IPIQAConfig
 from .heads import build_head
 from .pooling import CrossModalAttentionPool, visual_pool
 
-__all__ = ["IPIQA", "tokenize", "exact_pooling"]
+__all__ = ["IPIQA", "tokenize", "exact_pooling", "pooling_mode"]
 
 _TOKENIZER: Optional[SimpleTokenizer] = None
 
@@ -36,13 +36,18 @@ def tokenize(prompts: Sequence[str], context_length: int = 77) -> torch.Tensor:
 
 
 @contextmanager
-def exact_pooling(model: "IPIQA") -> Iterator["IPIQA"]:
-    """Run ``model`` with the straightforward pooling (the authors' computation) inside the block."""
-    before, model.single_query_pooling = model.single_query_pooling, False
+def pooling_mode(model: "IPIQA", single_query: bool) -> Iterator["IPIQA"]:
+    """Run ``model`` with the single-query rewrite on or off inside the block; restore it after."""
+    before, model.single_query_pooling = model.single_query_pooling, single_query
     try:
         yield model
     finally:
         model.single_query_pooling = before
+
+
+def exact_pooling(model: "IPIQA"):
+    """The straightforward pooling (the authors' computation) inside the block."""
+    return pooling_mode(model, single_query=False)
 
 
 class IPIQA(nn.Module):

@@ -239,3 +239,12 @@ def test_official_checkpoint_exports_directly(authors_224_linear, tmp_path):
                                           "--onnx-only"])
     assert res.exit_code == 0, res.output
     assert read_bundle(tmp_path / "b").config.head == "linear"
+
+
+def test_export_leaves_the_callers_pooling_mode_alone(tmp_path):
+    cfg = IPIQAConfig(**TINY)
+    model = demo_model(cfg)
+    src = save_model(tmp_path / "m.safetensors", model.state_dict(), cfg)
+    export_bundle(model, [src], tmp_path / "b", ExportOptions(onnx_only=True, single_query_pooling=False),
+                  progress=lambda m: None)
+    assert model.single_query_pooling and read_bundle(tmp_path / "b").data["onnx"]["pooling"] == "exact"
