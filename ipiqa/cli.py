@@ -1,16 +1,22 @@
 """``ipiqa`` command line. Heavy imports (torch, onnx) live inside command bodies so ``--help`` is instant."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import click
 
 from ._console import EXIT_ROW_ERRORS, _friendly, format_table
+from ._optional import require, require_torch
 from .errors import IPIQAError
+
+if TYPE_CHECKING:
+    from .bundle import Manifest
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="ipiqa")
@@ -47,6 +53,7 @@ def import_official_cmd(finetuned: Path, clip_path: Path, output: Path, outputs:
     Example:
       ipiqa import-official agiqa3k_best.pth --clip ~/.cache/clip/RN50.pt -o agiqa3k.safetensors
     """
+    require_torch()
     from .checkpoint import save_model
     from .official import import_official
 
@@ -57,14 +64,51 @@ def import_official_cmd(finetuned: Path, clip_path: Path, output: Path, outputs:
                f"text={'on' if cfg.text else 'off'}", err=True)
 
 
+def bundle_summary(manifest: "Manifest") -> dict[str, Any]:
+    """What a user asks of a bundle: which model, which precision, built where and with what, and how
+    closely it matched the PyTorch reference when exported (the parity results exactly as stored)."""
+    data = manifest.data
+    engines = data.get("engines") or {}
+    onnx = data.get("onnx") or {}
+    return {
+        "bundle": str(manifest.root),
+        "format": data.get("format"),
+        "config": data.get("config"),
+        "precision": data.get("precision"),
+        "graphs": {name: {"onnx": graph.get("file"), "engine": engines.get("graphs", {}).get(name, {}).get("file")}
+                   for name, graph in onnx.get("graphs", {}).items()},
+        "onnx": {key: onnx.get(key) for key in ("opset", "precision", "pooling")},
+        "engines": {key: engines.get(key) for key in ("tensorrt", "gpu", "compute_capability", "precision", "batch")}
+        if engines else None,
+        "versions": data.get("versions", {}),
+        "parity": data.get("parity"),
+    }
+
+
 @cli.command("info")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("target", metavar="MODEL_OR_BUNDLE", type=click.Path(exists=True, path_type=Path))
 @_friendly
-def info_cmd(model: Path) -> None:
-    """Print a model file's config as JSON."""
+def info_cmd(target: Path) -> None:
+    """Print a model file's config, or a bundle folder's summary, as JSON.
+
+    A bundle is verified first (format, ipiqa version, every file's SHA-256), as 'ipiqa score' does;
+    the summary shows its config, precision, graphs, TensorRT engines (version, GPU), the versions
+    it was built with and its parity results.
+
+    \b
+    Examples:
+      ipiqa info model.safetensors
+      ipiqa info bundle/
+    """
+    if target.is_dir():
+        from .bundle import read_bundle  # torch-free: works on a base install
+
+        click.echo(json.dumps(bundle_summary(read_bundle(target)), indent=2))
+        return
+    require_torch()  # ipiqa.checkpoint loads the model code, which needs torch and open_clip
     from .checkpoint import read_config
 
-    click.echo(read_config(model).to_json())
+    click.echo(read_config(target).to_json())
 
 
 def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None, resume=False, fail_fast=False):
@@ -124,8 +168,6 @@ def score_cmd(model, source, prompt, output, fmt, backend, device, batch, worker
       ipiqa score bundle/ --images data.csv -o scores.csv --ray ray://head:10001
     """
     if ray_address is not None:
-        from ipiqa._optional import require
-
         require("ray", extra="ray")
         from ipiqa.runtime.distributed import score_with_ray
 
@@ -166,7 +208,10 @@ def demo_cmd(out: Path, resolution: int) -> None:
     """
     import csv
 
-    import torch
+    # Checked before any work: the demo runs the PyTorch reference, then exports (the [export] extra).
+    torch = require("torch", extra="export")
+    for module in ("open_clip", "onnx", "onnxscript"):
+        require(module, extra="export")
 
     from ipiqa.export.bundle_export import ExportOptions, export_bundle
     from ipiqa.runtime.scorer import Scorer

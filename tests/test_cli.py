@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_image
+from ipiqa.checkpoint import read_config
 from ipiqa.cli import EXIT_ROW_ERRORS, cli
+from ipiqa.training.data import DATASETS
 
 
 def run(*args):
@@ -109,6 +113,138 @@ def test_import_official_cli_failure_is_one_line_without_traceback(tmp_path):
 def test_help_teaches_with_examples():
     assert "Example" in run("score", "--help").output
     assert "import-official" in run("--help").output
+
+
+# -- ipiqa info: a model file's config, or a bundle's summary
+
+def test_info_of_a_model_file_prints_its_config(tiny_model_file):
+    res = run("info", tiny_model_file)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == json.loads(read_config(tiny_model_file).to_json())
+
+
+def test_info_of_a_bundle_prints_config_precision_graphs_versions_and_parity(tiny_bundle):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    res = run("info", tiny_bundle)
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["config"] == manifest["config"] and info["precision"] == "fp32"
+    assert set(info["graphs"]) == {"image_encoder", "text_encoder", "fusion"}
+    assert all((tiny_bundle / g["onnx"]).is_file() and g["engine"] is None for g in info["graphs"].values())
+    assert info["engines"] is None  # exported with --onnx-only
+    assert info["versions"] == manifest["versions"] and info["versions"]["ipiqa"]
+    assert info["parity"] == manifest["parity"] and info["parity"]["onnx"]
+
+
+def test_info_of_a_tampered_bundle_prints_the_bundle_error_in_one_line(tiny_bundle, tmp_path):
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    victim = bundle / manifest["onnx"]["graphs"]["fusion"]["file"]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    res = run("info", bundle)
+    assert res.exit_code == 1
+    assert "SHA-256 does not match" in res.output and victim.name in res.output
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+
+
+def test_info_of_a_folder_without_manifest_says_it_is_not_a_bundle(tmp_path):
+    res = run("info", tmp_path)
+    assert res.exit_code == 1 and "not an ipiqa bundle" in res.output and "Traceback" not in res.output
+
+
+# -- optional dependencies: a base install (no torch, no open_clip) gets the pip command, never a traceback
+
+HIDE_TORCH = '''
+"""Loaded at start-up from PYTHONPATH: makes torch, torchvision and open_clip look uninstalled."""
+import sys
+
+class _HideModules:
+    hidden = {"torch", "torchvision", "open_clip"}
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.hidden:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _HideModules())
+'''
+
+
+@pytest.fixture(scope="module")
+def no_torch_env(tmp_path_factory) -> dict:
+    """Environment for a subprocess in which torch/open_clip cannot be imported, as on a base install."""
+    site = tmp_path_factory.mktemp("hide_torch")
+    (site / "sitecustomize.py").write_text(HIDE_TORCH)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+
+
+def run_without_torch(env: dict, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ipiqa.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def test_the_test_environment_really_hides_torch(no_torch_env):
+    proc = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=no_torch_env)
+    assert proc.returncode == 1 and "No module named 'torch'" in proc.stderr
+
+
+@pytest.fixture
+def no_torch_inputs(tmp_path, tiny_model_file) -> dict:
+    image = make_image(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("image,prompt,score\na.png,a cat,3.0\n")
+    (tmp_path / "run").mkdir()
+    return {"MODEL": tiny_model_file, "IMAGE": image, "DIR": tmp_path, "LABELS": tmp_path / "labels.csv",
+            "RUN": tmp_path / "run", "OUT": tmp_path / "out"}
+
+
+@pytest.mark.parametrize("args, extra", [
+    (["score", "MODEL", "--images", "IMAGE", "--prompt", "p"], "torch"),
+    (["info", "MODEL"], "torch"),
+    (["import-official", "MODEL", "--clip", "MODEL", "-o", "OUT"], "torch"),
+    (["demo", "--out", "OUT"], "export"),
+    (["train", "finetune", "--dataset", "csv", "--labels", "LABELS", "--images", "DIR", "--out", "OUT",
+      "--random-init"], "train"),
+    (["train", "evaluate", "--dataset", "csv", "--labels", "LABELS", "--images", "DIR", "--run", "RUN"], "train"),
+    (["train", "pretrain", "--pairs", "LABELS", "--images", "DIR", "--out", "OUT", "--random-init"], "train"),
+], ids=lambda v: " ".join(v[:2]) if isinstance(v, list) else v)
+def test_command_needing_torch_on_a_base_install_names_the_pip_command_in_one_line(no_torch_env, no_torch_inputs,
+                                                                                      args, extra):
+    proc = run_without_torch(no_torch_env, *[no_torch_inputs.get(a, a) for a in args])
+    assert proc.returncode == 1, proc.stderr
+    assert f"pip install 'ipiqa[{extra}]'" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_info_of_a_bundle_works_without_torch(no_torch_env, tiny_bundle):
+    proc = run_without_torch(no_torch_env, "info", tiny_bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["precision"] == "fp32"
+
+
+def test_torch_backend_without_torch_raises_missing_dependency(no_torch_env, tiny_model_file):
+    code = ("from ipiqa.errors import MissingDependencyError\n"
+            "from ipiqa.runtime.backends.torch_ref import TorchBackend\n"
+            "try:\n"
+            f"    TorchBackend({str(tiny_model_file)!r})\n"
+            "except MissingDependencyError as exc:\n"
+            "    print(exc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=no_torch_env)
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install 'ipiqa[torch]'" in proc.stdout
+
+
+# -- words for users: the label file each dataset ships, no development paths
+
+@pytest.mark.parametrize("command", ["finetune", "evaluate"])
+def test_train_labels_help_names_each_datasets_label_file(command):
+    text = " ".join(run("train", command, "--help").output.split())
+    for dataset, (label_file, _) in DATASETS.items():
+        assert f"{dataset} {label_file}" in text
+
+
+def test_train_help_has_no_development_paths():
+    for args in (["train", "--help"], ["train", "finetune", "--help"], ["train", "evaluate", "--help"]):
+        assert "shared/" not in run(*args).output
 
 
 @pytest.mark.slow

@@ -12,8 +12,14 @@ from typing import Optional
 import click
 
 from ipiqa._console import _friendly, format_table
+from ipiqa._optional import require, require_torch
 
 __all__ = ["train"]
+
+# The label file each dataset ships with, named as its authors publish it (training/data.py reads them).
+LABELS_HELP = ("The dataset's label file, or the folder that holds it: agiqa-1k AIGC_MOS_Zscore.xlsx, "
+               "agiqa-3k data.csv, aigcqa-20k info_train.csv; for --dataset csv, your own CSV with "
+               "columns image,prompt,score[,score2].")
 
 
 def _config(path: Optional[Path], overrides: dict):
@@ -23,7 +29,6 @@ def _config(path: Optional[Path], overrides: dict):
     if path is not None:
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
-            from ipiqa._optional import require
             data = require("yaml", extra="train").safe_load(text) or {}
         else:
             data = json.loads(text)
@@ -66,16 +71,23 @@ def train() -> None:
     """Train IP-IQA models: Image2Prompt pretraining, MOS fine-tuning, evaluation over grouped splits.
 
     \b
-    Reproducing the paper's AGIQA-3k row (GPU, datasets downloaded):
-      ipiqa train finetune --dataset agiqa-3k --labels shared/datasets/agiqa-3k --images AGIQA-3k/ \\
+    Reproducing the paper's AGIQA-3k row (GPU; AGIQA-3k's data.csv and images downloaded to AGIQA-3k/):
+      ipiqa train finetune --dataset agiqa-3k --labels AGIQA-3k/data.csv --images AGIQA-3k/ \\
           --clip RN50.pt --out runs/agiqa3k --splits 10
-      ipiqa train evaluate --dataset agiqa-3k --labels shared/datasets/agiqa-3k --images AGIQA-3k/ --run runs/agiqa3k
+      ipiqa train evaluate --dataset agiqa-3k --labels AGIQA-3k/data.csv --images AGIQA-3k/ --run runs/agiqa3k
+
+    \b
+    --labels takes the label file each dataset ships:
+      --dataset agiqa-1k     AIGC_MOS_Zscore.xlsx  (columns Image, Prompt, MOS)
+      --dataset agiqa-3k     data.csv              (name, prompt, mos_quality, mos_align)
+      --dataset aigcqa-20k   info_train.csv        (name, prompt, mos)
+      --dataset csv          your own CSV          (image, prompt, score[, score2])
     """
 
 
 @train.command("finetune")
 @click.option("--dataset", required=True, help="agiqa-1k, agiqa-3k, aigcqa-20k, or csv (image,prompt,score[,score2]).")
-@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path), help="Label folder or file.")
+@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path), help=LABELS_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--splits", default=10, show_default=True, help="Grouped 80/20 splits (seeds seed, seed+1, ...).")
 @click.option("--only-split", type=int, default=None, help="Train just this split index.")
@@ -88,6 +100,7 @@ def train() -> None:
 def finetune_cmd(dataset, labels, out, splits, only_split, init, skip_missing, resume, config_path, images, clip_path,
                  random_init, **kw) -> None:
     """Fine-tune on MOS with MSE (Adam lr 1e-5, head x10, batch 32, 100 epochs, dropout 0.5, h-flip)."""
+    require_torch(extra="train")
     from tqdm import tqdm
 
     from .data import check_images, load_samples
@@ -130,8 +143,8 @@ def _print_summary(results: list[dict], outputs, out: Path) -> None:
 
 
 @train.command("evaluate")
-@click.option("--dataset", required=True)
-@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--dataset", required=True, help="agiqa-1k, agiqa-3k, aigcqa-20k, or csv (as in finetune).")
+@click.option("--labels", required=True, type=click.Path(exists=True, path_type=Path), help=LABELS_HELP)
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--run", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A finetune run folder: splits/splitK.json and splitK/best.safetensors.")
@@ -140,8 +153,11 @@ def _print_summary(results: list[dict], outputs, out: Path) -> None:
 @_friendly
 def evaluate_cmd(dataset, labels, images, run, batch_size, plcc_fit) -> None:
     """Evaluate each split's best model on its test images; prints mean ± std over the splits."""
-    import torch
-    from torch.utils.data import DataLoader
+    torch = require("torch", extra="train")
+    require("open_clip", extra="train")
+    if plcc_fit:
+        require("scipy", extra="train")  # the logistic fit (training.metrics) uses scipy.optimize
+    from torch.utils.data import DataLoader  # torch is there: checked just above
 
     from ipiqa.checkpoint import load_model
 
@@ -177,6 +193,7 @@ def evaluate_cmd(dataset, labels, images, run, batch_size, plcc_fit) -> None:
 @_friendly
 def pretrain_cmd(pairs, out, min_similarity, config_path, images, clip_path, random_init, **kw) -> None:
     """Image2Prompt pretraining: image encoder trained, text tower frozen, loss 1 - cos(image, prompt)."""
+    require_torch(extra="train")
     from ipiqa.runtime.io import read_rows
 
     from .data import Sample, check_images

@@ -10,6 +10,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
 
 __all__ = ["TorchBackend"]
@@ -20,8 +21,9 @@ class TorchBackend:
     max_batch: Optional[int] = None
 
     def __init__(self, model_path: Union[str, Path], device: str = "cpu", fp16: bool = False, compile: bool = False):
-        import torch
-
+        # Through require(): on a base install the user gets the pip command, not a ModuleNotFoundError.
+        torch = require("torch", extra="torch")
+        require("open_clip", extra="torch")  # ipiqa.model builds its towers from open_clip's modules
         from ipiqa.checkpoint import load_model
 
         self.torch = torch
