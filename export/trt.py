@@ -1,7 +1,14 @@
-"""FP16/FP32 TensorRT engines from the ONNX graphs, with NVIDIA's documented Python API (TensorRT 10).
+"""TensorRT engines from the bundle's ONNX graphs, as strongly typed networks (TensorRT 10.x and 11.x).
+
+Precision lives in the graph: an FP16 engine is built from the FP16 ONNX graph (``export.fp16``), an INT8
+image engine from the QDQ graph (``export.int8``), and the builder only follows the tensor types. TensorRT
+11 removed the weakly typed API (``BuilderFlag.FP16``/``INT8``, precision constraints, per-layer precision,
+``platform_has_fast_fp16``) and builds every network strongly typed; TensorRT 10 does the same when the
+network is created with ``STRONGLY_TYPED`` (kept, ignored, in 11). So one code path, using only API
+present in both, serves ``tensorrt>=10.0,<12``.
 
 ``tensorrt`` is imported only inside these functions, with an error naming the extra that installs it.
-FP16 never silently falls back to FP32: a GPU without fast FP16 is an error.
+A graph whose types do not match the requested precision is refused: nothing silently builds in FP32.
 """
 from __future__ import annotations
 
@@ -13,21 +20,29 @@ from typing import Any, Mapping, Optional, Sequence
 from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
 
-__all__ = ["EngineSpec", "input_profiles", "fp32_layer_names", "build_engine", "TorchEngineRunner"]
+__all__ = ["EngineSpec", "PRECISIONS", "GRAPH_PRECISIONS", "input_profiles", "network_flags", "build_engine",
+           "TorchEngineRunner"]
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
+PRECISIONS = ("fp32", "fp16", "int8")
+# The graph precisions each engine precision is built from: INT8 is the image graph's QDQ form; the text
+# and fusion graphs have no INT8 form and come in FP16.
+GRAPH_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "fp16")}
+_FIX = {"fp16": "convert it with ipiqa.export.fp16.convert_to_fp16",
+        "int8": "quantize it with ipiqa.export.int8.quantize_image_graph",
+        "fp32": "pass the FP32 graph the export wrote"}
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    precision: str  # "fp16" | "fp32"
+    precision: str  # "fp32" | "fp16" | "int8": which graphs the engines are built from (GRAPH_PRECISIONS)
     batch: tuple[int, int, int]  # min, opt, max
     workspace_gib: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp16", "fp32"):
-            raise ValueError(f"precision must be fp16 or fp32, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         lo, opt, hi = self.batch
         if not 1 <= lo <= opt <= hi:
             raise ValueError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {self.batch}")
@@ -46,57 +61,37 @@ def input_profiles(input_shapes: Mapping[str, Sequence[Any]], batch: tuple[int, 
     return profiles
 
 
-def fp32_layer_names(network: Any, trt: Any) -> list[str]:
-    """Layers pinned to FP32 in FP16 engines: normalizations, softmaxes, and the products feeding a softmax.
+def network_flags(trt: Any) -> int:
+    """``STRONGLY_TYPED``: required on TensorRT 10 for graph-typed precision, accepted and ignored by 11."""
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
-    LayerNorm statistics and attention logits are where FP16 overflows or loses the ranking
-    (the text tower's 12 LayerNorms and the two 2048-wide single-query pools); the convolutions and
-    projections, where nearly all FLOPs are, stay FP16.
-    """
-    pinned, producers = [], {}
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        for j in range(layer.num_outputs):
-            producers[layer.get_output(j).name] = layer
-    for i in range(network.num_layers):
-        layer = network.get_layer(i)
-        if layer.type in (trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX):
-            pinned.append(layer)
-            if layer.type == trt.LayerType.SOFTMAX:
-                src = producers.get(layer.get_input(0).name)
-                if src is not None and src.type in (trt.LayerType.MATRIX_MULTIPLY, trt.LayerType.ELEMENTWISE):
-                    pinned.append(src)
-    seen, names = set(), []
-    for layer in pinned:
-        if layer.name not in seen:
-            seen.add(layer.name)
-            names.append(layer.name)
-            layer.precision = trt.float32
-            for j in range(layer.num_outputs):
-                layer.set_output_type(j, trt.float32)
-    return names
+
+def _check_graph_precision(onnx_path: Path, precision: str) -> None:
+    from .fp16 import graph_precision
+
+    got = graph_precision(onnx_path)
+    if got not in GRAPH_PRECISIONS[precision]:
+        raise IPIQAError(f"{onnx_path}: this graph is {got} but a {precision} engine was asked for; TensorRT takes "
+                         f"precision from the graph's tensor types, so {_FIX[precision]} and build from that file")
 
 
 def build_engine(onnx_path: Path, profiles: Mapping[str, tuple[Shape, Shape, Shape]], spec: EngineSpec,
-                 timing_cache: Optional[Path] = None) -> tuple[bytes, list[str]]:
-    """Serialized engine + the names of layers pinned to FP32. Reuses and updates ``timing_cache``."""
+                 timing_cache: Optional[Path] = None) -> bytes:
+    """Serialized engine of ``onnx_path``, strongly typed. Reuses and updates ``timing_cache``."""
     trt = require("tensorrt", extra="tensorrt")
+    onnx_path = Path(onnx_path)
+    if not onnx_path.is_file():
+        raise IPIQAError(f"{onnx_path}: no such ONNX graph; export the bundle first (ipiqa-export MODEL -o BUNDLE)")
+    _check_graph_precision(onnx_path, spec.precision)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from file: resolves the external weights beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise IPIQAError(f"{onnx_path}: TensorRT could not parse the graph: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gib * (1 << 30)))
-    pinned: list[str] = []
-    if spec.precision == "fp16":
-        if not builder.platform_has_fast_fp16:
-            raise IPIQAError("this GPU has no fast FP16; build with --fp32 (no silent fallback)")
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        pinned = fp32_layer_names(network, trt)
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profiles.items():
         profile.set_shape(name, lo, opt, hi)
@@ -108,7 +103,7 @@ def build_engine(onnx_path: Path, profiles: Mapping[str, tuple[Shape, Shape, Sha
         raise IPIQAError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
     if timing_cache is not None:
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized), pinned
+    return bytes(serialized)
 
 
 class TorchEngineRunner:

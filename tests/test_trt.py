@@ -1,18 +1,20 @@
 """The TensorRT path: everything that runs without TensorRT, and the engine build where it is installed."""
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
 
 from ipiqa.bundle import Manifest, check_engine_compat, parse_batch_profile
-from ipiqa.errors import BundleError, MissingDependencyError
-from ipiqa.export.trt import EngineSpec, build_engine, fp32_layer_names, input_profiles
+from ipiqa.errors import BundleError, IPIQAError, MissingDependencyError
+from ipiqa.export.trt import EngineSpec, build_engine, input_profiles
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -27,7 +29,7 @@ def test_batch_profile_refuses_invalid(text):
         parse_batch_profile(text)
 
 
-@pytest.mark.parametrize("kwargs", [dict(precision="int8", batch=(1, 2, 4)), dict(precision="fp16", batch=(2, 1, 4)),
+@pytest.mark.parametrize("kwargs", [dict(precision="bf16", batch=(1, 2, 4)), dict(precision="fp16", batch=(2, 1, 4)),
                                     dict(precision="fp16", batch=(1, 2, 4), workspace_gib=0)])
 def test_engine_spec_refuses_bad_options(kwargs):
     with pytest.raises(ValueError):
@@ -45,44 +47,261 @@ def test_profiles_refuse_a_dynamic_non_batch_axis():
         input_profiles({"image": (None, 3, -1, 512)}, (1, 2, 4))
 
 
-class _Tensor(SimpleNamespace):
-    pass
+# --- TensorRT API removed in 11.x (weakly typed builds) must not come back --------------------------------
+
+REMOVED_ATTRS = {"platform_has_fast_fp16", "platform_has_fast_int8", "platform_has_tf32", "set_output_type",
+                 "output_type_is_set", "reset_output_type", "precision_is_set", "reset_precision",
+                 "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "EXPLICIT_BATCH", "int8_calibrator",
+                 "set_dynamic_range", "dynamic_range"}
+REMOVED_BUILDER_FLAGS = {"FP16", "INT8", "BF16", "FP8", "INT4"}
+REMOVED_NAMES = {"IInt8Calibrator", "IInt8EntropyCalibrator", "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator",
+                 "IInt8LegacyCalibrator"}
+SCANNED = ("export", "runtime", "benchmarks")
 
 
-class _Layer:
-    def __init__(self, name, type_, inputs, outputs):
-        self.name, self.type, self.precision = name, type_, None
-        self._in, self._out = [_Tensor(name=n) for n in inputs], [_Tensor(name=n) for n in outputs]
-        self.output_types = {}
-
-    num_inputs = property(lambda self: len(self._in))
-    num_outputs = property(lambda self: len(self._out))
-
-    def get_input(self, i):
-        return self._in[i]
-
-    def get_output(self, i):
-        return self._out[i]
-
-    def set_output_type(self, i, dtype):
-        self.output_types[i] = dtype
-
-
-def _fake_trt_network():
-    trt = SimpleNamespace(float32="f32", LayerType=SimpleNamespace(
-        NORMALIZATION="norm", SOFTMAX="softmax", MATRIX_MULTIPLY="mm", ELEMENTWISE="ew", CONVOLUTION="conv"))
-    layers = [_Layer("conv", "conv", ["x"], ["c"]), _Layer("ln", "norm", ["c"], ["n"]),
-              _Layer("qk", "mm", ["n", "k"], ["s"]), _Layer("mask", "ew", ["s", "m"], ["sm"]),
-              _Layer("softmax", "softmax", ["sm"], ["p"]), _Layer("pv", "mm", ["p", "v"], ["o"])]
-    net = SimpleNamespace(num_layers=len(layers), get_layer=lambda i: layers[i])
-    return trt, net, {layer.name: layer for layer in layers}
+def removed_tensorrt_api(source: str, filename: str = "<snippet>") -> list[str]:
+    """Uses of API TensorRT 11 no longer has, found in the syntax tree (comments and docstrings are fine)."""
+    hits = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Attribute):
+            owner = node.value.attr if isinstance(node.value, ast.Attribute) else getattr(node.value, "id", "")
+            if node.attr in REMOVED_ATTRS | REMOVED_NAMES:
+                hits.append(f"{where} .{node.attr}")
+            elif owner == "BuilderFlag" and node.attr in REMOVED_BUILDER_FLAGS:
+                hits.append(f"{where} BuilderFlag.{node.attr}")
+            elif node.attr == "precision" and isinstance(node.ctx, ast.Store) and owner != "self":
+                hits.append(f"{where} ILayer.precision assignment")
+        elif isinstance(node, ast.Name) and node.id in REMOVED_NAMES:
+            hits.append(f"{where} {node.id}")
+        elif isinstance(node, ast.Constant) and node.value in REMOVED_ATTRS:  # getattr(trt, "...") spelled out
+            hits.append(f"{where} {node.value!r}")
+    return hits
 
 
-def test_fp16_engines_pin_norms_softmax_and_its_producer_to_fp32():
-    trt, net, layers = _fake_trt_network()
-    assert fp32_layer_names(net, trt) == ["ln", "softmax", "mask"]
-    assert layers["ln"].precision == "f32" and layers["mask"].output_types == {0: "f32"}
-    assert layers["conv"].precision is None and layers["pv"].precision is None  # the FLOPs stay FP16
+def test_no_removed_tensorrt_api_is_referenced():
+    root = Path(__file__).resolve().parents[1]
+    files = [f for d in SCANNED for f in sorted((root / d).rglob("*.py"))]
+    assert any(f.name == "trt.py" for f in files)  # the scan sees the engine builder
+    hits = [h for f in files for h in removed_tensorrt_api(f.read_text(encoding="utf-8"), str(f.relative_to(root)))]
+    assert not hits, "API removed in TensorRT 11 (build strongly typed; precision comes from the graph):\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize("snippet", [
+    "config.set_flag(trt.BuilderFlag.FP16)", "config.set_flag(tensorrt.BuilderFlag.INT8)",
+    "config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)", "if builder.platform_has_fast_fp16: pass",
+    "layer.precision = trt.float32", "layer.set_output_type(0, trt.float32)", "class C(trt.IInt8EntropyCalibrator2): pass",
+    "getattr(builder, 'platform_has_fast_fp16')", "net = b.create_network(1 << int(F.EXPLICIT_BATCH))",
+])
+def test_the_removed_api_scan_catches(snippet):
+    assert removed_tensorrt_api(snippet)
+
+
+def test_the_removed_api_scan_allows_the_strongly_typed_path():
+    assert not removed_tensorrt_api("b.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))\n"
+                                    "p = spec.precision\nself.precision = 'fp16'\n# layer.precision = trt.float32")
+
+
+# --- the builder's call sequence, on a fake tensorrt holding only API present in both 10.x and 11.x ---------
+
+class _Recorder:
+    def __init__(self, calls: list, name: str, **returns):
+        self._calls, self._name, self._returns = calls, name, returns
+
+    def _method(self, method: str):
+        def call(*args, **kwargs):
+            self._calls.append((f"{self._name}.{method}", args, kwargs))
+            value = self._returns.get(method)
+            return value() if callable(value) else value
+        return call
+
+
+class _Builder(_Recorder):
+    def __init__(self, calls, logger, built=b"ENGINE"):
+        super().__init__(calls, "builder")
+        calls.append(("Builder", (logger,), {}))
+        self.network = _Network(calls)
+        self.config = _Config(calls)
+        self.profile = _Profile(calls)
+        self.built = built
+
+    def create_network(self, flags):
+        self._calls.append(("builder.create_network", (flags,), {}))
+        return self.network
+
+    def create_builder_config(self):
+        self._calls.append(("builder.create_builder_config", (), {}))
+        return self.config
+
+    def create_optimization_profile(self):
+        self._calls.append(("builder.create_optimization_profile", (), {}))
+        return self.profile
+
+    def build_serialized_network(self, network, config):
+        self._calls.append(("builder.build_serialized_network", (network, config), {}))
+        return self.built
+
+
+class _Network:  # nothing may be called on it: precision is not set per layer any more
+    def __init__(self, calls):
+        pass
+
+
+class _Profile(_Recorder):
+    def __init__(self, calls):
+        super().__init__(calls, "profile")
+
+    def set_shape(self, *args):
+        self._method("set_shape")(*args)
+
+
+class _Cache:
+    def __init__(self, data):
+        self.data = data
+
+    def serialize(self):
+        return self.data + b"+new"
+
+
+class _Config(_Recorder):
+    def __init__(self, calls):
+        super().__init__(calls, "config")
+        self.cache = None
+
+    def set_memory_pool_limit(self, pool, size):
+        self._method("set_memory_pool_limit")(pool, size)
+
+    def add_optimization_profile(self, profile):
+        self._method("add_optimization_profile")(profile)
+
+    def create_timing_cache(self, data):
+        self._method("create_timing_cache")(data)
+        return _Cache(data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self._method("set_timing_cache")(cache, ignore_mismatch=ignore_mismatch)
+        self.cache = cache
+
+    def get_timing_cache(self):
+        return self.cache
+
+
+class _Parser:
+    def __init__(self, calls, network, logger, ok=True):
+        calls.append(("OnnxParser", (network, logger), {}))
+        self._calls, self._ok = calls, ok
+        self.num_errors = 0 if ok else 1
+
+    def parse_from_file(self, path):
+        self._calls.append(("parser.parse_from_file", (path,), {}))
+        return self._ok
+
+    def get_error(self, i):
+        return "In node 3 (Foo): unsupported"
+
+
+def fake_tensorrt(calls: list, parse_ok: bool = True, built=b"ENGINE") -> ModuleType:
+    """The intersection of TensorRT 10.x and 11.x that the builder may use; anything else is AttributeError."""
+    trt = ModuleType("tensorrt")
+    trt.__version__ = "11.4.0"
+    trt.Logger = type("Logger", (), {"WARNING": "warning", "__init__": lambda self, level: None})
+    trt.NetworkDefinitionCreationFlag = SimpleNamespace(STRONGLY_TYPED=5)
+    trt.BuilderFlag = SimpleNamespace(TF32=7, DEBUG=0)  # no FP16, INT8, precision constraints
+    trt.MemoryPoolType = SimpleNamespace(WORKSPACE="workspace")
+    holder: dict = {}
+    trt.Builder = lambda logger: holder.setdefault("builder", _Builder(calls, logger, built))
+    trt.OnnxParser = lambda network, logger: _Parser(calls, network, logger, parse_ok)
+    return trt
+
+
+def _graph(tmp_path: Path, precision: str) -> Path:
+    """A one-Conv graph in the given precision (fp32, fp16 via the converter, or int8 as Q/DQ)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    nodes, inits = [helper.make_node("Conv", ["image", "w"], ["y"])], [w]
+    if precision == "int8":
+        inits += [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")]
+        nodes = [helper.make_node("QuantizeLinear", ["image", "s", "z"], ["q"]),
+                 helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]),
+                 helper.make_node("Conv", ["dq", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 2, 4, 4])], inits)
+    path = tmp_path / f"g.{precision}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    if precision == "fp16":
+        from ipiqa.export.fp16 import convert_to_fp16
+
+        path = convert_to_fp16(path, tmp_path / "g.fp16.onnx").path
+    return path
+
+
+PROFILES = {"image": ((1, 3, 4, 4), (2, 3, 4, 4), (4, 3, 4, 4))}
+
+
+def test_build_is_strongly_typed_and_calls_only_api_in_tensorrt_10_and_11(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    graph, cache = _graph(tmp_path, "fp16"), tmp_path / "timing.cache"
+    blob = build_engine(graph, PROFILES, EngineSpec("fp16", (1, 2, 4), workspace_gib=1.0), timing_cache=cache)
+    assert blob == b"ENGINE" and cache.read_bytes() == b"+new"
+    assert [c[0] for c in calls] == [
+        "Builder", "builder.create_network", "OnnxParser", "parser.parse_from_file", "builder.create_builder_config",
+        "config.set_memory_pool_limit", "builder.create_optimization_profile", "profile.set_shape",
+        "config.add_optimization_profile", "config.create_timing_cache", "config.set_timing_cache",
+        "builder.build_serialized_network"]
+    args = {name: (a, k) for name, a, k in calls}
+    assert args["builder.create_network"][0] == (1 << 5,)  # STRONGLY_TYPED, and nothing else
+    assert args["parser.parse_from_file"][0] == (str(graph),)
+    assert args["config.set_memory_pool_limit"][0] == ("workspace", 1 << 30)
+    assert args["profile.set_shape"][0] == ("image", *PROFILES["image"])
+    assert args["config.set_timing_cache"][1] == {"ignore_mismatch": False}
+
+
+def test_build_reuses_an_existing_timing_cache(tmp_path, monkeypatch):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"old")
+    build_engine(_graph(tmp_path, "fp32"), PROFILES, EngineSpec("fp32", (1, 2, 4)), timing_cache=cache)
+    assert ("config.create_timing_cache", (b"old",), {}) in calls and cache.read_bytes() == b"old+new"
+
+
+@pytest.mark.parametrize("engine, graph", [("fp16", "fp32"), ("fp32", "fp16"), ("int8", "fp32"), ("fp16", "int8")])
+def test_a_graph_of_another_precision_is_refused_before_building(tmp_path, monkeypatch, engine, graph):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls))
+    path = _graph(tmp_path, graph)
+    with pytest.raises(IPIQAError, match=f"{path.name}: this graph is {graph} but a {engine} engine"):
+        build_engine(path, PROFILES, EngineSpec(engine, (1, 2, 4)))
+    assert calls == []
+
+
+@pytest.mark.parametrize("graph", ["int8", "fp16"])
+def test_int8_engines_build_from_the_qdq_graph_or_an_fp16_graph(tmp_path, monkeypatch, graph):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([]))
+    assert build_engine(_graph(tmp_path, graph), PROFILES, EngineSpec("int8", (1, 2, 4))) == b"ENGINE"
+
+
+def test_a_parse_error_names_the_graph_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([], parse_ok=False))
+    path = _graph(tmp_path, "fp32")
+    with pytest.raises(IPIQAError, match=f"{path}: TensorRT could not parse the graph: In node 3"):
+        build_engine(path, PROFILES, EngineSpec("fp32", (1, 2, 4)))
+
+
+def test_a_failed_build_names_the_graph_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([], built=None))
+    path = _graph(tmp_path, "fp32")
+    with pytest.raises(IPIQAError, match=f"{path}: TensorRT engine build failed"):
+        build_engine(path, PROFILES, EngineSpec("fp32", (1, 2, 4)))
+
+
+def test_a_missing_graph_file_says_to_export_first(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([]))
+    with pytest.raises(IPIQAError, match="g.onnx: no such ONNX graph; export the bundle first"):
+        build_engine(tmp_path / "g.onnx", PROFILES, EngineSpec("fp32", (1, 2, 4)))
 
 
 def _manifest(engines):
@@ -122,6 +341,16 @@ def _cuda():
 
 ENGINE_SKIP = ("tensorrt is not installed (pip install 'ipiqa[tensorrt]' on a GPU machine)" if not HAS_TRT
                else None if _cuda() else "TensorRT engines need a CUDA GPU")
+
+
+@pytest.mark.tensorrt
+@pytest.mark.skipif(ENGINE_SKIP is not None, reason=ENGINE_SKIP or "")
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_engines_build_strongly_typed_with_float32_io(tmp_path, precision):
+    trt = pytest.importorskip("tensorrt")
+    blob = build_engine(_graph(tmp_path, precision), PROFILES, EngineSpec(precision, (1, 2, 4), 1.0))
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(blob)
+    assert engine.get_tensor_dtype("image") == trt.float32 and engine.get_tensor_dtype("y") == trt.float32
 
 
 @pytest.mark.tensorrt
