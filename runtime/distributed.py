@@ -1,8 +1,10 @@
 """Scoring on a Ray cluster: decode in CPU tasks, score in an actor pool (one ``Scorer`` per GPU).
 
-Same rows and output schema as the single-machine runtime. Ray's actor restarts and task retries
-re-run a batch whose actor died, and each block's output is kept once, so a killed actor loses and
-duplicates no row; bad inputs become error rows exactly as in the runtime. Imported only with ``--ray``.
+Same rows, row rules (``runtime.rows``) and output schema as the single-machine runtime. Rows stream: a
+manifest is read by one Ray read task in blocks, and results come back to the driver in input order
+(``preserve_order``) and are written as they arrive, so neither the driver nor the cluster holds the job.
+Ray's actor restarts and task retries re-run a batch whose actor died; the driver checks that row indices
+arrive exactly once, in order. Imported only with ``--ray``.
 """
 from __future__ import annotations
 
@@ -10,32 +12,79 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
 from ipiqa.errors import IPIQAError
 
-from .io import Result, ResultWriter, Row, read_rows
-from .pipeline import RunSummary, _prepare
+from .io import OutputLock, ResultWriter, RowSource
+from .pipeline import RunSummary, decode_row
+from .rows import Row, check_prompt_source, finish, scoring_failed
 
 __all__ = ["score_with_ray"]
 log = logging.getLogger(__name__)
 
+BLOCK_ROWS = 1024  # rows per Ray block read from the manifest
+
+
+def _table(rows: list[tuple[int, Row]]):
+    import pyarrow as pa
+
+    return pa.table({"index": pa.array([i for i, _ in rows], pa.int64()),
+                     "image": pa.array([r.image for _, r in rows], pa.string()),
+                     "prompt": pa.array([r.prompt for _, r in rows], pa.string()),
+                     "row_error": pa.array([r.error for _, r in rows], pa.string())})
+
+
+def _blocks(rows: Iterable[Row]) -> Iterator:
+    block: list[tuple[int, Row]] = []
+    for i, row in enumerate(rows):
+        block.append((i, row))
+        if len(block) == BLOCK_ROWS:
+            yield _table(block)
+            block = []
+    if block:
+        yield _table(block)
+
+
+def _datasource(source: Union[str, Path], prompt: Optional[str]):
+    """A Ray datasource with one streaming read task over a folder or manifest."""
+    from ray.data import Datasource
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import ReadTask
+
+    class ManifestDatasource(Datasource):
+        def estimate_inmemory_data_size(self) -> Optional[int]:
+            return None
+
+        def get_read_tasks(self, parallelism: int, **kwargs) -> list:
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(str(source),))
+            return [ReadTask(lambda: _blocks(RowSource(source, prompt)), meta)]
+
+    return ManifestDatasource()
+
+
+def _row(batch: dict, i: int) -> Row:
+    prompt, error = batch["prompt"][i], batch["row_error"][i]
+    return Row(str(batch["image"][i]), None if prompt is None else str(prompt), None if error is None else str(error))
+
 
 class _Decode:
-    """CPU task: rows -> normalized pixels (zeros where the row is an error) + error text."""
+    """CPU task: rows -> pixels (zeros where the row is an error) + the row rules' error text ('' if none)."""
 
     def __init__(self, resolution: int, needs_prompt: bool):
         self.resolution, self.needs_prompt = resolution, needs_prompt
 
     def __call__(self, batch: dict) -> dict:
         pixels, errors = [], []
-        for image, prompt in zip(batch["image"], batch["prompt"]):
-            _, x, err = _prepare(Row(str(image), str(prompt) if prompt else None), self.resolution, self.needs_prompt)
-            pixels.append(x if x is not None else np.zeros((3, self.resolution, self.resolution), np.float32))
+        for i in range(len(batch["index"])):
+            x, err = decode_row(_row(batch, i), self.resolution, self.needs_prompt)
+            pixels.append(x)
             errors.append(err or "")
-        return {**batch, "pixels": np.stack(pixels), "error": np.array(errors, dtype=object)}
+        shape = next((x.shape for x in pixels if x is not None), (3, self.resolution, self.resolution))
+        stacked = np.stack([x if x is not None else np.zeros(shape, np.float32) for x in pixels])
+        return {**batch, "pixels": stacked, "error": np.array(errors, dtype=object)}
 
 
 class _ScoreActor:
@@ -57,64 +106,62 @@ class _ScoreActor:
         scores = np.full((len(errors), len(self.outputs)), np.nan, dtype=np.float64)
         if ok:
             try:
-                out = self.scorer.score_arrays(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])
-                scores[ok] = out
+                scores[ok] = self.scorer.score_arrays(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])
             except Exception as exc:  # noqa: BLE001 - recorded per row like the runtime does
                 for i in ok:
-                    errors[i] = f"scoring failed: {type(exc).__name__}: {exc}"
-        for i in ok:
-            if not errors[i] and not np.all(np.isfinite(scores[i])):
-                errors[i] = f"non-finite score {tuple(scores[i])}"
+                    errors[i] = scoring_failed(exc)
         result = {k: v for k, v in batch.items() if k != "pixels"}
         result["error"] = np.array(errors, dtype=object)
-        for j, name in enumerate(self.outputs):
-            result[name] = scores[:, j]
+        result["scores"] = scores
         return result
 
 
-def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Sequence[Row]], output: Union[str, Path],
+def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[Row]], output: Union[str, Path],
                    prompt: Optional[str] = None, address: Optional[str] = None, actors: Optional[int] = None,
                    batch_size: int = 8, backend: str = "auto", device: str = "auto", fmt: Optional[str] = None,
                    fail_once: Optional[str] = None) -> RunSummary:
-    """Score every row on Ray; writes one CSV/JSONL file in input order, or Parquet shards for a ``.parquet`` dir."""
+    """Score every row on Ray into one CSV, JSONL or Parquet file, in input order."""
     import ray
 
     from ipiqa.bundle import read_bundle
 
     manifest = read_bundle(bundle)  # refuse a bad bundle before any cluster work
     cfg = manifest.config
-    rows = list(source) if not isinstance(source, (str, Path)) else read_rows(source, prompt)
-    if not rows:
-        raise IPIQAError(f"{source}: no rows to score")
+    if isinstance(source, (str, Path)):
+        stream = RowSource(source, prompt)  # checks columns before any cluster work
+        check_prompt_source(cfg.text, stream.has_prompt_column, prompt, source)
     if not ray.is_initialized():
         ray.init(address=None if address in (None, "local") else address, ignore_reinit_error=True,
                  include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if isinstance(source, (str, Path)):
+        ds = ray.data.read_datasource(_datasource(source, prompt), override_num_blocks=1, num_cpus=0)  # light I/O: never starve the actors
+    else:
+        ds = ray.data.from_arrow(list(_blocks(source)))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 and device != "cpu"
     actors = actors or (gpus if use_gpu else 1)
     start = time.perf_counter()
-    items = [{"index": i, "image": r.image, "prompt": r.prompt or ""} for i, r in enumerate(rows)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // batch_size, 200)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
     ds = ds.map_batches(_Decode, fn_constructor_kwargs={"resolution": cfg.resolution, "needs_prompt": cfg.text},
-                        batch_size=batch_size, batch_format="numpy", concurrency=max(1, int(ray.cluster_resources().get("CPU", 1)) - actors))
+                        batch_size=batch_size, batch_format="numpy", concurrency=max(1, cpus - actors))
     ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "backend": backend,
                                                             "device": "cuda" if use_gpu else "cpu", "fail_once": fail_once},
                         batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if use_gpu else 0,
                         max_restarts=-1, max_task_retries=-1)
-    out = Path(output)
-    if out.suffix == ".parquet":
-        ds.write_parquet(str(out))
-        records = ds.select_columns(["index", "error"]).take_all()
-    else:
-        records = sorted(ds.take_all(), key=lambda r: int(r["index"]))
-    seen = [int(r["index"]) for r in records]
-    if sorted(seen) != list(range(len(rows))):
-        raise IPIQAError(f"Ray returned {len(seen)} rows for {len(rows)} inputs (duplicates or losses); output not written")
-    summary = RunSummary(rows=len(records), errors=sum(bool(r["error"]) for r in records))
-    if out.suffix != ".parquet":
-        with ResultWriter(out, cfg.outputs, fmt) as writer:
-            writer.write(Result(rows[int(r["index"])],
-                                None if r["error"] else tuple(float(r[o]) for o in cfg.outputs),
-                                r["error"] or None) for r in records)
-    summary.seconds = time.perf_counter() - start
-    return summary
+    n = errors = 0
+    with OutputLock(output), ResultWriter(output, cfg.outputs, fmt) as writer:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            results = []
+            for i, index in enumerate(batch["index"]):
+                if int(index) != n:
+                    raise IPIQAError(f"Ray returned row {int(index)} where row {n} was due (a lost or duplicated "
+                                     f"row); {writer.rows_written} rows written to {output} are correct")
+                results.append(finish(_row(batch, i), None if batch["error"][i] else batch["scores"][i],
+                                      batch["error"][i] or None))
+                n += 1
+            errors += sum(r.error is not None for r in results)
+            writer.write(results)
+    if n == 0:
+        raise IPIQAError(f"{source}: no rows to score")
+    return RunSummary(rows=n, errors=errors, seconds=time.perf_counter() - start)

@@ -1,97 +1,167 @@
-"""Inputs and outputs of a scoring run, torch-free.
+"""Inputs and outputs of a scoring run, streamed: memory does not grow with the number of rows.
 
-Inputs: a folder of images, a CSV/TSV/JSONL manifest with ``image`` and ``prompt`` columns (relative
-paths resolve against the manifest's folder), or explicit rows. Outputs: CSV or JSONL, one row per
-input row in input order, written and flushed as rows complete so an interrupted run keeps its rows.
+Inputs: a folder of images, one image, a CSV/TSV/JSONL manifest with ``image`` and ``prompt`` columns
+(relative paths resolve against the manifest's folder), or explicit rows. Manifests are read one record at a
+time (a folder's names are listed and sorted once: use a manifest for tens of millions of files). Outputs:
+CSV or JSONL, one row per input row in input order, flushed per batch so an interrupted run keeps its rows;
+``resume_point`` reads an existing output once, in linear time. ``OutputLock`` keeps two runs off one file.
 """
 from __future__ import annotations
 
 import csv
-import io
+import errno
 import json
-import math
+import os
+import socket
 import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import IO, Iterable, Optional, Sequence, Union
+from typing import IO, Iterable, Iterator, Optional, Sequence, Union
 
 from ipiqa.errors import IPIQAError
 
-__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "read_rows", "output_columns", "ResultWriter", "resume_point"]
+from .rows import Result, Row, resolve_prompt
+
+__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "RowSource", "read_rows", "output_columns", "output_format",
+           "ResultWriter", "OutputError", "OutputLock", "resume_point"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+RESUME_HINT = "re-run the same command with --resume (Python: resume=True) to continue after the last complete row"
 
 
-@dataclass(frozen=True)
-class Row:
-    image: str  # path as given (resolved for manifests)
-    prompt: Optional[str]  # None when the manifest cell is empty/NaN
+class OutputError(IPIQAError):
+    """The output file cannot be written (full disk, locked by another run, not resumable)."""
 
 
-@dataclass(frozen=True)
-class Result:
-    row: Row
-    scores: Optional[tuple[float, ...]] = None
-    error: Optional[str] = None
+class RowSource:
+    """The rows of a folder, an image or a manifest; checked on construction, read lazily on iteration.
 
+    ``has_prompt_column`` says whether rows can carry their own prompt (a manifest with a prompt column).
+    """
 
-def _clean_prompt(value: object) -> Optional[str]:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    text = str(value)
-    return None if text.strip() == "" or text.strip().lower() == "nan" else text
+    def __init__(self, source: Union[str, Path], prompt: Optional[str] = None):
+        self.path = Path(source)
+        self.prompt = prompt
+        if self.path.is_dir():
+            self.kind = "folder"
+        elif not self.path.is_file():
+            raise IPIQAError(f"{self.path}: no such folder or manifest")
+        elif self.path.suffix.lower() in IMAGE_SUFFIXES:
+            self.kind = "image"
+        elif self.path.suffix.lower() in (".jsonl", ".ndjson"):
+            self.kind = "jsonl"
+        else:
+            self.kind = "csv"
+        self.has_prompt_column = False
+        if self.kind == "csv":
+            self._check_columns(self._csv_columns())
+        elif self.kind == "jsonl":
+            self._check_columns(self._jsonl_columns())
+        elif self.kind == "folder" and not any(True for _ in self._folder_files()):
+            raise IPIQAError(f"{self.path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
 
+    def __iter__(self) -> Iterator[Row]:
+        if self.kind == "folder":
+            return (Row(str(p), resolve_prompt(None, self.prompt)) for p in sorted(self._folder_files()))
+        if self.kind == "image":
+            return iter([Row(str(self.path), resolve_prompt(None, self.prompt))])
+        return self._jsonl_rows() if self.kind == "jsonl" else self._csv_rows()
 
-def _folder_rows(folder: Path, prompt: Optional[str]) -> list[Row]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise IPIQAError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [Row(str(p), prompt) for p in files]
+    # -- folders
+    def _folder_files(self) -> Iterator[Path]:
+        with os.scandir(self.path) as entries:
+            for entry in entries:
+                if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                    yield Path(entry.path)
 
+    # -- manifests
+    def _check_columns(self, columns: set[str]) -> None:
+        self.has_prompt_column = "prompt" in columns
+        needed = {"image"} | (set() if self.prompt is not None else {"prompt"})
+        missing = sorted(needed - columns)
+        if missing:
+            raise IPIQAError(
+                f"{self.path}: missing column(s) {missing}; found {sorted(columns)}. A manifest needs 'image' and "
+                "'prompt' columns (or pass --prompt to use one prompt for every image)")
 
-def _manifest_rows(path: Path, prompt: Optional[str]) -> list[Row]:
-    text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheets write a BOM before the header
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
+    def _row(self, image: object, prompt: object) -> Row:
+        text = "" if image is None else str(image).strip()
+        resolved = str(self.path.parent / text) if text and not Path(text).is_absolute() else text
+        return Row(resolved, resolve_prompt(prompt, self.prompt))
+
+    def _lines(self) -> Iterator[str]:
+        """Decoded lines, one at a time: a bad byte is reported on its own line, not a buffer away."""
+        with open(self.path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                # -sig: spreadsheets write a BOM first; surrogateescape keeps a bad byte to its own row
+                yield line.decode("utf-8-sig" if n == 1 else "utf-8", errors="surrogateescape")
+
+    def _csv_reader(self, lines: Iterator[str]):
+        return csv.DictReader(lines, delimiter="\t" if self.path.suffix.lower() == ".tsv" else ",")
+
+    def _csv_columns(self) -> set[str]:
+        lines = self._lines()
+        try:
+            return {(c or "").strip() for c in (self._csv_reader(lines).fieldnames or [])}
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise IPIQAError(f"{self.path}: not a UTF-8 CSV/TSV manifest ({exc}); save it as UTF-8 text") from None
+        finally:
+            lines.close()
+
+    def _csv_rows(self) -> Iterator[Row]:
+        lines = self._lines()
+        reader = self._csv_reader(lines)
+        try:
+            for record in reader:
+                record = {(k or "").strip(): v for k, v in record.items()}
+                row = self._row(record.get("image"), record.get("prompt"))
+                if not _utf8(row.image) or not _utf8(row.prompt or ""):
+                    at = f"{self.path}:{reader.line_num}"
+                    row = Row(at, None, error=f"{at}: unreadable manifest line (not UTF-8 text)")
+                yield row
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise IPIQAError(f"{self.path}:{reader.line_num + 1}: unreadable manifest line ({exc}); fix it, then "
+                             f"{RESUME_HINT}") from None
+        finally:
+            lines.close()
+
+    def _jsonl_lines(self) -> Iterator[tuple[int, object]]:
+        with open(self.path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise IPIQAError(f"{path}:{n}: not a JSON object ({exc.msg})") from None
-        columns = set().union(*(r.keys() for r in records)) if records else set()
-    else:
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        records = list(reader)
-        columns = {c.strip() for c in (reader.fieldnames or [])}
-        records = [{(k or "").strip(): v for k, v in r.items()} for r in records]
-    needed = {"image"} | (set() if prompt is not None else {"prompt"})
-    missing = sorted(needed - columns)
-    if missing:
-        raise IPIQAError(
-            f"{path}: missing column(s) {missing}; found {sorted(columns)}. A manifest needs 'image' and "
-            "'prompt' columns (or pass --prompt to use one prompt for every image)"
-        )
-    base = path.parent
-    rows = []
-    for r in records:
-        image = str(r.get("image") or "").strip()
-        resolved = str(base / image) if image and not Path(image).is_absolute() else image
-        row_prompt = _clean_prompt(r.get("prompt")) if "prompt" in columns else None
-        rows.append(Row(resolved, row_prompt if row_prompt is not None else prompt))
-    return rows
+                    yield n, json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    yield n, exc
+
+    def _jsonl_columns(self) -> set[str]:
+        for n, record in self._jsonl_lines():
+            if not isinstance(record, dict):
+                raise IPIQAError(f"{self.path}:{n}: not a JSON object; each line must be {{\"image\": ..., \"prompt\": ...}}")
+            return set(record)
+        return {"image", "prompt"}  # an empty manifest: nothing to score, nothing missing
+
+    def _jsonl_rows(self) -> Iterator[Row]:
+        for n, record in self._jsonl_lines():
+            if isinstance(record, dict):
+                yield self._row(record.get("image"), record.get("prompt"))
+            else:  # the row is kept (as an error row) so one bad line never loses the others
+                why = record.msg if isinstance(record, json.JSONDecodeError) else "not a JSON object"
+                yield Row(f"{self.path}:{n}", None, error=f"{self.path}:{n}: unreadable manifest line ({why})")
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def read_rows(source: Union[str, Path], prompt: Optional[str] = None) -> list[Row]:
-    """Rows of a folder or manifest; ``prompt`` fills rows without one."""
-    path = Path(source)
-    if path.is_dir():
-        return _folder_rows(path, prompt)
-    if not path.is_file():
-        raise IPIQAError(f"{path}: no such folder or manifest")
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return [Row(str(path), prompt)]
-    return _manifest_rows(path, prompt)
+    """All rows of a folder or manifest in a list (small inputs; runs stream ``RowSource`` instead)."""
+    return list(RowSource(source, prompt))
 
 
 def output_columns(outputs: Sequence[str]) -> list[str]:
@@ -99,45 +169,88 @@ def output_columns(outputs: Sequence[str]) -> list[str]:
     return ["image", "prompt", *outputs, "error"]
 
 
+def output_format(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return "jsonl" if suffix in (".jsonl", ".ndjson") else "parquet" if suffix == ".parquet" else "csv"
+
+
+PARQUET_ROW_GROUP = 65536  # rows buffered per Parquet row group (a Parquet file is complete only once closed)
+
+
 class ResultWriter:
-    """Writes results as they come (flushed per row); CSV columns: image, prompt, <outputs...>, error."""
+    """Writes results as they come, flushed per call; CSV columns: image, prompt, <outputs...>, error.
+
+    A failed write (full disk, I/O error) raises one ``OutputError`` naming the file, the rows already safe
+    in it and how to resume; the file is then closed without a second error.
+    """
 
     def __init__(self, target: Union[str, Path, IO[str]], outputs: Sequence[str], fmt: Optional[str] = None,
-                 append: bool = False):
+                 append: bool = False, rows_before: int = 0):
         self.outputs = tuple(outputs)
+        self.rows_written = rows_before  # rows complete in the file (resumed ones included)
+        self._failed = False
+        self.name = str(target) if isinstance(target, (str, Path)) else getattr(target, "name", "<stream>")
         if isinstance(target, (str, Path)) and str(target) != "-":
             path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
             self.fmt = fmt or output_format(path)
-            self._fh: IO[str] = open(path, "a" if append else "w", encoding="utf-8", newline="")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh: IO[str] = open(path, "a" if append else "w", encoding="utf-8", newline="")
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot open the output ({exc.strerror}); choose another --output") from None
             self._owned = True
         else:
             self.fmt = fmt or "csv"
             self._fh = sys.stdout if str(target) == "-" else target  # type: ignore[assignment]
             self._owned = False
-        if self.fmt not in ("csv", "jsonl"):
-            raise IPIQAError(f"unknown output format {self.fmt!r}; use csv or jsonl")
+        if self.fmt not in ("csv", "jsonl", "parquet"):
+            raise IPIQAError(f"unknown output format {self.fmt!r}; use csv, jsonl or parquet")
         self._csv = csv.writer(self._fh) if self.fmt == "csv" else None
+        self._parquet = _ParquetSink(self._fh, self.outputs, self.name, append) if self.fmt == "parquet" else None
         if self._csv and not append:
-            self._csv.writerow(output_columns(self.outputs))
+            self._guarded(lambda: self._csv.writerow(output_columns(self.outputs)), 0)
+
+    def _guarded(self, write, rows: int) -> None:
+        try:
+            write()
             self._fh.flush()
+        except OSError as exc:
+            self._failed = True
+            what = exc.strerror or type(exc).__name__
+            raise OutputError(f"{self.name}: writing failed ({what}, errno {exc.errno}) after {self.rows_written} "
+                              f"complete rows; they are safe in the file. "
+                              f"{'Free disk space, then ' if exc.errno == errno.ENOSPC else 'Fix the cause, then '}"
+                              f"{RESUME_HINT}.") from None
+        self.rows_written += rows
 
     def write(self, results: Iterable[Result]) -> None:
+        results = list(results)
+        self._guarded(lambda: self._write(results), len(results))
+
+    def _write(self, results: list[Result]) -> None:
+        if self._parquet is not None:
+            self._parquet.add(results)
+            return
         for res in results:
             scores = res.scores or (None,) * len(self.outputs)
             if self._csv:
-                fmt = ["" if s is None else repr(float(s)) for s in scores]
-                self._csv.writerow([res.row.image, res.row.prompt or "", *fmt, res.error or ""])
+                cells = ["" if s is None else repr(float(s)) for s in scores]
+                self._csv.writerow([res.row.image, res.row.prompt or "", *cells, res.error or ""])
             else:
                 record = {"image": res.row.image, "prompt": res.row.prompt}
                 record.update(dict(zip(self.outputs, scores)))
                 record["error"] = res.error
                 self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._fh.flush()
 
     def close(self) -> None:
+        if self._parquet is not None and not self._failed:
+            self._guarded(self._parquet.close, 0)
         if self._owned:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                if not self._failed:  # the failure was already reported once
+                    raise
 
     def __enter__(self) -> "ResultWriter":
         return self
@@ -146,60 +259,162 @@ class ResultWriter:
         self.close()
 
 
-def output_format(path: Path) -> str:
-    return "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+class _ParquetSink:
+    """Results -> one Parquet file, a row group per ``PARQUET_ROW_GROUP`` rows. Not resumable."""
+
+    def __init__(self, fh: IO[str], outputs: Sequence[str], name: str, append: bool):
+        from ipiqa._optional import require
+
+        self.pa = require("pyarrow", extra="parquet")
+        pq = require("pyarrow.parquet", extra="parquet")
+        if append:
+            raise OutputError(f"{name}: a Parquet output cannot be resumed (it is complete only once closed); "
+                              "use a .csv or .jsonl output for --resume")
+        if not hasattr(fh, "buffer") or fh is sys.stdout:
+            raise OutputError("Parquet output needs a file (-o scores.parquet), not stdout")
+        self.outputs = tuple(outputs)
+        self.schema = self.pa.schema([("image", self.pa.string()), ("prompt", self.pa.string()),
+                                      *[(o, self.pa.float64()) for o in self.outputs], ("error", self.pa.string())])
+        self.writer = pq.ParquetWriter(fh.buffer, self.schema)
+        self.pending: list[Result] = []
+
+    def add(self, results: list[Result]) -> None:
+        self.pending.extend(results)
+        if len(self.pending) >= PARQUET_ROW_GROUP:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        rows = self.pending
+        columns = {"image": [r.row.image for r in rows], "prompt": [r.row.prompt for r in rows]}
+        for j, name in enumerate(self.outputs):
+            columns[name] = [None if r.scores is None else r.scores[j] for r in rows]
+        columns["error"] = [r.error for r in rows]
+        self.writer.write_table(self.pa.table(columns, schema=self.schema))
+        self.pending = []
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
 
 
-def resume_point(path: Path, rows: Sequence[Row], outputs: Sequence[str], fmt: Optional[str] = None) -> int:
-    """How many leading ``rows`` the output already holds; cuts a half-written last record off the file.
+class OutputLock:
+    """An advisory lock on ``<output>.lock`` for the length of a run: a second run on the same output refuses,
+    naming the first (pid, host, start time). POSIX only (``fcntl``); elsewhere it does nothing."""
 
-    Outputs are written in input order, one record per row, so a killed run left a prefix of the
-    input (and maybe one partial record). The prefix is checked row by row against the input.
+    def __init__(self, output: Union[str, Path, None]):
+        special = output is not None and Path(output).exists() and not Path(output).is_file()  # /dev/null, a pipe
+        self.path = None if output is None or str(output) == "-" or special else Path(str(output) + ".lock")
+        self._fh: Optional[IO[str]] = None
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return self
+        if self.path is None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fh = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                fh.close()
+                raise OutputError(f"{str(self.path)[:-5]}: another ipiqa run is writing this output ({holder}); "
+                                  f"wait for it to finish, or choose another --output. If no such run exists, delete "
+                                  f"{self.path}.") from None
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file another run unlinked while we waited for it
+                break
+            fh.close()
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fh is not None:
+            try:
+                os.unlink(self.path)  # type: ignore[arg-type]
+            except OSError:
+                pass
+            self._fh.close()  # releases the lock
+            self._fh = None
+
+
+def _csv_records(fh: IO[bytes], header: list[str], path: Path) -> Iterator[tuple[int, Optional[str]]]:
+    """(end offset, image) of each complete CSV record; the header first, as (end, None)."""
+    state = {"offset": 0, "last": b""}
+
+    def lines() -> Iterator[str]:
+        for line in fh:
+            state["offset"] += len(line)
+            state["last"] = line
+            yield line.decode("utf-8")
+
+    reader = csv.reader(lines())
+    try:
+        first = next(reader, None)
+        if first is None or not state["last"].endswith(b"\n"):
+            return  # the header itself was cut off: nothing to keep
+        if first != header:
+            raise OutputError(f"{path}: cannot resume: its columns {first} are not {header}; use another --output")
+        yield state["offset"], None
+        for record in reader:
+            if len(record) != len(header) or not state["last"].endswith(b"\n"):
+                return
+            yield state["offset"], record[0]
+    except (csv.Error, UnicodeDecodeError):
+        return  # a record cut inside a quoted field or a multi-byte character: the partial tail
+
+
+def _jsonl_records(fh: IO[bytes]) -> Iterator[tuple[int, Optional[str]]]:
+    offset = 0
+    for line in fh:
+        if not line.endswith(b"\n"):
+            return
+        try:
+            record = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if not isinstance(record, dict) or "image" not in record:
+            return
+        offset += len(line)
+        yield offset, record["image"]
+
+
+def resume_point(path: Path, rows: Iterator[Row], outputs: Sequence[str], fmt: Optional[str] = None) -> int:
+    """How many leading rows the output already holds; consumes that many from ``rows``.
+
+    Outputs are written in input order, one record per row, so a killed run left a prefix of the input
+    (and maybe one partial record, which is cut off the file). One pass over the file, line by line: time
+    linear in its size, memory constant. Each record's image must equal the input row's image.
     """
     if not path.is_file() or path.stat().st_size == 0:
         return 0
     fmt = fmt or output_format(path)
-    text = path.read_bytes().decode("utf-8", errors="strict")
-    header = output_columns(outputs)
-    complete: list[tuple[int, str]] = []  # (end offset in chars, image) of each complete record
-    keep_min = 0  # what is kept even when no record is complete (the CSV header)
-    if fmt == "jsonl":
-        offset = 0
-        for line in text.splitlines(keepends=True):
-            offset += len(line)
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if not line.endswith("\n") or not isinstance(record, dict) or "image" not in record:
-                break
-            complete.append((offset, record["image"]))
-    else:
-        lines = text.splitlines(keepends=True)
-        offsets = [0]
-        for line in lines:
-            offsets.append(offsets[-1] + len(line))
-        reader = csv.reader(iter(lines))
-        first = next(reader, [])
-        if first != header:
-            raise IPIQAError(f"{path}: cannot resume: its columns {first} are not {header}; use another --output")
-        keep_min = offsets[reader.line_num]
-        try:
-            for record in reader:
-                end = offsets[reader.line_num]
-                if len(record) != len(header) or not text[:end].endswith(("\n", "\r")):
-                    break
-                complete.append((end, record[0]))
-        except csv.Error:
-            pass
-    done = len(complete)
-    if done > len(rows):
-        raise IPIQAError(f"{path}: holds {done} rows but the input has {len(rows)}; it is not this input's output")
-    for i, (_, image) in enumerate(complete):
-        if image != rows[i].image:
-            raise IPIQAError(f"{path}: row {i + 1} is {image!r} but the input's row {i + 1} is {rows[i].image!r}; "
-                             "resume needs the same input in the same order")
-    keep = complete[-1][0] if complete else keep_min
-    if keep < len(text):
-        path.write_bytes(text[:keep].encode("utf-8"))  # drop the record the kill cut in half
+    keep = done = 0
+    with open(path, "rb") as fh:
+        records = _jsonl_records(fh) if fmt == "jsonl" else _csv_records(fh, output_columns(outputs), path)
+        for end, image in records:
+            if image is not None:
+                row = next(rows, None)
+                if row is None:
+                    raise OutputError(f"{path}: holds more rows than the input; it is not this input's output")
+                if image != row.image:
+                    raise OutputError(f"{path}: row {done + 1} is {image!r} but the input's row {done + 1} is "
+                                      f"{row.image!r}; resume needs the same input in the same order")
+                done += 1
+            keep = end
+    if keep < path.stat().st_size:
+        os.truncate(path, keep)  # drop the record the kill cut in half
     return done

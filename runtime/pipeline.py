@@ -1,25 +1,30 @@
-"""Batch scoring loop shared by every backend: decode in a thread pool, score in batches, never drop a row.
+"""Batch scoring loop shared by every backend: decode in a pool, score in batches, never drop a row.
 
-A row whose image cannot be read, or whose prompt is missing, becomes an error row; the batch goes on
-without it. A backend failure on one batch marks that batch's rows with the error and the run goes on.
+Rows stream through: at most ``depth`` batches are decoded ahead of inference, so memory is bounded by
+the batch size and the pool, never by the job. Per-row decisions (missing prompt, bad image, non-finite
+score) are ``runtime.rows``'s; this module only moves rows.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from itertools import islice
+from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
 from ipiqa.errors import IPIQAError
 from ipiqa.preprocess import preprocess_file
 
-from .io import Result, Row
+from .rows import Result, Row, finish, load_pixels, row_error, scoring_failed
 
-__all__ = ["BatchScorer", "RunSummary", "score_rows"]
+__all__ = ["BatchScorer", "RunSummary", "score_rows", "load_input", "decode_row"]
 log = logging.getLogger(__name__)
+
+# What ``BatchScorer.score_arrays`` takes for one image file: the one place that decides it.
+load_input: Callable[[str, int], np.ndarray] = preprocess_file
 
 
 class BatchScorer(Protocol):
@@ -29,96 +34,102 @@ class BatchScorer(Protocol):
     needs_prompt: bool
 
     def score_arrays(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """(B, 3, R, R) float32 normalized images + B prompts -> (B, N) float scores."""
+        """A batch of ``load_input`` arrays + B prompts -> (B, N) float scores."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSummary:
-    rows: int = 0
-    errors: int = 0
+    rows: int = 0  # rows written by this run
+    errors: int = 0  # of which error rows
     skipped: int = 0  # rows already in the output (resume)
     seconds: float = 0.0
     stopped: bool = False  # fail-fast ended the run early
 
 
-def _prepare(row: Row, resolution: int, needs_prompt: bool) -> tuple[Row, Optional[np.ndarray], Optional[str]]:
-    if needs_prompt and row.prompt is None:
-        return row, None, "missing prompt: IP-IQA scores an image against its prompt; fill the prompt cell"
-    if not row.image:
-        return row, None, "missing image path"
-    try:
-        return row, preprocess_file(row.image, resolution), None
-    except IPIQAError as exc:
-        return row, None, str(exc)
-    except Exception as exc:  # noqa: BLE001 - one bad file must never stop the run
-        return row, None, f"{row.image}: {type(exc).__name__}: {exc}"
+def decode_row(row: Row, resolution: int, needs_prompt: bool) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """(pixels, None) or (None, error) for one row, by the row rules."""
+    return load_pixels(row, resolution, needs_prompt, load_input)
 
 
-def _prefetched(pool: ThreadPoolExecutor, rows: Sequence[Row], work: Callable, depth: int) -> Iterator:
-    """Results of ``work(row)`` in order, with at most ``depth`` rows decoded ahead (bounded memory)."""
-    pending: deque = deque()
-    for row in rows:
-        pending.append(pool.submit(work, row))
-        if len(pending) >= depth:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    it = iter(rows)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
-def _batches(prepared: Iterator, batch_size: int) -> Iterator[list]:
-    batch: list = []
-    for item in prepared:
-        batch.append(item)
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _score_batch(scorer: BatchScorer, rows: list[Row], decoded: list) -> list[Result]:
+    ok = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+    scores: dict[int, np.ndarray] = {}
+    batch_error = None
+    if ok:
+        try:
+            out = np.asarray(scorer.score_arrays(np.stack([decoded[i][0] for i in ok]), [rows[i].prompt or "" for i in ok]))
+            if out.ndim != 2 or out.shape[0] != len(ok):
+                raise IPIQAError(f"backend returned shape {out.shape} for {len(ok)} images")
+            scores = dict(zip(ok, out))
+        except Exception as exc:  # noqa: BLE001 - recorded per row, counted, exit status says so
+            log.error("batch failed: %s", exc)
+            batch_error = scoring_failed(exc)
+    return [finish(row, scores.get(i), err if err is not None else batch_error)
+            for i, (row, (_, err)) in enumerate(zip(rows, decoded))]
 
 
 def score_rows(
-    rows: Sequence[Row],
+    rows: Iterable[Row],
     scorer: BatchScorer,
     batch_size: int = 8,
     workers: int = 4,
     on_results: Callable[[list[Result]], None] = lambda results: None,
     fail_fast: bool = False,
+    depth: int = 2,
 ) -> RunSummary:
     """Score every row in order; ``on_results`` gets each batch's results (in input order) as they finish.
 
-    Decoding runs ``workers`` threads ahead of inference (PIL releases the GIL while decoding and
-    resizing), at most two batches deep. ``fail_fast`` stops after the first batch with an error row.
+    ``workers`` threads decode up to ``depth`` batches ahead of inference (Pillow releases the GIL while
+    decoding and resizing). ``fail_fast`` stops after the first batch with an error row.
     """
     if batch_size < 1:
         raise IPIQAError(f"batch size must be >= 1, got {batch_size}")
-    summary = RunSummary()
+    n = errors = 0
+    stopped = False
+    resolution, needs_prompt = scorer.resolution, scorer.needs_prompt
+
+    def decode(row: Row):
+        return decode_row(row, resolution, needs_prompt)
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        work = lambda r: _prepare(r, scorer.resolution, scorer.needs_prompt)  # noqa: E731
-        for batch in _batches(_prefetched(pool, rows, work, 2 * batch_size + workers), batch_size):
-            ok = [i for i, (_, _, err) in enumerate(batch) if err is None]
-            scores: dict[int, tuple[float, ...]] = {}
-            batch_error = None
-            if ok:
-                try:
-                    out = np.asarray(scorer.score_arrays(np.stack([batch[i][1] for i in ok]), [batch[i][0].prompt or "" for i in ok]))
-                    if out.ndim != 2 or out.shape[0] != len(ok):
-                        raise IPIQAError(f"backend returned shape {out.shape} for {len(ok)} images")
-                    scores = {i: tuple(float(v) for v in s) for i, s in zip(ok, out)}
-                except Exception as exc:  # noqa: BLE001 - recorded per row, counted, exit status says so
-                    log.error("batch failed: %s", exc)
-                    batch_error = f"scoring failed: {type(exc).__name__}: {exc}"
-            results = []
-            for i, (row, _, err) in enumerate(batch):
-                s = scores.get(i)
-                if err is None and s is None:
-                    err = batch_error
-                elif s is not None and not all(np.isfinite(s)):
-                    s, err = None, f"non-finite score {s}: the model produced NaN/inf for this input"
-                results.append(Result(row, scores=s, error=err))
-            summary.rows += len(results)
-            summary.errors += sum(r.error is not None for r in results)
+        pending: deque[tuple[list[Row], list]] = deque()
+
+        def submit(chunk: list[Row]) -> None:  # rows already known to be errors cost no pool round trip
+            jobs: list = []
+            for row in chunk:
+                err = row_error(row, needs_prompt)
+                jobs.append((None, err) if err is not None else pool.submit(decode, row))
+            pending.append((chunk, jobs))
+
+        def drain() -> list[Result]:
+            chunk, jobs = pending.popleft()
+            return _score_batch(scorer, chunk, [j.result() if isinstance(j, Future) else j for j in jobs])
+
+        chunks = _chunks(rows, batch_size)
+        for chunk in chunks:
+            submit(chunk)
+            if len(pending) <= depth:
+                continue
+            results = drain()
+            n, errors = n + len(results), errors + sum(r.error is not None for r in results)
             on_results(results)
-            if fail_fast and summary.errors:
-                summary.stopped = True
+            if fail_fast and errors:
+                stopped = True
                 break
-    return summary
+        while pending and not stopped:
+            results = drain()
+            n, errors = n + len(results), errors + sum(r.error is not None for r in results)
+            on_results(results)
+            if fail_fast and errors:
+                stopped = True
+        for _, jobs in pending:  # fail-fast: decoded-ahead rows are dropped, not written
+            for j in jobs:
+                if isinstance(j, Future):
+                    j.cancel()
+    return RunSummary(rows=n, errors=errors, stopped=stopped)

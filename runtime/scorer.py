@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from dataclasses import replace
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -17,11 +18,12 @@ from PIL import Image
 from ipiqa.bundle import Manifest, read_bundle
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import preprocess, preprocess_file
+from ipiqa.preprocess import preprocess
 
 from .cache import PromptCache
-from .io import Result, ResultWriter, Row, read_rows, resume_point
-from .pipeline import RunSummary, score_rows
+from .io import OutputLock, ResultWriter, RowSource, resume_point
+from .pipeline import RunSummary, load_input, score_rows
+from .rows import Result, Row, check_prompt_source, clean_prompt, finish, load_pixels, scoring_failed
 from .tokenizer import ClipTokenizer
 
 __all__ = ["Scorer", "BACKENDS", "select_backend"]
@@ -95,8 +97,9 @@ class Scorer:
             if backend not in ("auto", "torch"):
                 raise IPIQAError(f"{source}: a model file runs on the torch backend; export a bundle for {backend} "
                                  "(ipiqa-export MODEL -o BUNDLE)")
-            from open_clip.tokenizer import default_bpe
+            from ipiqa._optional import require
 
+            default_bpe = require("open_clip.tokenizer", extra="torch").default_bpe
             from .backends.torch_ref import TorchBackend
 
             kind, index = _device(device)
@@ -137,58 +140,73 @@ class Scorer:
         return np.concatenate(out) if out else np.zeros((0, self.cfg.num_outputs), np.float32)
 
     # -- public API
+    def _pixels(self, image: ImageInput) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            expected = (3, self.resolution, self.resolution)
+            if image.shape != expected:
+                raise IPIQAError(f"array of shape {image.shape}, expected {expected}")
+            return image.astype(np.float32)
+        if isinstance(image, Image.Image):
+            return preprocess(image, self.resolution)
+        return load_input(str(image), self.resolution)
+
     def score(self, images: Sequence[ImageInput], prompts: Optional[Sequence[Optional[str]]] = None) -> list[dict]:
-        """One record per image: ``{output: score, ...}`` plus ``error`` (None, or why it was not scored)."""
+        """One record per image: ``{output: score, ...}`` plus ``error`` (None, or why it was not scored).
+
+        The row rules are ``runtime.rows``'s, the same as ``score_files`` and ``ipiqa score``.
+        """
         prompts = list(prompts) if prompts is not None else [None] * len(images)
         if len(prompts) != len(images):
             raise IPIQAError(f"{len(images)} images but {len(prompts)} prompts")
-        arrays, errors = [], []
-        for img, prompt in zip(images, prompts):
+        rows = [Row(str(img) if isinstance(img, (str, Path)) else "<array>", clean_prompt(p))
+                for img, p in zip(images, prompts)]
+        decoded = [load_pixels(row, self.resolution, self.needs_prompt, lambda _p, _r, img=img: self._pixels(img))
+                   for row, img in zip(rows, images)]
+        ok = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+        scores: dict[int, np.ndarray] = {}
+        batch_error = None
+        if ok:
             try:
-                if self.needs_prompt and not (prompt or "").strip():
-                    raise IPIQAError("missing prompt")
-                if isinstance(img, np.ndarray):
-                    if img.shape != (3, self.resolution, self.resolution):
-                        raise IPIQAError(f"array of shape {img.shape}, expected (3, {self.resolution}, {self.resolution})")
-                    arrays.append(img.astype(np.float32))
-                else:
-                    arrays.append(preprocess(img, self.resolution) if isinstance(img, Image.Image)
-                                  else preprocess_file(img, self.resolution))
-                errors.append(None)
-            except IPIQAError as exc:
-                arrays.append(None)
-                errors.append(str(exc))
-        good = [i for i, a in enumerate(arrays) if a is not None]
-        scores = self.score_arrays(np.stack([arrays[i] for i in good]), [prompts[i] or "" for i in good]) if good else []
-        by_index = dict(zip(good, scores))
-        return [{**({o: float(v) for o, v in zip(self.outputs, by_index[i])} if i in by_index
-                    else dict.fromkeys(self.outputs)), "error": errors[i]} for i in range(len(images))]
+                out = self.score_arrays(np.stack([decoded[i][0] for i in ok]), [rows[i].prompt or "" for i in ok])
+                scores = dict(zip(ok, out))
+            except Exception as exc:  # noqa: BLE001 - the same per-row record as a batch run
+                batch_error = scoring_failed(exc)
+        records = []
+        for i, row in enumerate(rows):
+            result = finish(row, scores.get(i), decoded[i][1] if decoded[i][1] is not None else batch_error)
+            values = result.scores if result.scores is not None else (None,) * len(self.outputs)
+            records.append({**dict(zip(self.outputs, values)), "error": result.error})
+        return records
 
-    def score_files(self, source: Union[str, Path, Sequence[Row]], output: Union[str, Path] = "-", prompt: Optional[str] = None,
-                    fmt: Optional[str] = None, batch_size: int = 8, workers: int = 4, resume: bool = False,
-                    fail_fast: bool = False, on_results: Callable[[list[Result]], None] = lambda r: None) -> RunSummary:
-        """Stream a folder/manifest through the model into ``output`` (flushed per batch)."""
-        rows = list(source) if not isinstance(source, (str, Path)) else read_rows(source, prompt)
-        if self.needs_prompt and rows and all(r.prompt is None for r in rows):
-            raise IPIQAError(f"{source}: no prompts; this model scores an image against its prompt: pass --prompt "
-                             "TEXT or a manifest with a 'prompt' column")
-        skipped = 0
+    def score_files(self, source: Union[str, Path, Iterable[Row]], output: Union[str, Path] = "-",
+                    prompt: Optional[str] = None, fmt: Optional[str] = None, batch_size: int = 8, workers: int = 4,
+                    resume: bool = False, fail_fast: bool = False,
+                    on_results: Callable[[list[Result]], None] = lambda r: None) -> RunSummary:
+        """Stream a folder/manifest/rows through the model into ``output`` (flushed per batch).
+
+        Memory stays flat whatever the number of rows; ``resume`` reads the existing output once. A second
+        run on the same output file refuses to start (``OutputLock``).
+        """
+        if isinstance(source, (str, Path)):
+            stream = RowSource(source, prompt)
+            check_prompt_source(self.needs_prompt, stream.has_prompt_column, prompt, source)
+            rows: Iterator[Row] = iter(stream)
+        else:
+            rows = iter(source)
         out_path = None if str(output) == "-" else Path(output)
-        if resume:
-            if out_path is None:
-                raise IPIQAError("--resume needs an --output file")
-            skipped = resume_point(out_path, rows, self.outputs, fmt)
-        append = bool(resume and out_path is not None and out_path.is_file() and out_path.stat().st_size > 0)
+        if resume and out_path is None:
+            raise IPIQAError("--resume needs an --output file")
         start = time.perf_counter()
-        with ResultWriter(output, self.outputs, fmt, append=append) as writer:
-            def sink(results: list[Result]) -> None:
-                writer.write(results)
-                on_results(results)
+        with OutputLock(out_path):
+            skipped = resume_point(out_path, rows, self.outputs, fmt) if resume and out_path is not None else 0
+            append = bool(resume and out_path is not None and out_path.is_file() and out_path.stat().st_size > 0)
+            with ResultWriter(output, self.outputs, fmt, append=append, rows_before=skipped) as writer:
+                def sink(results: list[Result]) -> None:
+                    writer.write(results)
+                    on_results(results)
 
-            summary = score_rows(rows[skipped:], self, batch_size, workers, sink, fail_fast)
-        summary.skipped = skipped
-        summary.seconds = time.perf_counter() - start
-        return summary
+                summary = score_rows(rows, self, batch_size, workers, sink, fail_fast)
+        return replace(summary, skipped=skipped, seconds=time.perf_counter() - start)
 
     def close(self) -> None:
         self.backend.close()

@@ -63,7 +63,7 @@ def test_parquet_output_holds_every_row(cluster, bundle, rows, tmp_path):
 
     score_with_ray(bundle, rows, tmp_path / "out.parquet", batch_size=8, device="cpu")
     table = pq.read_table(tmp_path / "out.parquet")
-    assert sorted(table.column("index").to_pylist()) == list(range(len(rows)))
+    assert table.column("image").to_pylist() == [r.image for r in rows]  # every row once, in input order
     assert {"image", "prompt", "quality", "alignment", "error"} <= set(table.column_names)
 
 
@@ -74,3 +74,23 @@ def test_cli_ray_flag_scores_a_manifest(cluster, bundle, rows, tmp_path):
                                    "--ray", "--device", "cpu"])
     assert res.exit_code == EXIT_ROW_ERRORS, res.output
     assert len(_read(tmp_path / "o.csv")) == 12
+
+
+def test_ray_gives_the_same_row_as_the_api_for_every_bad_input(cluster, bundle, tmp_path):
+    """FIFO, /dev/zero, missing file, missing prompt, the word NaN, corrupt bytes: one rule, every entry point."""
+    import os
+
+    from ipiqa.runtime.distributed import score_with_ray
+
+    image = make_image(tmp_path / "ok.png", seed=3)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really")
+    rows = [Row(str(fifo), "a"), Row("/dev/zero", "a"), Row(str(tmp_path / "missing.png"), "a"),
+            Row(str(image), None), Row(str(image), "NaN"), Row(str(tmp_path / "corrupt.jpg"), "a")]
+    score_with_ray(bundle, rows, tmp_path / "ray.csv", batch_size=4, device="cpu")
+    with Scorer(bundle, device="cpu") as scorer:
+        api = scorer.score([r.image for r in rows], [r.prompt for r in rows])
+    got = _read(tmp_path / "ray.csv")
+    assert [r["error"] for r in got] == [a["error"] or "" for a in api]
+    assert got[4]["error"] == "" and abs(float(got[4]["quality"]) - api[4]["quality"]) <= 1e-5

@@ -93,7 +93,7 @@ def test_score_api_returns_one_record_per_image_with_errors(scorer, good_images,
     records = scorer.score([good_images[0], tmp_path / "nope.jpg", Image.new("RGB", (5, 5))], ["a", "b", None])
     assert records[0]["error"] is None and isinstance(records[0]["quality"], float)
     assert "file not found" in records[1]["error"] and records[1]["quality"] is None
-    assert records[2]["error"] == "missing prompt"
+    assert records[2]["error"].startswith("missing prompt")
 
 
 def test_auto_backend_on_cpu_is_onnxruntime(tiny_bundle):
@@ -228,8 +228,8 @@ def test_unreadable_file_is_an_error_row(scorer, good_images, tmp_path):
     assert "permission denied" in record["error"]
 
 
-@pytest.mark.parametrize("cell", ["", "   ", "NaN", "nan"])
-def test_empty_or_nan_prompt_in_manifest_is_an_error_row(scorer, good_images, tmp_path, cell):
+@pytest.mark.parametrize("cell", ["", "   ", '"  \t "'])
+def test_empty_or_blank_prompt_in_manifest_is_an_error_row(scorer, good_images, tmp_path, cell):
     m = tmp_path / "m.csv"
     m.write_text(f"image,prompt\n{good_images[0]},a cat\n{good_images[1]},{cell}\n", encoding="utf-8")
     out = tmp_path / "o.csv"

@@ -1,0 +1,108 @@
+"""Jobs of any size: rows stream through, resume reads the output once, one run per output, clear disk errors."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_image
+from ipiqa.runtime.io import OutputError, OutputLock, ResultWriter, Row, RowSource, resume_point
+from ipiqa.runtime.rows import Result
+from ipiqa.runtime.scorer import Scorer
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_bundle):
+    with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    return make_image(tmp_path_factory.mktemp("img") / "a.png", seed=7)
+
+
+def _csv(path):
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_rows_are_pulled_lazily_a_few_batches_ahead_of_the_writer(scorer, image, tmp_path):
+    pulled, seen_at_first_write = [0], []
+
+    def rows():
+        for i in range(200):
+            pulled[0] += 1
+            yield Row(str(image), f"p{i % 3}")
+
+    scorer.score_files(rows(), tmp_path / "o.csv", batch_size=4, workers=2,
+                       on_results=lambda r: seen_at_first_write.append(pulled[0]))
+    assert seen_at_first_write[0] <= 4 * 4  # batch x (depth + 2): never the whole job
+    assert len(_csv(tmp_path / "o.csv")) == 200
+
+
+def test_a_manifest_is_read_lazily_and_a_bad_line_is_its_own_error_row(image, tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_bytes(b"image,prompt\n" + f"{image},a\n".encode() * 20000 + b"\xff\xfe broken bytes,b\n" + f"{image},c\n".encode())
+    rows = iter(RowSource(m))
+    assert next(rows).prompt == "a"
+    *_, bad, last = rows
+    assert bad.error == f"{m}:20002: unreadable manifest line (not UTF-8 text)" and last.prompt == "c"
+
+
+def _write(path, rows, outputs=("quality",)):
+    with ResultWriter(path, outputs) as w:
+        w.write(Result(r, (0.5,), None) for r in rows)
+
+
+@pytest.mark.parametrize("prompt", ["multi\nline prompt", "café 日本 🎨", 'quoted "x", comma'])
+def test_resume_cuts_a_partial_record_at_every_byte_and_keeps_complete_ones(tmp_path, prompt):
+    rows = [Row(f"img{i}.png", prompt) for i in range(5)]
+    full = tmp_path / "full.csv"
+    _write(full, rows)
+    data = full.read_bytes()
+    header_end = data.index(b"\n") + 1
+    for cut in range(header_end, len(data) + 1):
+        part = tmp_path / "part.csv"
+        part.write_bytes(data[:cut])
+        it = iter(rows)
+        done = resume_point(part, it, ("quality",))
+        kept = part.read_bytes()
+        assert data.startswith(kept) and len(_csv(part)) == done  # a prefix of whole records
+        assert next(it, None) == (rows[done] if done < len(rows) else None)  # the input continues after them
+        assert len(kept) >= cut - len(data) // len(rows) - 2  # at most the cut record was dropped
+
+
+def test_resume_of_a_file_cut_inside_its_header_starts_over(tmp_path):
+    part = tmp_path / "o.csv"
+    part.write_bytes(b"image,pro")
+    assert resume_point(part, iter([Row("a", "b")]), ("quality",)) == 0 and part.read_bytes() == b""
+
+
+def test_resume_refuses_an_output_longer_than_the_input(tmp_path):
+    out = tmp_path / "o.csv"
+    _write(out, [Row("a", "x"), Row("b", "x")])
+    with pytest.raises(OutputError, match="more rows than the input"):
+        resume_point(out, iter([Row("a", "x")]), ("quality",))
+
+
+def test_a_second_run_on_the_same_output_refuses_and_names_the_first(scorer, image, tmp_path):
+    out = tmp_path / "o.csv"
+    with OutputLock(out):
+        with pytest.raises(OutputError, match=f"another ipiqa run is writing this output \\(pid {os.getpid()}"):
+            scorer.score_files([Row(str(image), "x")], out)
+    scorer.score_files([Row(str(image), "x")], out)  # free again once the first run ended
+    assert len(_csv(out)) == 1 and not (tmp_path / "o.csv.lock").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) to simulate a full disk")
+def test_a_full_disk_gives_one_clear_message_naming_the_file_rows_and_resume(tiny_bundle, image):
+    proc = subprocess.run([sys.executable, "-m", "ipiqa.cli", "score", str(tiny_bundle), "--images", str(image),
+                           "--prompt", "x", "-o", "/dev/full", "--device", "cpu", "-q"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert "/dev/full" in line and "No space left on device" in line and "0 complete rows" in line and "--resume" in line
