@@ -1,0 +1,89 @@
+"""Jobs of any size: peak memory, per-row overhead and ``--resume`` time of ``Scorer.score_files`` against rows.
+
+Each size runs in a fresh process (so peak RSS belongs to that job alone) through the public API: a CSV
+manifest of N rows is streamed through ``score_files`` into a CSV output, then the same command is run again
+with ``resume=True`` on the finished output (the resume scan reads all N rows and scores none). Rows point to
+files that do not exist, so no model work is done: what is measured is the runtime's own cost per row (read,
+row rules, pool, write) — the part that must stay flat in memory and linear in time.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["JobResult", "measure_jobs", "jobs_table"]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    rows: int
+    seconds: float  # the whole score_files run
+    rows_per_s: float  # per-row overhead, one decoding thread per core
+    peak_rss_mib: float  # the process's peak resident memory, interpreter and onnxruntime included
+    resume_seconds: float  # resume scan of the finished N-row output
+
+
+def _write_manifest(path: Path, rows: int) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write("image,prompt\n")
+        for i in range(rows):
+            fh.write(f"missing/img{i:08d}.jpg,a generated image of prompt number {i // 10}\n")
+
+
+def _child(bundle: str, manifest: str, output: str) -> dict:
+    from ipiqa.runtime.scorer import Scorer
+
+    with Scorer(bundle, backend="onnxruntime", device="cpu") as scorer:
+        summary = scorer.score_files(manifest, output, batch_size=32, workers=2)
+        start = time.perf_counter()
+        again = scorer.score_files(manifest, output, batch_size=32, workers=2, resume=True)
+        resume = time.perf_counter() - start
+    assert again.skipped == summary.rows and again.rows == 0, "resume did not find every row"
+    return {"rows": summary.rows, "seconds": summary.seconds, "resume_seconds": resume,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_jobs(bundle: Path, sizes: Sequence[int], workdir: Path) -> list[JobResult]:
+    """One fresh process per size; the bundle's model size does not matter (no image is decoded)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for n in sizes:
+        manifest, output = workdir / f"rows-{n}.csv", workdir / f"scores-{n}.csv"
+        _write_manifest(manifest, n)
+        output.unlink(missing_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.jobs", str(bundle), str(manifest), str(output)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"job of {n} rows failed: {proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        out.append(JobResult(r["rows"], r["seconds"], r["rows"] / r["seconds"], r["peak_rss_mib"], r["resume_seconds"]))
+        print(f"  job {n} rows: {out[-1].rows_per_s:,.0f} rows/s, peak {out[-1].peak_rss_mib:.0f} MiB, "
+              f"resume {out[-1].resume_seconds:.2f} s", file=sys.stderr)
+        output.unlink(missing_ok=True)
+        manifest.unlink(missing_ok=True)
+    return out
+
+
+def jobs_table(results: Sequence[JobResult]) -> str:
+    """Markdown: each size with its ratios to the smallest, so growth is read off directly."""
+    base = results[0]
+    lines = ["| rows | run (s) | rows/s | peak RSS (MiB) | resume scan (s) | rows ratio | resume time ratio |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r.rows:,} | {r.seconds:.1f} | {r.rows_per_s:,.0f} | {r.peak_rss_mib:.0f} | "
+                     f"{r.resume_seconds:.2f} | {r.rows / base.rows:.1f}x | {r.resume_seconds / base.resume_seconds:.1f}x |")
+    return "\n".join(lines)
+
+
+def as_dicts(results: Sequence[JobResult]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(*sys.argv[1:4])))
