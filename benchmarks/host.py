@@ -35,9 +35,6 @@ from ipiqa.preprocess import load_resized, preprocess_file
 __all__ = ["PathRate", "PoolRate", "FastDeviation", "HostReport", "make_jpegs", "legacy_preprocess_file",
            "per_core_rates", "pool_scaling", "fast_deviation", "run", "markdown", "available_cores"]
 
-PATHS: dict[str, Callable[[Path, int], np.ndarray]] = {}  # filled below: label -> loader(path, resolution)
-
-
 @dataclass(frozen=True)
 class PathRate:
     """One preprocessing path on one source size, single-threaded."""
@@ -78,6 +75,7 @@ class HostReport:
     per_core: tuple[PathRate, ...]
     scaling: tuple[PoolRate, ...]
     fast: tuple[FastDeviation, ...]
+    load_average: tuple[float, float] = (float("nan"), float("nan"))  # 1-min load before / after: was the machine shared?
 
     @property
     def faster_pool(self) -> Optional[str]:
@@ -133,12 +131,13 @@ def _fast(path: Path, resolution: int) -> np.ndarray:
     return load_resized(path, resolution, fast=True)
 
 
-PATHS.update({
+# label -> loader(path, resolution): what per_core_rates times
+PATHS: dict[str, Callable[[Path, int], np.ndarray]] = {
     "uint8 exact": load_resized,
     "float exact": preprocess_file,
     "float, before #13": legacy_preprocess_file,
     "uint8 fast": _fast,
-})
+}
 
 
 def _interleaved_rates(passes: dict, images: int, repeats: int) -> dict:
@@ -225,6 +224,7 @@ def run(resolution: int = 512, sources: Sequence[int] = (512, 1024, 2048), image
     guard (``python -m benchmarks`` has it).
     """
     cores = available_cores()
+    load_before = _load_average()
     workers = tuple(workers) if workers else tuple(sorted({1, cores}))
     with tempfile.TemporaryDirectory(prefix="ipiqa-host-") as tmp:
         root = Path(folder) if folder else Path(tmp)
@@ -233,7 +233,14 @@ def run(resolution: int = 512, sources: Sequence[int] = (512, 1024, 2048), image
         per_core = per_core_rates(measured, resolution, repeats)
         scaling = pool_scaling(paths[scaling_source], scaling_source, resolution, workers, kinds, repeats)
         fast = fast_deviation(measured, resolution, per_core)
-    return HostReport(resolution, cores, images, repeats, per_core, scaling, fast)
+    return HostReport(resolution, cores, images, repeats, per_core, scaling, fast, (load_before, _load_average()))
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return float("nan")
 
 
 def markdown(report: HostReport) -> str:
@@ -241,14 +248,17 @@ def markdown(report: HostReport) -> str:
     labels = list(dict.fromkeys(r.path for r in report.per_core))
     sources = list(dict.fromkeys(r.source for r in report.per_core))
     lines = [f"## Host preprocessing to {report.resolution} px ({report.cores} cores; medians of {report.repeats} "
-             f"runs over {report.images_per_size} JPEGs per size)", "",
+             f"runs over {report.images_per_size} JPEGs per size; 1-min load average {report.load_average[0]:.1f} "
+             f"before, {report.load_average[1]:.1f} after)", "",
              "img/s per core (one thread):", "",
-             "| source | " + " | ".join(labels) + " | uint8 exact vs before |",
-             "| --- | " + " | ".join("---:" for _ in labels) + " | ---: |"]
+             "| source | " + " | ".join(labels) + " | uint8 exact / before | float exact / before |",
+             "| --- | " + " | ".join("---:" for _ in labels) + " | ---: | ---: |"]
     for s in sources:
         cells = [f"{report.rate(s, label):.0f}" if report.rate(s, label) else "" for label in labels]
-        new, old = report.rate(s, "uint8 exact"), report.rate(s, "float, before #13")
-        lines.append(f"| {s}x{s} JPEG | " + " | ".join(cells) + f" | {f'{new / old:.2f}x' if new and old else ''} |")
+        old = report.rate(s, "float, before #13")
+        for new in (report.rate(s, "uint8 exact"), report.rate(s, "float exact")):
+            cells.append(f"{new / old:.2f}x" if new and old else "")
+        lines.append(f"| {s}x{s} JPEG | " + " | ".join(cells) + " |")
     if report.scaling:
         lines += ["", f"Scaling of the uint8 exact path ({report.scaling[0].source}x{report.scaling[0].source} JPEGs); "
                   f"faster: **{report.faster_pool} pool**", "",

@@ -204,14 +204,20 @@ def load_resized(path: PathLike, resolution: int, fast: bool = False) -> np.ndar
     return _resized(img, resolution, box, fast)
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
+def normalize(pixels: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """uint8 (..., R, R, 3) HWC -> float32 (..., 3, R, R): /255, CLIP mean/std, channels first.
 
-    A per-channel table lookup, bit-identical to ``(x / 255 - mean) / std`` in float32.
+    A per-channel table lookup, bit-identical to ``(x / 255 - mean) / std`` in float32. ``out``: write
+    into this float32 array (e.g. one slot of a reused batch buffer) instead of a new one; a new 3 MB
+    array per 512 px image costs more in page faults than the lookup itself (measured 2.2 vs 0.9 ms).
     """
     if pixels.dtype != np.uint8 or pixels.ndim < 3 or pixels.shape[-1] != 3:
         raise ValueError(f"normalize takes uint8 (..., H, W, 3) pixels, got {pixels.dtype} {pixels.shape}")
-    out = np.empty(pixels.shape[:-3] + (3,) + pixels.shape[-3:-1], dtype=np.float32)
+    shape = pixels.shape[:-3] + (3,) + pixels.shape[-3:-1]
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != shape:
+        raise ValueError(f"out must be float32 {shape}, got {out.dtype} {out.shape}")
     for c in range(3):
         out[..., c, :, :] = _LUT[c][pixels[..., c]]  # fancy indexing beat np.take(out=) 4x here
     return out

@@ -204,6 +204,14 @@ def test_normalize_takes_a_batch_nhwc_and_returns_nchw():
     assert np.array_equal(out, _broadcast_normalize(batch))
 
 
+def test_normalize_writes_into_a_given_batch_slot():
+    pixels = np.random.default_rng(7).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    batch = np.zeros((2, 3, 24, 24), np.float32)
+    slot = batch[1]
+    assert normalize(pixels, out=slot) is slot
+    assert np.array_equal(batch[1], normalize(pixels)) and not batch[0].any()
+
+
 def test_normalize_refuses_float_input():
     with pytest.raises(ValueError, match="uint8"):
         normalize(np.zeros((8, 8, 3), np.float32))
