@@ -12,6 +12,7 @@ import click
 
 from ._console import EXIT_ROW_ERRORS, _friendly, format_table
 from ._optional import require, require_torch
+from .device import DEVICE_HELP
 from .errors import IPIQAError
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
               help="Output format (default: from the file suffix, else csv).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True, help="auto: TensorRT engines > onnxruntime GPU > onnxruntime CPU (torch for MODEL files).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
               help="Threads decoding images ahead of inference.")

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Optional, Union
 
 import numpy as np
 
+from ipiqa.device import parse_device
 from ipiqa.errors import IPIQAError
 
 from .io import OutputLock, ResultWriter, RowSource
@@ -138,15 +139,20 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[R
         ds = ray.data.read_datasource(_datasource(source, prompt), override_num_blocks=1, num_cpus=0)  # light I/O: never starve the actors
     else:
         ds = ray.data.from_arrow(list(_blocks(source)))
+    dev = parse_device(device)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 and device != "cpu"
+    if dev.index:
+        raise IPIQAError(f"--device {dev}: on Ray each scoring actor gets one GPU from Ray; pass --device cuda or auto")
+    if dev.kind == "cuda" and not gpus:
+        raise IPIQAError(f"--device {dev}: the Ray cluster has no GPU; use --device cpu or auto")
+    use_gpu = gpus > 0 and dev.kind != "cpu"
     actors = actors or (gpus if use_gpu else 1)
     start = time.perf_counter()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ds = ds.map_batches(_Decode, fn_constructor_kwargs={"resolution": cfg.resolution, "needs_prompt": cfg.text},
                         batch_size=batch_size, batch_format="numpy", concurrency=max(1, cpus - actors))
     ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "backend": backend,
-                                                            "device": "cuda" if use_gpu else "cpu", "fail_once": fail_once},
+                                                            "device": "cuda:0" if use_gpu else "cpu", "fail_once": fail_once},
                         batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if use_gpu else 0,
                         max_restarts=-1, max_task_retries=-1)
     n = errors = 0

@@ -17,9 +17,11 @@ from PIL import Image
 
 from ipiqa.bundle import Manifest, read_bundle
 from ipiqa.config import IPIQAConfig
+from ipiqa.device import Device, parse_device
 from ipiqa.errors import IPIQAError
 from ipiqa.preprocess import preprocess
 
+from .backends import Backend
 from .cache import PromptCache
 from .io import OutputLock, ResultWriter, RowSource, resume_point
 from .pipeline import RunSummary, load_input, score_rows
@@ -31,13 +33,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
-
-
-def _device(device: str) -> tuple[str, int]:
-    kind, _, index = device.partition(":")
-    if kind not in ("auto", "cpu", "cuda") or (index and not index.isdigit()):
-        raise IPIQAError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
-    return kind, int(index or 0)
 
 
 def _ort_gpu_provider() -> Optional[str]:
@@ -56,9 +51,10 @@ def _tensorrt_usable(manifest: Manifest) -> bool:
     return bool(manifest.data.get("engines")) and importlib.util.find_spec("tensorrt") is not None
 
 
-def select_backend(manifest: Manifest, backend: str = "auto", device: str = "auto") -> Any:
+def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str, Device] = "auto") -> Backend:
     """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > ORT CPU."""
-    kind, index = _device(device)
+    dev = parse_device(device)
+    kind, index = dev.kind, dev.index
     if backend not in BACKENDS:
         raise IPIQAError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -84,7 +80,7 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: str = "aut
 class Scorer:
     """Scores (image, prompt) pairs with a bundle or a ``.safetensors`` model; text embeddings are cached."""
 
-    def __init__(self, source: Union[str, Path], backend: str = "auto", device: str = "auto",
+    def __init__(self, source: Union[str, Path], backend: str = "auto", device: Union[str, Device] = "auto",
                  cache_size: int = 16384, fp16: bool = False, compile: bool = False):
         source = Path(source)
         if source.is_dir():
@@ -102,12 +98,8 @@ class Scorer:
             default_bpe = require("open_clip.tokenizer", extra="torch").default_bpe
             from .backends.torch_ref import TorchBackend
 
-            kind, index = _device(device)
-            if kind == "auto":
-                import torch
-                kind = "cuda" if torch.cuda.is_available() else "cpu"
             self.manifest = None
-            self.backend = TorchBackend(source, f"{kind}:{index}" if kind == "cuda" else "cpu", fp16, compile)
+            self.backend = TorchBackend(source, parse_device(device), fp16, compile)
             self.cfg = self.backend.cfg
             self.tokenizer = ClipTokenizer(default_bpe(), self.cfg.context_length)
         else:

@@ -13,6 +13,7 @@ import click
 
 from ipiqa._console import _friendly, format_table
 from ipiqa._optional import require, require_torch
+from ipiqa.device import DEVICE_HELP
 
 __all__ = ["train"]
 
@@ -48,7 +49,7 @@ def _common(fn):
                      help="Folder with the dataset's images."),
         click.option("--epochs", type=int), click.option("--batch-size", type=int), click.option("--lr", type=float),
         click.option("--resolution", type=int), click.option("--seed", type=int),
-        click.option("--device", help="auto, cpu, cuda, cuda:N"), click.option("--workers", type=int),
+        click.option("--device", help=DEVICE_HELP), click.option("--workers", type=int),
         click.option("--clip", "clip_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Base CLIP RN50 weights to start from (OpenAI RN50.pt or a state_dict)."),
         click.option("--random-init", is_flag=True, help="Start from seeded random weights (tests, smoke runs)."),
@@ -150,10 +151,11 @@ def _print_summary(results: list[dict], outputs, out: Path) -> None:
               help="A finetune run folder: splits/splitK.json and splitK/best.safetensors.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--plcc-fit", is_flag=True, help="4-parameter logistic fit before PLCC.")
+@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
 @_friendly
-def evaluate_cmd(dataset, labels, images, run, batch_size, plcc_fit) -> None:
+def evaluate_cmd(dataset, labels, images, run, batch_size, plcc_fit, device) -> None:
     """Evaluate each split's best model on its test images; prints mean ± std over the splits."""
-    torch = require("torch", extra="train")
+    require("torch", extra="train")
     require("open_clip", extra="train")
     if plcc_fit:
         require("scipy", extra="train")  # the logistic fit (training.metrics) uses scipy.optimize
@@ -162,13 +164,13 @@ def evaluate_cmd(dataset, labels, images, run, batch_size, plcc_fit) -> None:
     from ipiqa.checkpoint import load_model
 
     from .data import ImageScoreDataset, load_samples
-    from .loop import evaluate_model
+    from .loop import evaluate_model, resolve_device
     from .splits import read_split
 
     samples, outputs = load_samples(dataset, labels)
     by_name = {s.image: s for s in samples}
     results = []
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     for split_file in sorted((run / "splits").glob("split*.json")):
         model_path = run / split_file.stem / "best.safetensors"
         split = read_split(split_file)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from ipiqa.checkpoint import load_state_dict, save_model
 from ipiqa.config import IPIQAConfig
+from ipiqa.device import parse_device
 from ipiqa.errors import IPIQAError
 from ipiqa.model import IPIQA
 
@@ -56,8 +57,12 @@ class TrainConfig:
         return IPIQAConfig(resolution=self.resolution, outputs=outputs, head=self.head, dropout=self.dropout, **self.arch)
 
 
-def _device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+def resolve_device(name: str) -> torch.device:
+    """``--device`` through the one rule (ipiqa.device); a CUDA device torch cannot see is refused."""
+    device = torch.device(parse_device(name).resolve_torch())
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IPIQAError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu or auto")
+    return device
 
 
 def build_model(cfg: IPIQAConfig, init: Optional[Path] = None, clip: Optional[Path] = None, seed: int = 0) -> IPIQA:
@@ -122,7 +127,7 @@ def finetune_split(cfg: TrainConfig, train: list[Sample], test: list[Sample], im
                    out: Path, init: Optional[Path] = None, clip: Optional[Path] = None, resume: bool = False,
                    progress: Callable[[dict], None] = lambda r: None) -> dict:
     """Train one split; writes ``best.safetensors``, ``last.pt`` (resume) and ``log.jsonl`` in ``out``."""
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model_cfg = cfg.model_config(outputs)
     model = build_model(model_cfg, init, clip, cfg.seed).to(device)
     optimizer = torch.optim.Adam(trainable_parameters(model, cfg.lr, cfg.head_lr_scale, cfg.weight_decay))
@@ -178,7 +183,7 @@ def pretrain(cfg: TrainConfig, pairs: list[Sample], images: Path, out: Path, cli
     Optionally keeps only pairs whose initial CLIP similarity exceeds ``min_similarity`` (the paper: 0.35).
     Writes ``image_encoder.safetensors`` (the ``visual.*`` tensors), which ``finetune --init`` loads.
     """
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     model_cfg = cfg.model_config(("quality",))
     model = build_model(model_cfg, None, clip, cfg.seed).to(device)
     for name, p in model.named_parameters():

@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ipiqa._optional import require
+from ipiqa.device import Device, parse_device
 from ipiqa.errors import IPIQAError
 
 __all__ = ["TorchBackend"]
@@ -20,14 +21,15 @@ class TorchBackend:
     name = "torch"
     max_batch: Optional[int] = None
 
-    def __init__(self, model_path: Union[str, Path], device: str = "cpu", fp16: bool = False, compile: bool = False):
+    def __init__(self, model_path: Union[str, Path], device: Union[str, Device] = "cpu", fp16: bool = False,
+                 compile: bool = False):
         # Through require(): on a base install the user gets the pip command, not a ModuleNotFoundError.
         torch = require("torch", extra="torch")
         require("open_clip", extra="torch")  # ipiqa.model builds its towers from open_clip's modules
         from ipiqa.checkpoint import load_model
 
         self.torch = torch
-        self.device = torch.device(device)
+        self.device = torch.device(parse_device(device).resolve_torch())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise IPIQAError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
         if fp16 and self.device.type != "cuda":
