@@ -1,19 +1,23 @@
 """The project's model file: one safetensors file, weights + ``IPIQAConfig`` JSON in its metadata.
 
-safetensors holds only tensors (no pickle), so a model file from anywhere is safe to open.
+safetensors holds only tensors (no pickle), so a model file from anywhere is safe to open. ``read_config``
+needs no torch (``ipiqa info MODEL`` works on a base install); the weights functions import it when called.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Union
+from typing import TYPE_CHECKING, Mapping, Union
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
+from ._optional import require
 from .config import IPIQAConfig
 from .errors import CheckpointError
-from .model import IPIQA
+
+if TYPE_CHECKING:
+    import torch
+
+    from .model import IPIQA
 
 __all__ = ["FORMAT", "save_model", "read_config", "load_model", "load_state_dict"]
 
@@ -22,6 +26,8 @@ PathLike = Union[str, Path]
 
 
 def save_model(path: PathLike, state_dict: Mapping[str, torch.Tensor], cfg: IPIQAConfig) -> Path:
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -33,7 +39,7 @@ def read_config(path: PathLike) -> IPIQAConfig:
     """Config of a model file without reading its weights."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="numpy") as f:  # metadata only: no torch needed
             meta = f.metadata() or {}
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
@@ -55,12 +61,18 @@ def read_config(path: PathLike) -> IPIQAConfig:
 
 def load_state_dict(path: PathLike) -> tuple[IPIQAConfig, dict[str, torch.Tensor]]:
     cfg = read_config(path)
+    require("torch", extra="torch")
+    from safetensors.torch import load_file
+
     return cfg, load_file(str(path), device="cpu")
 
 
-def load_model(path: PathLike, device: Union[str, torch.device] = "cpu") -> IPIQA:
+def load_model(path: PathLike, device: Union[str, "torch.device"] = "cpu") -> "IPIQA":
     """Model in eval mode; every tensor must match the config's architecture exactly."""
     cfg, sd = load_state_dict(path)
+    require("open_clip", extra="torch")
+    from .model import IPIQA
+
     model = IPIQA(cfg)
     try:
         result = model.load_state_dict(sd, strict=False)

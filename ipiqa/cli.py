@@ -106,8 +106,7 @@ def info_cmd(target: Path) -> None:
 
         click.echo(json.dumps(bundle_summary(read_bundle(target)), indent=2))
         return
-    require_torch()  # ipiqa.checkpoint loads the model code, which needs torch and open_clip
-    from .checkpoint import read_config
+    from .checkpoint import read_config  # metadata only: torch-free
 
     click.echo(read_config(target).to_json())
 

@@ -199,7 +199,6 @@ def no_torch_inputs(tmp_path, tiny_model_file) -> dict:
 
 @pytest.mark.parametrize("args, extra", [
     (["score", "MODEL", "--images", "IMAGE", "--prompt", "p"], "torch"),
-    (["info", "MODEL"], "torch"),
     (["import-official", "MODEL", "--clip", "MODEL", "-o", "OUT"], "torch"),
     (["demo", "--out", "OUT"], "export"),
     (["train", "finetune", "--dataset", "csv", "--labels", "LABELS", "--images", "DIR", "--out", "OUT",
@@ -219,6 +218,12 @@ def test_info_of_a_bundle_works_without_torch(no_torch_env, tiny_bundle):
     proc = run_without_torch(no_torch_env, "info", tiny_bundle)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["precision"] == "fp32"
+
+
+def test_info_of_a_model_file_works_without_torch(no_torch_env, tiny_model_file):
+    proc = run_without_torch(no_torch_env, "info", tiny_model_file)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["resolution"] == 64
 
 
 def test_torch_backend_without_torch_raises_missing_dependency(no_torch_env, tiny_model_file):
