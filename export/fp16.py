@@ -15,16 +15,19 @@ a precision and inserts a ``Cast`` wherever a tensor crosses between the two:
 - Graph inputs and outputs keep their types (float32, or a uint8 image untouched); ``Cast``, ``Shape``
   and integer shape arithmetic are left alone, so shape-computing subgraphs never change type.
 
-Why not ``onnxconverter_common.float16``: it converts by op type alone and rewrites ``value_info`` in
-place; on the dynamo-exported graphs that leaves stale float32 annotations on tensors whose producers it
-turned to float16, which ONNX Runtime reports as a type mismatch at a ``Reshape``. Here every stale
-annotation is dropped and the types are re-inferred, and the result must pass
+Why not ``onnxconverter_common.float16`` (1.16, ``keep_io_types=True``): the image graph's ``feature_map`` is
+both a graph output (fusion reads it) and the input of the visual pool's Reshape. The converter casts the
+output back to float32 under the output's name, so the Reshape reads float32 while its own output stays
+annotated float16: ``onnx.checker`` and ONNX Runtime refuse the graph ("Type (tensor(float16)) of output arg
+(view_2) of node (node_Reshape_340) does not match expected type (tensor(float))"). Here an FP16 producer of
+a graph output writes ``<name>__fp16``, consumers inside read that, and a Cast writes the float32 output;
+every stale ``value_info`` is dropped and types re-inferred, and the result must pass
 ``onnx.checker.check_model(full_check=True)`` before it is written.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Collection, Iterable, Mapping, Optional, Union
 
@@ -37,7 +40,8 @@ from .parity import FP16_ATOL, ParityResult, compare
 
 __all__ = ["FP32_OPS", "PRECISION_KEY", "Fp16Graph", "convert_to_fp16", "graph_precision", "scores_spread",
            "run_graphs", "fp16_gate", "fp16_emulation", "ort_session", "score_results", "SPREAD_MIN",
-           "FP16_COSINE", "CosineResult", "cosine_result"]
+           "FP16_COSINE", "CosineResult", "cosine_result",
+           "EMBEDDING_SPREAD_MIN", "embedding_spread", "with_spread_note"]
 log = logging.getLogger(__name__)
 
 PRECISION_KEY = "ipiqa.precision"  # metadata written into converted graphs: "fp16"
@@ -62,6 +66,10 @@ SPREAD_MIN = 25 * FP16_ATOL
 # Intermediate tensors (feature map, embeddings): per-row cosine to FP32. FP16 rounding alone gives
 # > 0.99999 on RN50-512; a saturated or NaN tensor gives far less.
 FP16_COSINE = 0.999
+# Embeddings whose mean cosine to their own mean over the gate inputs is above 1 - this barely depend on
+# the input (the untrained demo model: 1 - 7.8e-6 on RN50-512). Any output near that mean then has a
+# cosine near 1, a broken graph's included, and the result says so.
+EMBEDDING_SPREAD_MIN = 1e-3
 
 
 @dataclass(frozen=True)
@@ -73,6 +81,7 @@ class CosineResult:
     min_cosine: float
     bound: float
     max_abs: float
+    note: str = ""  # why the number may say little (e.g. embeddings that barely depend on the image)
 
     @property
     def passed(self) -> bool:
@@ -83,11 +92,11 @@ class CosineResult:
 
     def line(self) -> str:
         return (f"{'PASS' if self.passed else 'FAIL'}  {self.name:<34} min cosine {self.min_cosine:.6f} "
-                f"(min {self.bound})  max|d| {self.max_abs:.3e}")
+                f"(min {self.bound})  max|d| {self.max_abs:.3e}" + (f"  [{self.note}]" if self.note else ""))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "min_cosine": self.min_cosine, "bound": self.bound, "max_abs": self.max_abs,
-                "passed": self.passed}
+                "passed": self.passed, "note": self.note}
 
 
 def cosine_result(name: str, ref: np.ndarray, out: np.ndarray, bound: float) -> CosineResult:
@@ -98,6 +107,23 @@ def cosine_result(name: str, ref: np.ndarray, out: np.ndarray, bound: float) -> 
         return CosineResult(name, float("nan"), bound, float("inf"))
     norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     return CosineResult(name, float(((a * b).sum(1) / norms).min()), bound, float(np.abs(a - b).max()))
+
+
+def embedding_spread(embeddings: np.ndarray) -> float:
+    """Mean of 1 - cosine(embedding, mean embedding): 0 when every image gets the same embedding."""
+    e = np.asarray(embeddings, np.float64).reshape(len(embeddings), -1)
+    mean = e.mean(0)
+    cos = e @ mean / np.maximum(np.linalg.norm(e, axis=1) * np.linalg.norm(mean), 1e-30)
+    return float(np.mean(1.0 - cos))
+
+
+def with_spread_note(result: CosineResult, ref: np.ndarray) -> CosineResult:
+    """``result`` with a note when the reference embeddings barely depend on the input."""
+    spread = embedding_spread(ref)
+    if spread >= EMBEDDING_SPREAD_MIN:
+        return result
+    return replace(result, note=f"embeddings barely depend on the input (spread {spread:.1e}; untrained model?): "
+                                "this cosine cannot tell a good graph from a bad one")
 
 
 @dataclass(frozen=True)
@@ -389,6 +415,8 @@ def run_graphs(paths: Mapping[str, Union[Path, bytes]], images: np.ndarray, toke
                batch: int = 16) -> dict[str, np.ndarray]:
     """The bundle's graphs composed on ONNX Runtime CPU: every intermediate tensor and the scores."""
     sessions = {name: ort_session(p) for name, p in paths.items()}
+    if "text_embedding" in {i.name for i in sessions["fusion"].get_inputs()} and tokens is None:
+        raise IPIQAError("this model's fusion graph reads a text embedding: pass tokens (one prompt per image)")
     out: dict[str, list] = {}
     for part in _batches(len(images), batch):
         feeds = dict(zip(("feature_map", "image_embedding"), sessions["image_encoder"].run(None, {"image": images[part]})))
@@ -431,7 +459,8 @@ def fp16_gate(fp32: Mapping[str, Path], fp16: Mapping[str, Path], images: np.nda
     emulated = {name: fp16_emulation(Path(p)) for name, p in fp16.items()}
     low = run_graphs(emulated, images, tokens)
     results: list = score_results("fp16[end_to_end]", ref["scores"], low["scores"], columns)
-    results += [cosine_result(f"fp16[end_to_end]/{k}", ref[k], low[k], FP16_COSINE) for k in ref if k != "scores"]
+    results += [with_spread_note(cosine_result(f"fp16[end_to_end]/{k}", ref[k], low[k], FP16_COSINE), ref[k])
+                for k in ref if k != "scores"]
     fusion32, fusion16 = ort_session(fp32["fusion"]), ort_session(emulated["fusion"])
     sources = {"image_encoder": ("feature_map", "image_embedding"), "text_encoder": ("text_embedding",)}
     for graph, session in (("image_encoder", fusion32), ("text_encoder", fusion32), ("fusion", fusion16)):

@@ -132,7 +132,8 @@ def test_fp16_gate_passes_on_the_tiny_model(tiny_graphs):
     cfg, fp32, fp16 = tiny_graphs
     results = fp16_gate(fp32, fp16, *gate_feeds(cfg), columns=cfg.outputs)
     assert all(results), "\n".join(r.line() for r in results)
-    assert any("scores barely spread" in r.name for r in results)  # untrained: embeddings decide, said so
+    assert any("scores barely spread" in r.name for r in results)  # untrained: ranks not gated, said so
+    assert any("barely depend on the input" in r.line() for r in results)  # nor is a constant embedding
 
 
 def test_fp16_gate_fails_when_attention_logits_overflow_in_fp16(tmp_path):
