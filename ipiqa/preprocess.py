@@ -141,7 +141,7 @@ def _decode(fp: BinaryIO, name: object, draft: Optional[int] = None) -> tuple[Im
     try:
         with Image.open(fp) as img:
             box = None
-            if draft is not None:
+            if draft is not None and min(img.size) >= 2 * draft:  # below 2x libjpeg cannot scale anyway
                 drafted = img.draft("RGB", (draft, draft))
                 if drafted and drafted[1] != (0, 0, *img.size):  # a scaled decode: keep its exact geometry
                     box = drafted[1]

@@ -248,3 +248,8 @@ def test_fast_decodes_a_large_jpeg_at_reduced_scale_close_to_exact(tmp_path, mon
     diff = np.abs(fast.astype(int) - exact)
     assert diff.max() > 0  # a different computation ...
     assert diff.mean() < 4  # ... of nearly the same image (benchmarks.host reports the measured deviation)
+
+
+def test_fast_equals_exact_below_twice_the_target_size(tmp_path):
+    p = _jpeg(tmp_path / "a.jpg", 96)  # libjpeg scales by 1/2 at best: nothing to gain under 2x
+    assert np.array_equal(load_resized(p, 64, fast=True), load_resized(p, 64))
