@@ -73,6 +73,17 @@ def _check_graph_precision(onnx_path: Path, precision: str) -> None:
     if got not in GRAPH_PRECISIONS[precision]:
         raise IPIQAError(f"{onnx_path}: this graph is {got} but a {precision} engine was asked for; TensorRT takes "
                          f"precision from the graph's tensor types, so {_FIX[precision]} and build from that file")
+    if got == "int8":
+        import json
+
+        from .int8 import SETTINGS_KEY
+
+        onnx = require("onnx", extra="export")
+        meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        target = json.loads(meta[SETTINGS_KEY]).get("target") if SETTINGS_KEY in meta else None
+        if target not in (None, "tensorrt"):
+            raise IPIQAError(f"{onnx_path}: this INT8 graph was quantized for {target} (asymmetric uint8 activations); "
+                             "TensorRT takes symmetric int8 Q/DQ only: quantize_image_graph(..., target='tensorrt')")
 
 
 def build_engine(onnx_path: Path, profiles: Mapping[str, tuple[Shape, Shape, Shape]], spec: EngineSpec,

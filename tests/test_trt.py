@@ -284,6 +284,19 @@ def test_int8_engines_build_from_the_qdq_graph_or_an_fp16_graph(tmp_path, monkey
     assert build_engine(_graph(tmp_path, graph), PROFILES, EngineSpec("int8", (1, 2, 4))) == b"ENGINE"
 
 
+def test_an_int8_graph_quantized_for_the_cpu_is_refused(tmp_path, monkeypatch):
+    import onnx
+
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([]))
+    path = _graph(tmp_path, "int8")
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "ipiqa.int8", json.dumps({"target": "cpu"})
+    onnx.save(model, str(path))
+    with pytest.raises(IPIQAError, match="quantized for cpu.*target='tensorrt'"):
+        build_engine(path, PROFILES, EngineSpec("int8", (1, 2, 4)))
+
+
 def test_a_parse_error_names_the_graph_file(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt([], parse_ok=False))
     path = _graph(tmp_path, "fp32")
