@@ -1,7 +1,8 @@
 """Model file -> bundle: three ONNX graphs, the parity gate, optional TensorRT engines, manifest.json.
 
-Stages are reused when their inputs are unchanged (same model bytes, options and library versions) and
-the files still hash as recorded, so re-running an export is cheap and safe.
+Stages are reused when their inputs are unchanged (same model bytes, options, gate rule and library
+versions) and the files still hash as recorded, so re-running an export is cheap and safe. The gate
+(:mod:`.gate`) runs the bundle through the runtime's own backends before the manifest is written.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 
 from ipiqa import __version__
@@ -24,24 +24,18 @@ from ipiqa._optional import require
 from ipiqa.bundle import BUNDLE_FORMAT, Manifest, read_bundle, sha256_file, write_manifest
 from ipiqa.config import CLIP_MEAN, CLIP_STD
 from ipiqa.errors import BundleError, IPIQAError
-from ipiqa.model import IPIQA, exact_pooling, pooling_mode, tokenize
+from ipiqa.model import IPIQA, pooling_mode
 from ipiqa.preprocess import RESIZE_FILTER
 
+from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
 from .graphs import build_graphs, graph_specs
-from .parity import ParityResult, compare
+from .parity import ParityResult, ToleranceOverride, rule_record
 from .to_onnx import DEFAULT_OPSET, export_onnx
-from .trt import EngineSpec, TorchEngineRunner, build_engine, input_profiles
+from .trt import EngineSpec, build_engine, input_profiles
 
 __all__ = ["ExportOptions", "ExportReport", "ParityGateError", "export_bundle", "onnx_parity", "engine_parity",
            "gate_inputs", "PARITY_PROMPTS"]
 log = logging.getLogger(__name__)
-
-PARITY_PROMPTS = (
-    "",  # empty prompt: [SOT, EOT]
-    "a photo of a cat wearing a tiny hat",
-    " ".join(["highly detailed fantasy landscape with castles"] * 30),  # ~200 words: truncation at 77
-    "日本の桜、水彩画 — café &amp; émoji 🎨",  # CJK, HTML entity, emoji
-)
 
 
 class ParityGateError(IPIQAError):
@@ -58,6 +52,7 @@ class ExportOptions:
     opset: int = DEFAULT_OPSET
     parity_images: int = 4  # FP32 gate inputs; the FP16 engine gate always uses 64
     single_query_pooling: bool = True  # the exact rewrite of both pools (issue 9); False exports the plain form
+    tolerance_override: Optional[ToleranceOverride] = None  # --atol/--rtol: replaces the gate's rule; recorded
 
 
 @dataclass
@@ -80,66 +75,6 @@ def _versions() -> dict[str, str]:
 
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def gate_inputs(model: IPIQA, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded images (already normalized scale) and tokens cycling through the adversarial prompts."""
-    r = model.cfg.resolution
-    images = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, 3, r, r), dtype=np.float32))
-    prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] + ("" if i < len(PARITY_PROMPTS) else f" {i}") for i in range(n)]
-    return images, tokenize(prompts, model.cfg.context_length)
-
-
-def _ort_session(path: Path):
-    ort = require("onnxruntime", extra="export")
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-@torch.no_grad()
-def onnx_parity(model: IPIQA, graph_paths: dict[str, Path], n: int = 4) -> list[ParityResult]:
-    """Each graph against the PyTorch module on the same inputs, then the three composed end to end."""
-    model = model.eval()
-    images, tokens = gate_inputs(model, n)
-    with exact_pooling(model):  # the reference is always the straightforward (authors') computation
-        fmap, emb = model.encode_image(images)
-        text = model.encode_text(tokens) if model.cfg.text else None  # open_clip's forward: checks the wrapper
-        scores = model.fuse(fmap, emb, text)
-        e2e = model(images, tokens if model.cfg.text else None)
-    run = {name: _ort_session(p) for name, p in graph_paths.items()}
-    fmap_o, emb_o = run["image_encoder"].run(None, {"image": images.numpy()})
-    results = [compare("image_encoder/feature_map", fmap.numpy(), fmap_o),
-               compare("image_encoder/image_embedding", emb.numpy(), emb_o)]
-    feeds, composed = {"image_embedding": emb.numpy()}, {"image_embedding": emb_o}
-    if model.cfg.text:
-        (text_o,) = run["text_encoder"].run(None, {"tokens": tokens.numpy()})
-        results.append(compare("text_encoder/text_embedding", text.numpy(), text_o))
-        feeds.update(feature_map=fmap.numpy(), text_embedding=text.numpy())
-        composed.update(feature_map=fmap_o, text_embedding=text_o)
-    (scores_o,) = run["fusion"].run(None, feeds)
-    results.append(compare("fusion/scores", scores.numpy(), scores_o, scores=True))
-    (e2e_o,) = run["fusion"].run(None, composed)
-    results.append(compare("end_to_end/scores", e2e.numpy(), e2e_o, scores=True))
-    return results
-
-
-@torch.no_grad()
-def engine_parity(model: IPIQA, engines: dict[str, bytes], precision: str, n: int = 64, batch: int = 16) -> list[ParityResult]:
-    """The engines composed on the GPU against the FP32 PyTorch reference, over ``n`` generated inputs."""
-    model = model.eval().cuda()
-    runners = {name: TorchEngineRunner(blob) for name, blob in engines.items()}
-    images, tokens = gate_inputs(model, n, seed=1)
-    ref, out = [], []
-    for i in range(0, n, batch):
-        x, t = images[i:i + batch].cuda(), tokens[i:i + batch].cuda()
-        with exact_pooling(model):
-            ref.append(model(x, t if model.cfg.text else None).float().cpu())
-        img = runners["image_encoder"](image=x)
-        feeds = {"image_embedding": img["image_embedding"]}
-        if model.cfg.text:
-            feeds.update(feature_map=img["feature_map"], **runners["text_encoder"](tokens=t))
-        out.append(runners["fusion"](**feeds)["scores"].float().cpu())
-    fp16 = precision == "fp16"
-    return [compare(f"engines[{precision}]/scores", torch.cat(ref).numpy(), torch.cat(out).numpy(), scores=True, fp16=fp16)]
 
 
 def _tokenizer_files(root: Path) -> dict:
@@ -178,27 +113,33 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
             raise IPIQAError(f"{exc}; or pass --onnx-only to write the ONNX bundle without engines") from None
         if not torch.cuda.is_available():
             raise IPIQAError("TensorRT engines need a CUDA GPU; on this machine export with --onnx-only")
+    override = options.tolerance_override
+    if override is not None:
+        log.warning("parity tolerance overridden by %s: every check passes at atol + rtol x scale instead of "
+                    "max(fixed, k x floor); the override is recorded in %s", override.describe(), out / "manifest.json")
     out.mkdir(parents=True, exist_ok=True)
     versions = _versions()
-    onnx_key = _key([sha256_file(p) for p in source_files], options.opset, options.single_query_pooling, versions)
+    rule = rule_record(override)  # a changed gate rule or override re-runs the gate
+    onnx_key = _key([sha256_file(p) for p in source_files], options.opset, options.single_query_pooling, rule, versions)
     previous = _existing(out)
     specs = graph_specs(model)
     graphs = build_graphs(model)
     files = {name: f"{name}.onnx" for name in graphs}
     report = ExportReport(out, [])
 
-    if previous and previous.data.get("source", {}).get("onnx_key") == onnx_key:
+    reuse = previous is not None and previous.data.get("source", {}).get("onnx_key") == onnx_key
+    if reuse:
         progress("ONNX graphs unchanged (same model, options and versions): reused")
         report.reused_onnx = True
-        report.parity = [ParityResult(**{k: v for k, v in r.items() if k != "passed"}) for r in previous.data["parity"]["onnx"]]
+        report.parity = [ParityResult.from_dict(r) for r in previous.data["parity"]["onnx"]]
         tokenizer = previous.data["tokenizer"]
     else:
         (out / "manifest.json").unlink(missing_ok=True)  # the old manifest would describe files we overwrite
-        images, tokens = gate_inputs(model, 2)
+        x = gate_inputs(cfg, 2)
         with torch.no_grad():
-            fmap, emb = model.encode_image(images)
-            text = model.encode_text(tokens) if cfg.text else None
-        examples = {"image_encoder": (images,), "text_encoder": (tokens,),
+            fmap, emb = model.encode_image(x.model_images)
+            text = model.encode_text(x.model_tokens) if cfg.text else None
+        examples = {"image_encoder": (torch.from_numpy(x.image),), "text_encoder": (torch.from_numpy(x.tokens),),
                     "fusion": (fmap, emb, text) if cfg.text else (emb,)}
         with pooling_mode(model, options.single_query_pooling):  # traced into the graphs; caller's mode kept
             for name, module in graphs.items():
@@ -207,23 +148,11 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
                             options.opset)
                 progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
         tokenizer = _tokenizer_files(out)
-        report.parity = onnx_parity(model, {n: out / f for n, f in files.items()}, options.parity_images)
-        for r in report.parity:
-            progress(r.line())
-        if not all(report.parity):
-            raise ParityGateError(report.parity)
 
     shapes = {"image": (None, 3, cfg.resolution, cfg.resolution), "tokens": (None, cfg.context_length),
               "feature_map": (None, cfg.feature_dim, cfg.grid, cfg.grid), "image_embedding": (None, cfg.embed_dim),
               "text_embedding": (None, cfg.embed_dim)}
-    engines_entry = None
-    if not options.onnx_only:
-        engines_entry = _engines(model, out, files, specs, shapes, options.engine, onnx_key, previous, report, progress)
-
-    listed = [*files.values()] + [f + ".data" for f in files.values()] + list(tokenizer["files"].values())
-    if engines_entry:
-        listed += [g["file"] for g in engines_entry["graphs"].values()]
-    manifest = {
+    data: dict[str, Any] = {
         "format": BUNDLE_FORMAT,
         "config": cfg.to_dict(),
         "outputs": list(cfg.outputs),
@@ -235,20 +164,44 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
                  "graphs": {n: {"file": files[n], "inputs": list(specs[n].inputs), "outputs": list(specs[n].outputs)}
                             for n in files}},
         "shapes": {k: list(v) for k, v in shapes.items()},
-        "precision": options.engine.precision if engines_entry else "fp32",
-        "engines": engines_entry,
+        "precision": "fp32",
+        "engines": None,
         "versions": versions,
         "source": {"files": [str(p) for p in source_files], "onnx_key": onnx_key},
-        "parity": {"onnx": [r.to_dict() for r in report.parity if not r.name.startswith("engines")],
-                   "engines": [r.to_dict() for r in report.parity if r.name.startswith("engines")]},
-        "files": listed,
     }
-    write_manifest(out, manifest)
+    if not reuse:  # the manifest about to be written, read by the runtime's own backend
+        report.parity = _gate(onnx_parity(model, Manifest(out, data), options.parity_images, override), progress)
+
+    if not options.onnx_only:
+        data["engines"] = _engines(model, out, data, files, specs, shapes, options, onnx_key, previous, report,
+                                   progress)
+        data["precision"] = options.engine.precision
+
+    listed = [*files.values()] + [f + ".data" for f in files.values()] + list(tokenizer["files"].values())
+    if data["engines"]:
+        listed += [g["file"] for g in data["engines"]["graphs"].values()]
+    data["parity"] = {"onnx": [r.to_dict() for r in report.parity if not r.name.startswith("engines")],
+                      "engines": [r.to_dict() for r in report.parity if r.name.startswith("engines")],
+                      "rule": rule}
+    data["files"] = listed
+    write_manifest(out, data)
     return report
 
 
-def _engines(model, out, files, specs, shapes, spec: EngineSpec, onnx_key, previous, report, progress):
+def _gate(results: list[ParityResult], progress: Callable[[str], None]) -> list[ParityResult]:
+    """One line per check; any failure stops the export before a manifest exists."""
+    for r in results:
+        progress(r.line())
+    if not all(results):
+        raise ParityGateError(results)
+    return results
+
+
+def _engines(model: IPIQA, out: Path, data: dict[str, Any], files, specs, shapes, options: ExportOptions,
+             onnx_key: str, previous: Optional[Manifest], report: ExportReport,
+             progress: Callable[[str], None]) -> dict[str, Any]:
     trt = require("tensorrt", extra="tensorrt")
+    spec = options.engine
     gpu = torch.cuda.get_device_name()
     cc = "{}.{}".format(*torch.cuda.get_device_capability())
     engine_key = _key(onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc)
@@ -256,24 +209,19 @@ def _engines(model, out, files, specs, shapes, spec: EngineSpec, onnx_key, previ
     if old and old.get("key") == engine_key:
         progress("TensorRT engines unchanged: reused")
         report.reused_engines = True
-        report.parity += [ParityResult(**{k: v for k, v in r.items() if k != "passed"}) for r in previous.data["parity"]["engines"]]
+        report.parity += [ParityResult.from_dict(r) for r in previous.data["parity"]["engines"]]
         return old
     (out / "engines").mkdir(exist_ok=True)
-    blobs, entry = {}, {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc, "precision": spec.precision,
-                        "batch": list(spec.batch), "workspace_gib": spec.workspace_gib, "key": engine_key, "graphs": {}}
+    entry = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc, "precision": spec.precision,
+             "batch": list(spec.batch), "workspace_gib": spec.workspace_gib, "key": engine_key, "graphs": {}}
     for name, onnx_file in files.items():
         start = time.perf_counter()
         profiles = input_profiles({i: shapes[i] for i in specs[name].inputs}, spec.batch)
-        blob, pinned = build_engine(out / onnx_file, profiles, spec, timing_cache=out / "engines" / "timing.cache")
+        blob = build_engine(out / onnx_file, profiles, spec, timing_cache=out / "engines" / "timing.cache")
         rel = f"engines/{name}.{spec.precision}.plan"
         (out / rel).write_bytes(blob)
-        blobs[name] = blob
-        entry["graphs"][name] = {"file": rel, "fp32_layers": pinned}
-        progress(f"built {rel} ({time.perf_counter() - start:.1f}s, {len(pinned)} layers pinned to FP32)")
-    results = engine_parity(model, blobs, spec.precision)
-    for r in results:
-        progress(r.line())
-    report.parity += results
-    if not all(results):
-        raise ParityGateError(results)
+        entry["graphs"][name] = {"file": rel}
+        progress(f"built {rel} ({time.perf_counter() - start:.1f}s)")
+    manifest = Manifest(out, {**data, "engines": entry, "precision": spec.precision})
+    report.parity += _gate(engine_parity(model, manifest, override=options.tolerance_override), progress)
     return entry

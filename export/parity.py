@@ -1,23 +1,93 @@
 """Parity of exported graphs against the PyTorch reference, as objects that say whether they passed.
 
-FP32 graphs: max abs diff <= 1e-4, relative to the reference's scale (``max(1, score range)`` for
-scores, ``max(1, max |ref|)`` for intermediate tensors). FP16 engines: <= 2e-2 absolute on MOS-scale
-scores and Spearman >= 0.999 over 64 generated inputs.
+The tolerance of every check comes from one rule (:func:`check_tolerance`):
+
+* a fixed part, as before: FP32 ``1e-4 x max(1, scale)`` (``scale`` = score range for scores, ``max |ref|``
+  for intermediate tensors); FP16 ``2e-2`` absolute, plus Spearman >= 0.999 on scores over 64 inputs;
+* a measured part: the reference's own FP32 error on the gate inputs (the *floor*: ``max |ref_fp32 -
+  ref_fp64|``, the same PyTorch model run in float64), times :data:`FLOOR_MULTIPLE`.
+
+The tolerance is the larger of the two. A model whose head is steep loses digits in FP32 whatever runs
+it; the floor says how many, so the gate never asks the export for more than the reference can deliver,
+while a wrong graph (another activation, a shifted position table) still misses by orders of magnitude.
+An explicit override (``ipiqa-export --atol/--rtol``) replaces the rule and is recorded with each check.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from ipiqa.training.metrics import srcc as spearman  # one rank implementation, checked against scipy
 
-__all__ = ["ParityResult", "compare", "spearman", "FP32_TOL", "FP16_ATOL", "FP16_SPEARMAN"]
+__all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "FP32_TOL", "FP16_ATOL",
+           "FP16_SPEARMAN", "FLOOR_MULTIPLE", "rule_record"]
 
 FP32_TOL = 1e-4
 FP16_ATOL = 2e-2
 FP16_SPEARMAN = 0.999
+FLOOR_MULTIPLE = 4.0
+"""k in ``tolerance = max(fixed, k x floor)``.
+
+Two FP32 implementations that are each within ``floor`` of the float64 result differ from each other by
+up to ``2 x floor`` (triangle inequality): that is the least k can be. The other factor 2 is headroom for
+what makes the exported graph's own error larger than the reference's: graph optimizers fuse and
+reassociate reductions (MatMul+Add, LayerNorm, attention, implicit-GEMM or Winograd convolutions) with
+other error constants than PyTorch's kernels, and the floor is a maximum over a handful of inputs, not a
+bound. Measured through the ORT CPU backend: max |d| / floor up to 2.7 where the floor is a few ulps
+(there the fixed part governs by three orders of magnitude), 0.6-0.8 on the steep-head test model where
+the floor governs. The floor is measured per check, so a steep head raises the score checks only: the
+intermediate tensors (feature map, embeddings) keep their own, small floors, and a wrong graph upstream
+of the head (another activation, a shifted position table) still fails there.
+"""
+
+
+@dataclass(frozen=True)
+class ToleranceOverride:
+    """A user's explicit tolerance (``--atol``/``--rtol``): ``atol + rtol x scale`` replaces the rule."""
+
+    atol: float = 0.0
+    rtol: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+
+    def describe(self) -> str:
+        return f"--atol {self.atol:g} --rtol {self.rtol:g}"
+
+    def to_dict(self) -> dict[str, float]:
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+def check_tolerance(scale: float, floor: Optional[float], precision: str = "fp32",
+                    override: Optional[ToleranceOverride] = None) -> tuple[float, float]:
+    """The gate's one tolerance rule: ``(tolerance, fixed part)`` of one check.
+
+    ``scale`` is the score range (scores) or ``max |ref|`` (tensors); ``floor`` the reference's own FP32
+    error on the same inputs (None: not measured, the fixed part alone). An override replaces the rule.
+    """
+    if precision == "fp16":
+        fixed = FP16_ATOL  # absolute, on MOS-scale scores and on embeddings alike
+    elif precision == "fp32":
+        fixed = FP32_TOL * max(1.0, scale)
+    else:
+        raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+    if override is not None:
+        return override.atol + override.rtol * scale, fixed
+    if floor is None or not np.isfinite(floor):  # a non-finite reference must not loosen anything
+        return fixed, fixed
+    return max(fixed, FLOOR_MULTIPLE * floor), fixed
+
+
+def rule_record(override: Optional[ToleranceOverride] = None) -> dict[str, Any]:
+    """The rule's constants (and any override) as the manifest records them beside the checks."""
+    return {"fp32_tol": FP32_TOL, "fp16_atol": FP16_ATOL, "fp16_spearman": FP16_SPEARMAN,
+            "floor_multiple": FLOOR_MULTIPLE, "tolerance": "max(fixed, floor_multiple x floor)",
+            "override": override.to_dict() if override else None}
 
 
 @dataclass(frozen=True)
@@ -29,6 +99,10 @@ class ParityResult:
     tolerance: float
     spearman: Optional[float] = None
     spearman_min: Optional[float] = None
+    floor: Optional[float] = None  # max |ref_fp32 - ref_fp64|: what FP32 can promise for this model
+    fixed_tolerance: Optional[float] = None  # the fixed part of the rule
+    floor_multiple: Optional[float] = None  # k in max(fixed, k x floor)
+    override: Optional[ToleranceOverride] = None  # set when --atol/--rtol replaced the rule
 
     @property
     def passed(self) -> bool:
@@ -41,30 +115,61 @@ class ParityResult:
         return self.passed
 
     def line(self) -> str:
+        """One log line: the difference, the tolerance and where it came from (fixed part, floor, override)."""
         rho = "" if self.spearman is None else f"  spearman {self.spearman:.5f} (min {self.spearman_min})"
+        if self.override is not None:
+            source = f"OVERRIDE {self.override.describe()}"
+        elif self.floor is not None and self.floor_multiple is not None:
+            source = f"max(fixed {self.fixed_tolerance:.1e}, {self.floor_multiple:g} x floor)"
+        else:
+            source = "fixed"
+        floor = "" if self.floor is None else f"  floor {self.floor:.2e}"
         return (f"{'PASS' if self.passed else 'FAIL'}  {self.name:<34} max|d| {self.max_abs:.3e} "
-                f"(tol {self.tolerance:.1e})  mean|d| {self.mean_abs:.2e}  max rel {self.max_rel:.2e}{rho}")
+                f"(tol {self.tolerance:.1e} = {source}){floor}  mean|d| {self.mean_abs:.2e}  "
+                f"max rel {self.max_rel:.2e}{rho}")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "max_abs": self.max_abs, "mean_abs": self.mean_abs, "max_rel": self.max_rel,
-                "tolerance": self.tolerance, "spearman": self.spearman, "passed": self.passed}
+                "tolerance": self.tolerance, "spearman": self.spearman, "spearman_min": self.spearman_min,
+                "floor": self.floor, "fixed_tolerance": self.fixed_tolerance, "floor_multiple": self.floor_multiple,
+                "override": self.override.to_dict() if self.override else None, "passed": self.passed}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "ParityResult":
+        """A stored manifest record (older ones lack the floor fields); ``passed`` is recomputed, not trusted."""
+        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        if known.get("override") is not None:
+            known["override"] = ToleranceOverride(**known["override"])
+        return cls(**known)
 
 
-def compare(name: str, ref: np.ndarray, out: np.ndarray, scores: bool = False, fp16: bool = False) -> ParityResult:
-    """Compare one output. ``scores`` scales the FP32 tolerance by the score range; ``fp16`` uses the FP16 gate."""
+def compare(name: str, ref: np.ndarray, out: np.ndarray, scores: bool = False, fp16: bool = False,
+            ref64: Optional[np.ndarray] = None, override: Optional[ToleranceOverride] = None) -> ParityResult:
+    """Compare one output with the FP32 reference ``ref``.
+
+    ``ref64``: the same reference in float64 on the same inputs; ``max |ref - ref64|`` is the floor the
+    rule raises the tolerance to. ``scores`` measures scale by the score range; ``fp16`` uses the FP16
+    gate (and, for scores, the Spearman minimum).
+    """
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    floor = None
+    if ref64 is not None:
+        ref64 = np.asarray(ref64, np.float64)
+        floor = float(np.abs(ref - ref64).max(initial=0.0)) if ref64.shape == ref.shape else float("inf")
     if ref.shape != out.shape:
-        return ParityResult(f"{name} shape {out.shape} != {ref.shape}", float("inf"), float("inf"), float("inf"), 0.0)
+        return ParityResult(f"{name} shape {out.shape} != {ref.shape}", float("inf"), float("inf"), float("inf"), 0.0,
+                            floor=floor)
     diff = np.abs(ref - out)
     max_abs = float(diff.max()) if diff.size else 0.0
     if not np.all(np.isfinite(out)):
         max_abs = float("inf")
     max_rel = float((diff / np.maximum(np.abs(ref), 1e-6)).max()) if diff.size else 0.0
-    if fp16:
-        rho = None
-        if scores and ref.ndim == 2 and len(ref) > 2:  # the worst score column decides
-            rho = min(spearman(ref[:, j], out[:, j]) for j in range(ref.shape[1]))
-        return ParityResult(name, max_abs, float(diff.mean()), max_rel, FP16_ATOL, rho,
-                            FP16_SPEARMAN if rho is not None else None)
-    scale = float(np.ptp(ref)) if scores else float(np.abs(ref).max(initial=0.0))
-    return ParityResult(name, max_abs, float(diff.mean()) if diff.size else 0.0, max_rel, FP32_TOL * max(1.0, scale))
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    scale = float(np.ptp(ref)) if scores and ref.size else float(np.abs(ref).max(initial=0.0))
+    tolerance, fixed = check_tolerance(scale, floor, "fp16" if fp16 else "fp32", override)
+    rho = rho_min = None
+    if fp16 and scores and ref.ndim == 2 and len(ref) > 2:  # the worst score column decides
+        rho = min(spearman(ref[:, j], out[:, j]) for j in range(ref.shape[1]))
+        rho_min = FP16_SPEARMAN
+    return ParityResult(name, max_abs, mean_abs, max_rel, tolerance, rho, rho_min, floor, fixed,
+                        FLOOR_MULTIPLE if floor is not None else None, override)

@@ -1,0 +1,189 @@
+"""The parity gate: the bundle, run through the runtime's own backends, against the PyTorch reference.
+
+The gate drives exactly the objects that will score users' images (``OrtBackend`` on CPU for the ONNX
+graphs, ``TrtBackend`` for engines), built from the manifest the export is about to write, so what
+passes here is the code path a user runs. The reference is the straightforward (authors') computation
+in FP32, and the same model in float64 on the same inputs measures the reference's own FP32 error: the
+floor the tolerance rule in :mod:`.parity` builds on.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ipiqa.bundle import Manifest
+from ipiqa.config import IPIQAConfig
+from ipiqa.model import IPIQA, exact_pooling, tokenize
+
+from .parity import ParityResult, ToleranceOverride, compare
+
+if TYPE_CHECKING:
+    from ipiqa.runtime.backends import Backend
+
+__all__ = ["PARITY_PROMPTS", "GateInputs", "gate_inputs", "onnx_parity", "engine_parity"]
+
+PARITY_PROMPTS = (
+    "",  # empty prompt: [SOT, EOT]
+    "a photo of a cat wearing a tiny hat",
+    " ".join(["highly detailed fantasy landscape with castles"] * 30),  # ~200 words: truncation at 77
+    "日本の桜、水彩画 — café &amp; émoji 🎨",  # CJK, HTML entity, emoji
+)
+
+
+@dataclass(frozen=True)
+class GateInputs:
+    """One set of gate inputs, as the bundle's graphs take them and as the PyTorch model takes them.
+
+    Today both sides take the same normalized float images; when the image graph's input changes
+    (e.g. to uint8 NHWC with normalization inside), only :func:`gate_inputs` changes.
+    """
+
+    image: np.ndarray  # the image graph's ``image`` input
+    tokens: np.ndarray  # the text graph's ``tokens`` input, int64 (B, context_length)
+    model_images: torch.Tensor  # the same images as ``IPIQA.encode_image`` takes them
+
+    @property
+    def model_tokens(self) -> torch.Tensor:
+        return torch.from_numpy(self.tokens)
+
+    def slice(self, start: int, stop: int) -> "GateInputs":
+        return GateInputs(self.image[start:stop], self.tokens[start:stop], self.model_images[start:stop])
+
+
+def gate_inputs(cfg: IPIQAConfig, n: int, seed: int = 0) -> GateInputs:
+    """Seeded images (already on the normalized scale) and tokens cycling through the adversarial prompts."""
+    r = cfg.resolution
+    image = np.random.default_rng(seed).standard_normal((n, 3, r, r), dtype=np.float32)
+    prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] + ("" if i < len(PARITY_PROMPTS) else f" {i}") for i in range(n)]
+    return GateInputs(image, tokenize(prompts, cfg.context_length).numpy(), torch.from_numpy(image))
+
+
+@dataclass
+class _Reference:
+    """One reference output in FP32 and in float64 (the floor is their difference)."""
+
+    fp32: np.ndarray
+    fp64: np.ndarray
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+@contextmanager
+def _no_tf32() -> Iterator[None]:
+    """The FP32 reference in true FP32: cuDNN convolutions default to TF32 on Ampere and later GPUs."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@torch.no_grad()
+def _references(model: IPIQA, model64: IPIQA, x: GateInputs, device: str) -> dict[str, _Reference]:
+    """Every checked tensor, in FP32 and float64. Fusion's float64 run gets the FP32 intermediates the graph
+    gets, so its floor is the fusion step's own error; end to end runs float64 throughout."""
+    images, tokens = x.model_images.to(device), x.model_tokens.to(device)
+    text_on = model.cfg.text
+    with exact_pooling(model), exact_pooling(model64), _no_tf32():
+        fmap, emb = model.encode_image(images)
+        text = model.encode_text(tokens) if text_on else None
+        scores = model.fuse(fmap, emb, text)
+        fmap64, emb64 = model64.encode_image(images.double())
+        text64 = model64.encode_text(tokens) if text_on else None
+        fused64 = model64.fuse(fmap.double(), emb.double(), text.double() if text_on else None)
+        e2e64 = model64.fuse(fmap64, emb64, text64)
+    out = {"feature_map": _Reference(_np(fmap), _np(fmap64)), "image_embedding": _Reference(_np(emb), _np(emb64)),
+           "fusion": _Reference(_np(scores), _np(fused64)), "end_to_end": _Reference(_np(scores), _np(e2e64))}
+    if text_on:
+        out["text_embedding"] = _Reference(_np(text), _np(text64))
+    return out
+
+
+def _float64_copy(model: IPIQA) -> IPIQA:
+    """The same weights in float64: the model itself is left as the caller has it."""
+    return copy.deepcopy(model).double().eval()
+
+
+def onnx_parity(model: IPIQA, manifest: Manifest, n: int = 4,
+                override: Optional[ToleranceOverride] = None) -> list[ParityResult]:
+    """The ONNX graphs through the runtime's ``OrtBackend`` (CPU): each graph, then the three composed."""
+    from ipiqa.runtime.backends.ort import OrtBackend
+
+    model = model.eval()
+    x = gate_inputs(model.cfg, n)
+    ref = _references(model, _float64_copy(model), x, "cpu")
+    backend = OrtBackend(manifest, "cpu")
+    try:
+        image_side = backend.encode_image(x.image)
+        results = [compare("image_encoder/feature_map", ref["feature_map"].fp32, image_side["feature_map"],
+                           ref64=ref["feature_map"].fp64, override=override),
+                   compare("image_encoder/image_embedding", ref["image_embedding"].fp32, image_side["image_embedding"],
+                           ref64=ref["image_embedding"].fp64, override=override)]
+        feeds, text, text_ref = {"image_embedding": ref["image_embedding"].fp32}, None, None
+        if model.cfg.text:
+            text = backend.encode_text(x.tokens)
+            results.append(compare("text_encoder/text_embedding", ref["text_embedding"].fp32, text,
+                                   ref64=ref["text_embedding"].fp64, override=override))
+            feeds["feature_map"], text_ref = ref["feature_map"].fp32, ref["text_embedding"].fp32
+        results.append(compare("fusion/scores", ref["fusion"].fp32, backend.fuse(feeds, text_ref), scores=True,
+                               ref64=ref["fusion"].fp64, override=override))
+        results.append(compare("end_to_end/scores", ref["end_to_end"].fp32, backend.fuse(image_side, text),
+                               scores=True, ref64=ref["end_to_end"].fp64, override=override))
+    finally:
+        backend.close()
+    return results
+
+
+def engine_parity(model: IPIQA, manifest: Manifest, n: int = 64, batch: int = 16,
+                  override: Optional[ToleranceOverride] = None, backend: Optional["Backend"] = None,
+                  device: str = "cuda") -> list[ParityResult]:
+    """The engines through the runtime's ``TrtBackend``: text embedding and end-to-end scores over about ``n``
+    generated inputs, against the FP32 reference on ``device`` (TF32 off). ``encode_image`` keeps the image
+    side on the device, so the image encoder is checked through the scores it feeds.
+
+    ``backend``: an already open runtime backend to check instead (it is closed here).
+    """
+    precision = manifest.data["engines"]["precision"]
+    lo, _, hi = manifest.data["engines"]["batch"]
+    batch = min(max(batch, lo), hi)  # every chunk inside the engines' profile
+    n = batch * -(-n // batch)
+    model = model.eval().to(device)
+    model64 = _float64_copy(model)
+    x = gate_inputs(model.cfg, n, seed=1)
+    if backend is None:
+        from ipiqa.runtime.backends.trt import TrtBackend
+
+        backend = TrtBackend(manifest)
+    fp16 = precision != "fp32"  # reduced precision (fp16, int8) is held to the FP16 bounds and ranking
+    refs: dict[str, list[_Reference]] = {"end_to_end": [], "text_embedding": []}
+    outs: dict[str, list[np.ndarray]] = {"end_to_end": [], "text_embedding": []}
+    try:
+        for i in range(0, n, batch):
+            chunk = x.slice(i, i + batch)
+            ref = _references(model, model64, chunk, device)
+            text = backend.encode_text(chunk.tokens) if model.cfg.text else None
+            if text is not None:
+                refs["text_embedding"].append(ref["text_embedding"])
+                outs["text_embedding"].append(text)
+            handle = backend.encode_image(chunk.image)
+            refs["end_to_end"].append(ref["end_to_end"])
+            outs["end_to_end"].append(backend.fuse(handle, text))
+    finally:
+        backend.close()
+    results = []
+    for key, label, scores in (("text_embedding", "text_embedding", False), ("end_to_end", "scores", True)):
+        if not refs[key]:
+            continue
+        ref32 = np.concatenate([r.fp32 for r in refs[key]])
+        ref64 = np.concatenate([r.fp64 for r in refs[key]])
+        results.append(compare(f"engines[{precision}]/{label}", ref32, np.concatenate(outs[key]), scores=scores,
+                               fp16=fp16, ref64=ref64, override=override))
+    return results
