@@ -91,7 +91,7 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
     """name -> (fn(images, prompts), note, owner with cache/close) ; fn None = not available, note says why."""
     import torch
 
-    from ipiqa.model import exact_pooling, tokenize
+    from ipiqa.model import exact_pooling, normalize_pixels, tokenize
     from ipiqa.runtime.scorer import Scorer
 
     device = "cuda" if cuda else "cpu"
@@ -101,7 +101,8 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
 
     def reference(images, prompts):
         with torch.inference_mode(), exact_pooling(ref_model):  # authors' way: prompt re-encoded per image
-            return ref_model(torch.from_numpy(images).to(device), tokenize(prompts).to(device)).cpu()
+            pixels = normalize_pixels(torch.from_numpy(images).to(device))  # the host's float work, on the device
+            return ref_model(pixels, tokenize(prompts).to(device)).cpu()
 
     out["reference-eager-fp32"] = (reference, "FP32 eager, exact pools, prompt encoded per image", None)
 
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     runs, engine_rate = [], {}
     for batch in batches:
-        images = rng.standard_normal((batch, 3, cfg.resolution, cfg.resolution), dtype=np.float32)
+        images = rng.integers(0, 256, (batch, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
         anchor = None
         for name, (fn, note, _) in runners.items():
             row = {"backend": name, "batch": batch, "note": note}

@@ -149,7 +149,7 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
                 progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
         tokenizer = _tokenizer_files(out)
 
-    shapes = {"image": (None, 3, cfg.resolution, cfg.resolution), "tokens": (None, cfg.context_length),
+    shapes = {"image": (None, cfg.resolution, cfg.resolution, 3), "tokens": (None, cfg.context_length),
               "feature_map": (None, cfg.feature_dim, cfg.grid, cfg.grid), "image_embedding": (None, cfg.embed_dim),
               "text_embedding": (None, cfg.embed_dim)}
     data: dict[str, Any] = {
@@ -157,7 +157,8 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
         "config": cfg.to_dict(),
         "outputs": list(cfg.outputs),
         "preprocess": {"resolution": cfg.resolution, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-                       "resize": RESIZE_FILTER, "convert": "RGB", "layout": "NCHW", "scale": "1/255"},
+                       "resize": RESIZE_FILTER, "convert": "RGB", "layout": "NHWC", "dtype": "uint8",
+                       "normalize": "in the image graph: x / 255, then (x - mean) / std, float32"},
         "tokenizer": tokenizer,
         "onnx": {"opset": options.opset, "precision": "fp32",
                  "pooling": "single_query" if options.single_query_pooling else "exact",

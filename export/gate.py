@@ -18,7 +18,7 @@ import torch
 
 from ipiqa.bundle import Manifest
 from ipiqa.config import IPIQAConfig
-from ipiqa.model import IPIQA, exact_pooling, tokenize
+from ipiqa.model import IPIQA, exact_pooling, normalize_pixels, tokenize
 
 from .parity import ParityResult, ToleranceOverride, compare
 
@@ -39,11 +39,11 @@ PARITY_PROMPTS = (
 class GateInputs:
     """One set of gate inputs, as the bundle's graphs take them and as the PyTorch model takes them.
 
-    Today both sides take the same normalized float images; when the image graph's input changes
-    (e.g. to uint8 NHWC with normalization inside), only :func:`gate_inputs` changes.
+    The image graph takes uint8 (B, R, R, 3) and normalizes inside; the model side gets the same pixels
+    normalized by ``ipiqa.model.normalize_pixels``, so the graph's normalization is checked too.
     """
 
-    image: np.ndarray  # the image graph's ``image`` input
+    image: np.ndarray  # the image graph's ``image`` input: uint8 (B, R, R, 3)
     tokens: np.ndarray  # the text graph's ``tokens`` input, int64 (B, context_length)
     model_images: torch.Tensor  # the same images as ``IPIQA.encode_image`` takes them
 
@@ -56,11 +56,11 @@ class GateInputs:
 
 
 def gate_inputs(cfg: IPIQAConfig, n: int, seed: int = 0) -> GateInputs:
-    """Seeded images (already on the normalized scale) and tokens cycling through the adversarial prompts."""
+    """Seeded uint8 images (every value 0..255 occurs) and tokens cycling through the adversarial prompts."""
     r = cfg.resolution
-    image = np.random.default_rng(seed).standard_normal((n, 3, r, r), dtype=np.float32)
+    image = np.random.default_rng(seed).integers(0, 256, (n, r, r, 3), dtype=np.uint8)
     prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] + ("" if i < len(PARITY_PROMPTS) else f" {i}") for i in range(n)]
-    return GateInputs(image, tokenize(prompts, cfg.context_length).numpy(), torch.from_numpy(image))
+    return GateInputs(image, tokenize(prompts, cfg.context_length).numpy(), normalize_pixels(torch.from_numpy(image)))
 
 
 @dataclass

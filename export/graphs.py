@@ -40,12 +40,14 @@ def graph_specs(model: IPIQA) -> dict[str, GraphSpec]:
 
 
 class ImageEncoderGraph(nn.Module):
+    """uint8 (B, R, R, 3) as the host decodes and resizes it; cast, /255 and mean/std run inside the graph."""
+
     def __init__(self, model: IPIQA):
         super().__init__()
         self.model = model
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.encode_image(image)
+        return self.model.encode_pixels(image)
 
 
 class TextEncoderGraph(nn.Module):

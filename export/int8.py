@@ -34,7 +34,7 @@ import numpy as np
 
 from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import preprocess_file
+from ipiqa.runtime.pipeline import load_input
 
 from .fp16 import PRECISION_KEY, CosineResult, cosine_result, ort_session, run_graphs, scores_spread, with_spread_note
 
@@ -117,9 +117,9 @@ def settings_for(target: str, **overrides) -> QuantSettings:
 # --- calibration images ------------------------------------------------------------------------------
 
 def image_input(path: Union[str, Path], resolution: int) -> np.ndarray:
-    """One file as the image graph takes it. The only place that knows the graph's input format (today
-    normalized float32 CHW; change here when the graph takes uint8 NHWC)."""
-    return preprocess_file(path, resolution)
+    """One file as the image graph takes it: uint8 (R, R, 3), decoded and exactly resized (the runtime's own
+    ``load_input``), so calibration sees what scoring will."""
+    return load_input(str(path), resolution)
 
 
 def image_files(source: Union[str, Path]) -> list[Path]:

@@ -1,6 +1,6 @@
 """A Triton Inference Server model repository from a bundle.
 
-    ipiqa_preprocess     python backend: image bytes + prompt -> normalized image + token ids
+    ipiqa_preprocess     python backend: image bytes + prompt -> uint8 resized image + token ids
     ipiqa_image_encoder  onnxruntime (or tensorrt) : image -> feature_map, image_embedding
     ipiqa_text_encoder   onnxruntime (or tensorrt) : tokens -> text_embedding
     ipiqa_fusion         onnxruntime (or tensorrt) : feature_map, image_embedding, text_embedding -> scores
@@ -22,7 +22,7 @@ from ipiqa.errors import IPIQAError
 __all__ = ["write_triton_repository", "MODEL_NAMES"]
 
 MODEL_NAMES = {"image_encoder": "ipiqa_image_encoder", "text_encoder": "ipiqa_text_encoder", "fusion": "ipiqa_fusion"}
-_TYPES = {"tokens": "TYPE_INT64"}
+_TYPES = {"tokens": "TYPE_INT64", "image": "TYPE_UINT8"}
 
 
 def _tensor(name: str, dims: Sequence[int], dtype: str = "TYPE_FP32") -> str:
@@ -38,7 +38,7 @@ def _config(name: str, platform: str, max_batch: int, inputs: list[str], outputs
         f"instance_group [ {{ count: {instances} kind: {kind} }} ]", ""])
 
 
-PREPROCESS_MODEL = '''"""Triton python backend: IMAGE (encoded bytes) + PROMPT -> image (3, R, R) FP32 and tokens (L,) INT64.
+PREPROCESS_MODEL = '''"""Triton python backend: IMAGE (encoded bytes) + PROMPT -> image (R, R, 3) UINT8 and tokens (L,) INT64.
 
 Needs ipiqa installed in the server's Python environment (pip install ipiqa): the same preprocessing and
 tokenizer as the runtime, so Triton's scores equal the runtime's.
@@ -51,7 +51,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from PIL import Image
 
-from ipiqa.preprocess import preprocess
+from ipiqa.preprocess import resized
 from ipiqa.runtime.tokenizer import ClipTokenizer
 
 
@@ -72,7 +72,7 @@ class TritonPythonModel:
             try:
                 blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
                 prompts = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)
-                images = np.stack([preprocess(Image.open(BytesIO(bytes(b))), self.resolution) for b in blobs])
+                images = np.stack([resized(Image.open(BytesIO(bytes(b))), self.resolution) for b in blobs])
                 tokens = self.tokenizer([_text(p) for p in prompts])
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("image", images), pb_utils.Tensor("tokens", tokens)]))
@@ -142,7 +142,7 @@ def write_triton_repository(manifest: Manifest, out: Path, backend: str = "onnxr
     (out / "ipiqa_preprocess" / "config.pbtxt").write_text("\n".join([
         'name: "ipiqa_preprocess"', 'backend: "python"', f"max_batch_size: {max_batch}",
         "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
-        "output [", _tensor("image", shapes["image"]) + ",", _tensor("tokens", shapes["tokens"], "TYPE_INT64"), "]",
+        "output [", _tensor("image", shapes["image"], "TYPE_UINT8") + ",", _tensor("tokens", shapes["tokens"], "TYPE_INT64"), "]",
         f'parameters {{ key: "resolution" value {{ string_value: "{cfg.resolution}" }} }}',
         f'parameters {{ key: "context_length" value {{ string_value: "{cfg.context_length}" }} }}',
         f"instance_group [ {{ count: {max(2, instances)} kind: KIND_CPU }} ]", ""]))

@@ -18,7 +18,9 @@ from .errors import BundleError
 __all__ = ["BUNDLE_FORMAT", "GRAPHS", "Manifest", "sha256_file", "read_bundle", "write_manifest",
            "check_graph_metadata", "check_engine_compat", "parse_batch_profile"]
 
-BUNDLE_FORMAT = "ipiqa-bundle/1"
+# 2: the image graph takes uint8 (B, R, R, 3) and normalizes inside. Format 1 bundles (float32 NCHW input) are
+# refused with the rebuild command rather than served: one input layout, one host path.
+BUNDLE_FORMAT = "ipiqa-bundle/2"
 GRAPHS = ("image_encoder", "text_encoder", "fusion")
 METADATA_CONFIG_KEY = "ipiqa.config"
 REBUILD = "rebuild it with: ipiqa-export MODEL.safetensors -o BUNDLE"
@@ -130,8 +132,9 @@ def check_graph_metadata(manifest: Manifest, name: str, metadata: Mapping[str, s
     if name == "image_encoder":
         r = manifest.config.resolution
         shape = list(input_shapes.get("image", []))
-        if shape[2:] != [r, r]:
-            raise BundleError(f"{manifest.graph_path(name)}: image input is {shape}, manifest says {r}x{r}; {REBUILD}")
+        if shape[1:] != [r, r, 3]:
+            raise BundleError(f"{manifest.graph_path(name)}: image input is {shape}, expected (batch, {r}, {r}, 3) "
+                              f"uint8; {REBUILD}")
 
 
 def check_engine_compat(manifest: Manifest, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:

@@ -22,7 +22,7 @@ from .config import CLIP_MEAN, CLIP_STD, IPIQAConfig
 from .heads import build_head
 from .pooling import CrossModalAttentionPool, visual_pool
 
-__all__ = ["IPIQA", "tokenize", "exact_pooling", "pooling_mode"]
+__all__ = ["IPIQA", "tokenize", "exact_pooling", "pooling_mode", "normalize_pixels"]
 
 _TOKENIZER: Optional[SimpleTokenizer] = None
 
@@ -48,6 +48,19 @@ def pooling_mode(model: "IPIQA", single_query: bool) -> Iterator["IPIQA"]:
 def exact_pooling(model: "IPIQA"):
     """The straightforward pooling (the authors' computation) inside the block."""
     return pooling_mode(model, single_query=False)
+
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, R, R, 3), as decoded and resized, -> CLIP-normalized float32 (B, 3, R, R).
+
+    The reference's float32 order (torchvision ToTensor's x / 255, then Normalize's (x - mean) / std), so the
+    result equals the host preprocessing bit for bit. The exported image graph starts with this, so only uint8
+    crosses to the device (4x fewer bytes than float32), and the NCHW view it returns is channels-last in memory.
+    """
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return (x - mean) / std
 
 
 class IPIQA(nn.Module):
@@ -81,23 +94,10 @@ class IPIQA(nn.Module):
         # Both pools have one query; True uses the exact single-query rewrite (pooling.single_query_attention),
         # False the straightforward attention over all tokens, which parity is checked against.
         self.single_query_pooling = True
-        # Not in the state dict: constants of the preprocessing, not weights.
-        self.register_buffer("pixel_mean", torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, R, R, 3), as decoded and resized, -> CLIP-normalized float32 (B, 3, R, R).
-
-        The reference's float32 order (torchvision ToTensor's x / 255, then Normalize's (x - mean) / std), so the
-        result equals the host preprocessing bit for bit; the exported image graph starts with this, so only
-        uint8 crosses to the device (4x fewer bytes than float32).
-        """
-        x = pixels.permute(0, 3, 1, 2).to(torch.float32) / 255.0
-        return (x - self.pixel_mean.float()) / self.pixel_std.float()
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, R, R, 3) -> ``encode_image`` of the normalized images (in the model's dtype)."""
-        return self.encode_image(self.normalize(pixels).to(self.visual.conv1.weight.dtype))
+        """uint8 (B, R, R, 3), as decoded and resized -> ``encode_image`` of the normalized images."""
+        return self.encode_image(normalize_pixels(pixels).to(self.visual.conv1.weight.dtype))
 
     def trunk(self, images: torch.Tensor) -> torch.Tensor:
         v = self.visual

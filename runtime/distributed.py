@@ -83,8 +83,8 @@ class _Decode:
             x, err = decode_row(_row(batch, i), self.resolution, self.needs_prompt)
             pixels.append(x)
             errors.append(err or "")
-        shape = next((x.shape for x in pixels if x is not None), (3, self.resolution, self.resolution))
-        stacked = np.stack([x if x is not None else np.zeros(shape, np.float32) for x in pixels])
+        blank = np.zeros((self.resolution, self.resolution, 3), np.uint8)  # the slot of an error row
+        stacked = np.stack([x if x is not None else blank for x in pixels])
         return {**batch, "pixels": stacked, "error": np.array(errors, dtype=object)}
 
 

@@ -16,15 +16,16 @@ from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
 import numpy as np
 
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import preprocess_file
+from ipiqa.preprocess import load_resized
 
 from .rows import Result, Row, finish, load_pixels, row_error, scoring_failed
 
 __all__ = ["BatchScorer", "RunSummary", "score_rows", "load_input", "decode_row"]
 log = logging.getLogger(__name__)
 
-# What ``BatchScorer.score_arrays`` takes for one image file: the one place that decides it.
-load_input: Callable[[str, int], np.ndarray] = preprocess_file
+# What ``BatchScorer.score_arrays`` takes for one image file, the one place that decides it: uint8 (R, R, 3),
+# decoded and exactly resized; the image graph normalizes on the device.
+load_input: Callable[[str, int], np.ndarray] = load_resized
 
 
 class BatchScorer(Protocol):
@@ -34,7 +35,7 @@ class BatchScorer(Protocol):
     needs_prompt: bool
 
     def score_arrays(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """A batch of ``load_input`` arrays + B prompts -> (B, N) float scores."""
+        """uint8 (B, R, R, 3) images (``load_input``'s) + B prompts -> (B, N) float scores."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ipiqa.bundle import Manifest, read_bundle
 from ipiqa.config import IPIQAConfig
 from ipiqa.device import Device, parse_device
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import preprocess
+from ipiqa.preprocess import resized
 
 from .backends import Backend
 from .cache import PromptCache
@@ -121,11 +121,11 @@ class Scorer:
         return self.cfg.outputs
 
     def score_arrays(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """Preprocessed (B, 3, R, R) images + B prompts -> (B, N); split to the engine's max batch."""
+        """uint8 (B, R, R, 3) images + B prompts -> (B, N); split to the engine's max batch."""
         step = self.backend.max_batch or len(images) or 1
         out = []
         for i in range(0, len(images), step):
-            x = np.ascontiguousarray(images[i:i + step], dtype=np.float32)
+            x = np.ascontiguousarray(images[i:i + step], dtype=np.uint8)
             side = self.backend.encode_image(x)
             text = self.cache.lookup(self.tokenizer(prompts[i:i + step]), self.backend.encode_text) if self.cfg.text else None
             out.append(np.asarray(self.backend.fuse(side, text), dtype=np.float32))
@@ -134,12 +134,13 @@ class Scorer:
     # -- public API
     def _pixels(self, image: ImageInput) -> np.ndarray:
         if isinstance(image, np.ndarray):
-            expected = (3, self.resolution, self.resolution)
-            if image.shape != expected:
-                raise IPIQAError(f"array of shape {image.shape}, expected {expected}")
-            return image.astype(np.float32)
+            expected = (self.resolution, self.resolution, 3)
+            if image.shape != expected or image.dtype != np.uint8:
+                raise IPIQAError(f"array of shape {image.shape} {image.dtype}, expected uint8 {expected} (decoded and "
+                                 "resized, as ipiqa.preprocess.load_resized returns)")
+            return image
         if isinstance(image, Image.Image):
-            return preprocess(image, self.resolution)
+            return resized(image, self.resolution)
         return load_input(str(image), self.resolution)
 
     def score(self, images: Sequence[ImageInput], prompts: Optional[Sequence[Optional[str]]] = None) -> list[dict]:

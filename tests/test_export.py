@@ -62,10 +62,10 @@ def test_each_graph_matches_its_module_at_batch_1_and_7(exported, batch):
     model, _, report = exported
     _, run = _sessions(report.bundle)
     r = model.cfg.resolution
-    x = torch.randn(batch, 3, r, r, generator=torch.Generator().manual_seed(batch))
+    x = torch.randint(0, 256, (batch, r, r, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(batch))
     tokens = tokenize([f"prompt number {i}" for i in range(batch)])
     with torch.no_grad():
-        fmap, emb = model.encode_image(x)
+        fmap, emb = model.encode_pixels(x)
         text = model.encode_text(tokens)
         scores = model.fuse(fmap, emb, text)
     fmap_o, emb_o = run["image_encoder"].run(None, {"image": x.numpy()})
@@ -104,12 +104,13 @@ def test_bare_sessions_composed_match_the_model_within_the_recorded_tolerance(ex
 def test_real_rn50_graphs_compose_to_model_forward(exported_rn50):
     model, _, report = exported_rn50
     _, run = _sessions(report.bundle)
-    x, tokens = torch.randn(3, 3, 224, 224), tokenize(["a cat", "", "ein Hund im Schnee"])
+    x = torch.randint(0, 256, (3, 224, 224, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tokens = tokenize(["a cat", "", "ein Hund im Schnee"])
     fmap, emb = run["image_encoder"].run(None, {"image": x.numpy()})
     (text,) = run["text_encoder"].run(None, {"tokens": tokens.numpy()})
     (scores,) = run["fusion"].run(None, {"feature_map": fmap, "image_embedding": emb, "text_embedding": text})
     with torch.no_grad():
-        ref = model(x, tokens).numpy()
+        ref = model.fuse(*model.encode_pixels(x), model.encode_text(tokens)).numpy()
     assert np.abs(scores - ref).max() <= 1e-4 * max(1.0, np.ptp(ref))
 
 

@@ -27,10 +27,10 @@ def export_graphs(model, out: Path) -> dict[str, Path]:
 
     model = model.eval()
     r = model.cfg.resolution
-    images = torch.randn(2, 3, r, r, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (2, r, r, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     tokens = tokenize(["a photo", "a cat"], model.cfg.context_length)
     with torch.no_grad():
-        fmap, emb = model.encode_image(images)
+        fmap, emb = model.encode_pixels(images)
         text = model.encode_text(tokens)
     examples = {"image_encoder": (images,), "text_encoder": (tokens,), "fusion": (fmap, emb, text)}
     specs, paths = graph_specs(model), {}
@@ -44,7 +44,7 @@ def export_graphs(model, out: Path) -> dict[str, Path]:
 def gate_feeds(cfg: IPIQAConfig, n: int = 16, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     from ipiqa.model import tokenize
 
-    images = np.random.default_rng(seed).standard_normal((n, 3, cfg.resolution, cfg.resolution), dtype=np.float32)
+    images = np.random.default_rng(seed).integers(0, 256, (n, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
     prompts = ["", "a photo of a cat wearing a tiny hat", "castles " * 40, "日本の桜 — café 🎨"]
     return images, tokenize([prompts[i % 4] + f" {i}" for i in range(n)], cfg.context_length).numpy()
 

@@ -16,7 +16,7 @@ from ipiqa.export.int8 import (  # noqa: E402
     SETTINGS_KEY, TARGETS, Int8GateError, QuantSettings, calibration_batches, image_files, image_input, int8_gate,
     quantize_and_gate, quantize_image_graph, settings_for,
 )
-from ipiqa.preprocess import preprocess_file  # noqa: E402
+from ipiqa.preprocess import load_resized  # noqa: E402
 
 R = 64  # the tiny model's resolution
 
@@ -59,7 +59,7 @@ def trained_like(model, images: np.ndarray):
             m.momentum = None  # cumulative average over the batch
     model.train()
     with torch.no_grad():
-        model.encode_image(torch.from_numpy(images))
+        model.encode_pixels(torch.from_numpy(images))
     model.eval()
     with torch.no_grad():
         for name, m in model.visual.named_modules():
@@ -117,8 +117,8 @@ def test_calibration_batches_are_the_exact_preprocessing_and_respect_the_size(tm
     files = write_images(tmp_path, 5, seed=3)
     batches = list(calibration_batches(files, R, size=4, batch=3))
     assert [len(b) for b in batches] == [3, 1]
-    np.testing.assert_array_equal(batches[0][0], preprocess_file(files[0], R))
-    np.testing.assert_array_equal(batches[1][0], preprocess_file(files[-1], R))  # spread over the whole list
+    np.testing.assert_array_equal(batches[0][0], load_resized(files[0], R))
+    np.testing.assert_array_equal(batches[1][0], load_resized(files[-1], R))  # spread over the whole list
 
 
 def test_cpu_int8_gate_passes_on_held_out_images_and_records_its_settings(setup):
@@ -148,7 +148,7 @@ def test_tensorrt_int8_graph_is_symmetric_s8s8_qdq_and_passes_the_gate(setup):
 
 def test_int8_gate_fails_after_calibrating_on_one_constant_image(setup):
     root, graphs, calibration, held, tokens, cfg = setup
-    grey = np.full((1, 3, R, R), 0.2, np.float32)
+    grey = np.full((1, R, R, 3), 128, np.uint8)
     out = root / "bad" / "image_encoder.int8.onnx"
     settings = quantize_image_graph(graphs["image_encoder"], out, [grey], "cpu")
     gate = int8_gate(graphs, out, settings, held, tokens, cfg.outputs)
@@ -158,7 +158,7 @@ def test_int8_gate_fails_after_calibrating_on_one_constant_image(setup):
 
 def test_an_unrescuable_int8_graph_raises_with_the_table_after_excluding_the_worst_layers(setup):
     root, graphs, calibration, held, tokens, cfg = setup
-    grey = np.full((1, 3, R, R), 0.2, np.float32)
+    grey = np.full((1, R, R, 3), 128, np.uint8)
     with pytest.raises(Int8GateError, match="image_encoder.int8.onnx: the INT8 gate failed on 16 held-out") as err:
         quantize_and_gate(graphs, root / "worse" / "image_encoder.int8.onnx", [grey], held, tokens, max_excluded=2)
     assert len(err.value.gate.settings.nodes_to_exclude) == 2  # the two most damaged layers were tried in FP32

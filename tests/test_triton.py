@@ -16,7 +16,7 @@ from PIL import Image
 from ipiqa.bundle import read_bundle
 from ipiqa.errors import IPIQAError
 from ipiqa.export.triton import MODEL_NAMES, write_triton_repository
-from ipiqa.preprocess import preprocess
+from ipiqa.preprocess import resized
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2", reason="needs ipiqa[triton]")
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -97,7 +97,7 @@ def test_preprocess_model_equals_the_runtime_preprocessing(repo, bundle, monkeyp
                                                           "PROMPT": request["PROMPT"]}])
     assert error is None and bad.startswith("ipiqa_preprocess:")
     image, tokens = (t.array for t in outputs)
-    assert np.array_equal(image[0], preprocess(img, 64))
+    assert image.dtype == np.uint8 and np.array_equal(image[0], resized(img, 64))
     assert tokens[0, :3].tolist()[0] == 49406 and tokens.shape == (1, 77)
 
 

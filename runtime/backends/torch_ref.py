@@ -38,16 +38,17 @@ class TorchBackend:
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.model = load_model(model_path).to(self.device, self.dtype, memory_format=self.memory_format).eval()
         self.cfg = self.model.cfg
-        self._encode_image = self.model.encode_image
+        self._encode_pixels = self.model.encode_pixels
         if compile:  # the trunk is ~95% of the FLOPs; text runs once per prompt and fusion is small
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._encode_image = torch.compile(self.model.encode_image, mode=mode, dynamic=False)
+            self._encode_pixels = torch.compile(self.model.encode_pixels, mode=mode, dynamic=False)
         self.name = f"torch-{self.device.type}{'-fp16' if fp16 else ''}{'-compiled' if compile else ''}"
 
     def encode_image(self, images: np.ndarray) -> Any:
-        x = self.torch.from_numpy(np.ascontiguousarray(images)).to(self.device, self.dtype)
+        # uint8 NHWC up (4x fewer bytes than float32); normalized on the device, channels-last by construction
+        x = self.torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(self.device, non_blocking=True)
         with self.torch.inference_mode():
-            feature_map, embedding = self._encode_image(x.contiguous(memory_format=self.memory_format))
+            feature_map, embedding = self._encode_pixels(x)
             return feature_map.clone(), embedding.clone()  # CUDA-graph outputs are overwritten by the next replay
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:

@@ -58,13 +58,13 @@ class TrtBackend:
         # One device buffer per tensor name at the profile's max batch; engines sharing a name share it.
         self.shapes = {k: tuple(v[1:]) for k, v in manifest.data["shapes"].items()}
         self.shapes["scores"] = (len(manifest.outputs),)
-        dtypes = {"tokens": np.int64}
+        dtypes = {"tokens": np.int64, "image": np.uint8}
         self.dtypes = {k: np.dtype(dtypes.get(k, np.float32)) for k in self.shapes}
         self.device, self.host = {}, {}
         for name, shape in self.shapes.items():
             nbytes = self.max_batch * int(np.prod(shape)) * self.dtypes[name].itemsize
             self.device[name] = _ok(cudart.cudaMalloc(nbytes))
-            if name in ("image", "tokens", "text_embedding", "scores", "image_embedding"):
+            if name in ("image", "tokens", "text_embedding", "scores"):
                 ptr = _ok(cudart.cudaMallocHost(nbytes))  # pinned: async copies overlap with compute
                 buf = (ctypes.c_byte * nbytes).from_address(int(ptr))
                 self.host[name] = (ptr, np.frombuffer(buf, dtype=self.dtypes[name]).reshape(self.max_batch, *shape))
