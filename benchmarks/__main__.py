@@ -13,6 +13,7 @@ import os
 import resource
 import sys
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +26,7 @@ from .report import write_report
 
 IMAGES_PER_PROMPT = 10  # AGIQA-3k: 2,982 images of 300 prompts
 SMOKE_ARCH = dict(vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32, vision_heads=4, text_width=64,
-                  text_layers=2, text_heads=2)
+                  text_layers=2, text_heads=2)  # TODO(issue 15): import from ipiqa.demo once it is defined there
 
 
 def _args(argv) -> argparse.Namespace:
@@ -42,11 +43,18 @@ def _args(argv) -> argparse.Namespace:
     p.add_argument("--skip", default="", help="comma list of backends to leave out (e.g. torch-compile)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".work", help="exported bundles are cached here")
+    p.add_argument("--sections", default="engine,host,jobs",
+                   help="comma list: engine (every backend engine-only, then end to end), host (decode + resize per "
+                        "core, thread vs process pools, the fast path), jobs (memory and resume time against rows)")
+    p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
+    p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
+    p.add_argument("--jobs-rows", default="50000,200000", help="job sizes (rows) for the jobs section")
     p.add_argument("--smoke", action="store_true", help="CI: reduced-width model, 224 px, batch 1-2, 2 iterations")
     args = p.parse_args(argv)
     if args.smoke:
         args.resolution, args.batches, args.warmup, args.iters, args.min_seconds = 224, "1,2", 1, 2, 0.0
         args.e2e_images, args.e2e_batch = 4, 2
+        args.host_sources, args.host_images, args.jobs_rows = "256,512", 2, "500,2000"
         args.skip = ",".join(filter(None, [args.skip, "torch-compile"]))
     return args
 
@@ -194,15 +202,11 @@ def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
     return results
 
 
-def main(argv=None) -> int:
-    args = _args(argv)
+def _engine_section(args, cuda: bool, info: dict) -> dict:
+    """Every backend engine-only against the reference, then end to end and the fast path's score deviation."""
     import torch
 
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    torch.set_num_threads(os.cpu_count() or 1)
     batches = [int(b) for b in (args.batches or ("1,8,32,64,128" if cuda else "1,4,8")).split(",")]
-    info = machine_info()
-    print(f"machine: {info['cpu']} x{info['cores']}, GPU: {info['gpu'].get('name', 'none')}", file=sys.stderr)
     cfg, model, model_path, bundles = _setup(args, cuda)
     flops = _flops(bundles)
     peak = measured_peak_flops("cuda" if cuda else "cpu", 8192 if cuda else 2048, "float16" if cuda else "float32")
@@ -240,15 +244,94 @@ def main(argv=None) -> int:
     if args.e2e_batch not in batches:
         print(f"  note: --e2e-batch {args.e2e_batch} was not timed engine-only; no ratio", file=sys.stderr)
     e2e = _end_to_end(args, runners, engine_rate, args.workdir)
+    fast = _fast_path_scores(args, runners)
     for _, _, owner in runners.values():
         if owner is not None:
             owner.close()
+    best = max((v for (name, _), v in engine_rate.items() if name != "reference-eager-fp32"), default=None)
+    return {"resolution": cfg.resolution, "runs": runs, "end_to_end": e2e, "flops": flops, "peak_gflops": peak / 1e9,
+            "peak_note": f"torch {'FP16 8192^3 on GPU' if cuda else 'FP32 2048^3 on CPU'}, best of 5",
+            "fast_path_scores": fast, "best_engine_images_per_s": best}
+
+
+def _fast_path_scores(args, runners) -> Optional[dict]:
+    """Scores of the opt-in fast decode (``load_resized(fast=True)``) against the exact path, same model."""
+    from ipiqa.export.parity import spearman
+    from ipiqa.preprocess import load_resized
+
+    from .host import make_jpegs
+
+    fn, _, scorer = runners.get("onnxruntime-cpu", (None, "", None))
+    if fn is None:
+        return None
+    sides = [int(v) for v in args.host_sources.split(",")]
+    paths = make_jpegs(args.workdir / "fast-jpegs", max(sides), max(8, args.e2e_images // 2))
+    r = scorer.resolution
+    prompts = [f"a generated image, prompt #{i // IMAGES_PER_PROMPT}" for i in range(len(paths))]
+    exact = fn(np.stack([load_resized(p, r) for p in paths]), prompts)
+    fast = fn(np.stack([load_resized(p, r, fast=True) for p in paths]), prompts)
+    rho = [spearman(exact[:, j], fast[:, j]) for j in range(exact.shape[1])]
+    spread = float(np.ptp(exact))
+    return {"source": max(sides), "images": len(paths), "max_abs_score_diff": float(np.abs(exact - fast).max()),
+            "spearman_min": float(min(rho)), "score_spread": spread,
+            "note": "untrained weights: scores barely spread, so the Spearman here says little; max |d| is the figure"}
+
+
+def _host_section(args, best_engine: Optional[float]) -> dict:
+    from . import host
+
+    sources = tuple(int(v) for v in args.host_sources.split(","))
+    report = host.run(resolution=args.resolution, sources=sources, images=args.host_images,
+                      repeats=2 if args.smoke else 5, scaling_source=sources[len(sources) // 2])
+    print(host.markdown(report), file=sys.stderr)
+    rate = {s: report.rate(s, "uint8 exact") for s in sources}
+    targets = {"this run's fastest backend (engine-only)": best_engine,
+               "H100 FP16 engines, planning figure (issue 13; not measured here)": 4500.0}
+    cores = [{"engine": label, "engine_images_per_s": v, "source": s, "per_core": rate[s],
+              "cores_needed": v / rate[s] if v and rate[s] else None} for label, v in targets.items() for s in sources]
+    return {"report": asdict(report), "markdown": host.markdown(report), "cores_needed": cores}
+
+
+def _jobs_section(args) -> dict:
+    from ipiqa.checkpoint import save_model
+    from ipiqa.config import IPIQAConfig
+    from ipiqa.demo import demo_model
+    from ipiqa.export.bundle_export import ExportOptions, export_bundle
+
+    from .jobs import jobs_table, measure_jobs
+
+    cfg = IPIQAConfig(resolution=64, **SMOKE_ARCH)  # no image is decoded: the model's size does not matter
+    work = args.workdir / "jobs"
+    model = demo_model(cfg)
+    path = save_model(work / "model.safetensors", model.state_dict(), cfg)
+    export_bundle(model, [path], work / "bundle", ExportOptions(onnx_only=True), progress=lambda m: None)
+    results = measure_jobs(work / "bundle", [int(v) for v in args.jobs_rows.split(",")], work)
+    return {"rows": [asdict(r) for r in results], "markdown": jobs_table(results)}
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    import torch
+
+    sections = set(filter(None, args.sections.split(",")))
+    unknown = sections - {"engine", "host", "jobs"}
+    if unknown:
+        raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from engine, host, jobs")
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    torch.set_num_threads(os.cpu_count() or 1)
+    info = machine_info()
+    print(f"machine: {info['cpu']} x{info['cores']}, GPU: {info['gpu'].get('name', 'none')}", file=sys.stderr)
+    results: dict = {"resolution": args.resolution, "images_per_prompt": IMAGES_PER_PROMPT, "runs": [],
+                     "sections": sorted(sections)}
+    if "engine" in sections:
+        results.update(_engine_section(args, cuda, info))
+    if "host" in sections:
+        results["host"] = _host_section(args, results.get("best_engine_images_per_s"))
+    if "jobs" in sections:
+        results["jobs"] = _jobs_section(args)
     info["slug"] = slug = machine_slug(info) + ("-smoke" if args.smoke else "")
-    results = {"slug": slug, "machine": info, "resolution": cfg.resolution, "images_per_prompt": IMAGES_PER_PROMPT,
-               "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": runs, "end_to_end": e2e,
-               "flops": flops, "peak_gflops": peak / 1e9,
-               "peak_note": f"torch {'FP16 8192^3 on GPU' if cuda else 'FP32 2048^3 on CPU'}, best of 5",
-               "smoke": args.smoke, "command": " ".join(["python -m benchmarks", *(argv or sys.argv[1:])])}
+    results.update(slug=slug, machine=info, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   smoke=args.smoke, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
     written = write_report(results, args.out / slug)
     print("\n".join(str(p) for p in written))
     return 0

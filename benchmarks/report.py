@@ -12,13 +12,13 @@ def _fmt(v, spec: str) -> str:
 
 
 def markdown(results: dict) -> str:
-    info, rows = results["machine"], results["runs"]
+    info, rows = results["machine"], results.get("runs", [])
     gpu = info["gpu"].get("name", "none") if info["gpu"] else "none"
     lines = [f"# ipiqa benchmark: {results['slug']}", "",
              f"CPU: {info['cpu']} ({info['cores']} cores) · GPU: {gpu} · resolution {results['resolution']} px · "
              f"prompts: {results['images_per_prompt']} images per prompt · {results['timestamp']}", "",
-             "| backend | batch | p50 ms | p99 ms | img/s | × reference | GFLOP/img | % of measured peak | peak mem MiB | note |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             *(["| backend | batch | p50 ms | p99 ms | img/s | × reference | GFLOP/img | % of measured peak | peak mem MiB | note |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"] if rows else [])]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['batch']} | {_fmt(r.get('p50_ms'), '.1f')} | {_fmt(r.get('p99_ms'), '.1f')} | "
                      f"{_fmt(r.get('images_per_s'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} | "
@@ -35,12 +35,32 @@ def markdown(results: dict) -> str:
                   "| graph | single-query pools | exact pools |", "| --- | ---: | ---: |"]
         for name, v in results["flops"].items():
             lines.append(f"| {name} | {v['single_query'] / 1e9:.2f} G | {_fmt(v.get('exact') and v['exact'] / 1e9, '.2f')} G |")
-    lines += ["", f"Measured matmul peak (the % column's reference): {results['peak_gflops']:.0f} GFLOP/s "
-              f"({results['peak_note']}). GFLOP/img counts what each backend computes per image, the text encoder "
-              f"amortized over {results['images_per_prompt']} images per prompt where a prompt cache is used.",
-              "Peak memory: on GPU, torch's peak allocation per backend (torch backends only); on CPU, the process's "
-              "maximum resident set so far (cumulative over the run, so it only grows down the table).",
-              "", f"Command: `{results.get('command', 'python -m benchmarks')}`"]
+    if results.get("peak_gflops"):
+        lines += ["", f"Measured matmul peak (the % column's reference): {results['peak_gflops']:.0f} GFLOP/s "
+                  f"({results['peak_note']}). GFLOP/img counts what each backend computes per image, the text encoder "
+                  f"amortized over {results['images_per_prompt']} images per prompt where a prompt cache is used.",
+                  "Peak memory: on GPU, torch's peak allocation per backend (torch backends only); on CPU, the process's "
+                  "maximum resident set so far (cumulative over the run, so it only grows down the table)."]
+    fast = results.get("fast_path_scores")
+    if fast:
+        lines += ["", "## Fast decode path (`--fast-decode`) against the exact path, same model", "",
+                  f"{fast['images']} JPEGs of {fast['source']}x{fast['source']}: max |d score| "
+                  f"{fast['max_abs_score_diff']:.2e}, Spearman (worst column) {fast['spearman_min']:.4f} over a score "
+                  f"spread of {fast['score_spread']:.2e}. {fast['note']}."]
+    if results.get("host"):
+        host = results["host"]
+        lines += ["", host["markdown"].replace("## ", "## ", 1).rstrip(), "",
+                  "Host cores needed to feed the engine (uint8 exact path, per-core rate above):", "",
+                  "| engine rate | img/s | source | img/s per core | cores needed |", "| --- | ---: | --- | ---: | ---: |"]
+        for c in host["cores_needed"]:
+            lines.append(f"| {c['engine']} | {_fmt(c['engine_images_per_s'], '.0f')} | {c['source']}x{c['source']} | "
+                         f"{_fmt(c['per_core'], '.0f')} | {_fmt(c['cores_needed'], '.1f')} |")
+    if results.get("jobs"):
+        lines += ["", "## Jobs of any size (rows with missing files: the runtime's own cost per row, no model work)", "",
+                  results["jobs"]["markdown"], "",
+                  "Peak RSS is per job, in a fresh process; flat memory and a resume time ratio close to the rows "
+                  "ratio mean constant memory and linear time."]
+    lines += ["", f"Command: `{results.get('command', 'python -m benchmarks')}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -66,3 +66,15 @@ def test_single_query_pools_remove_the_token_projections(smoke):
     assert flops["fusion"]["single_query"] < flops["fusion"]["exact"] / 5
     assert flops["image_encoder"]["single_query"] < flops["image_encoder"]["exact"]
     assert flops["text_encoder"]["single_query"] == flops["text_encoder"]["exact"]
+
+
+def test_smoke_report_has_host_rates_cores_needed_and_job_growth(smoke):
+    results, folder = smoke
+    host = results["host"]
+    assert {r["path"] for r in host["report"]["per_core"]} >= {"uint8 exact", "float, before #13"}
+    assert {r["pool"] for r in host["report"]["scaling"]} == {"thread", "process"}
+    assert all(c["cores_needed"] is None or c["cores_needed"] > 0 for c in host["cores_needed"])
+    rows = [j["rows"] for j in results["jobs"]["rows"]]
+    assert rows == [500, 2000] and all(j["peak_rss_mib"] > 0 and j["resume_seconds"] > 0 for j in results["jobs"]["rows"])
+    md = (folder / "results.md").read_text()
+    assert "Host cores needed" in md and "Jobs of any size" in md and "Fast decode path" in md
