@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from ipiqa.training.metrics import srcc as spearman  # one rank implementation, checked against scipy
+from ipiqa.metrics import srcc as spearman  # one rank implementation (below export and training), checked against scipy
 
 __all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "FP32_TOL", "FP16_ATOL",
            "FP16_SPEARMAN", "FLOOR_MULTIPLE", "rule_record"]

@@ -2,20 +2,28 @@
 
 The model is the real architecture with seeded random weights: its scores are meaningless numbers that
 only show the pipeline works. Real scores need trained weights (``ipiqa import-official``).
+
+torch is imported only by ``demo_model``, so ``SMOKE_ARCH`` and ``write_samples`` cost no torch import.
 """
 from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 from .config import IPIQAConfig
-from .model import IPIQA
 
-__all__ = ["demo_model", "write_samples", "SAMPLES"]
+if TYPE_CHECKING:
+    from .model import IPIQA
+
+__all__ = ["demo_model", "write_samples", "SAMPLES", "SMOKE_ARCH"]
+
+# The reduced-width architecture of CI smoke runs and tests: RN50's layout, widths small enough for a CPU.
+SMOKE_ARCH = dict(vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32, vision_heads=4, text_width=64,
+                  text_layers=2, text_heads=2)
 
 SAMPLES = (
     ("sunset.jpg", "a sunset over a calm sea, warm colors"),
@@ -27,8 +35,12 @@ SAMPLES = (
 )
 
 
-def demo_model(cfg: IPIQAConfig = IPIQAConfig(), seed: int = 0) -> IPIQA:
+def demo_model(cfg: IPIQAConfig = IPIQAConfig(), seed: int = 0) -> "IPIQA":
     """Seeded, UNTRAINED model. BatchNorm gets non-trivial statistics so different inputs differ visibly."""
+    import torch
+
+    from .model import IPIQA
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = IPIQA(cfg)

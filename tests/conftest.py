@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch = pytest.importorskip("torch", reason="the PyTorch reference needs ipiqa[torch]")
 
 from authors_layout import authors_files  # noqa: E402
+from ipiqa.demo import SMOKE_ARCH  # noqa: E402
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -64,8 +65,7 @@ def make_image(path: Path, size=(64, 48), mode="RGB", seed=0) -> Path:
     return path
 
 
-TINY = dict(resolution=64, vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32, vision_heads=4,
-            text_width=64, text_layers=2, text_heads=2)
+TINY = dict(resolution=64, **SMOKE_ARCH)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,10 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
 
-from conftest import TINY
 from ipiqa.checkpoint import load_model
 from ipiqa.cli import cli
+from ipiqa.demo import SMOKE_ARCH
+from ipiqa.errors import IPIQAError, MissingDependencyError
 from ipiqa.training.data import Sample, load_samples
 from ipiqa.training.loop import TrainConfig, build_model, finetune_split, pretrain
 from ipiqa.training.metrics import krcc, plcc, srcc
@@ -22,8 +25,7 @@ from ipiqa.training.splits import group_of, make_split, make_splits
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 needs_labels = pytest.mark.skipif(not DATASETS.is_dir(), reason="../shared/datasets is not beside this checkout")
-TINY_ARCH = {k: v for k, v in TINY.items() if k != "resolution"}
-SMALL = dict(resolution=64, arch=TINY_ARCH)
+SMALL = dict(resolution=64, arch=SMOKE_ARCH)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_clip_score_filter_keeps_only_pairs_above_threshold(tiny_data, tmp_path)
     seen = []
     pretrain(_cfg(epochs=1), samples, root, tmp_path / "pre", min_similarity=-1.0, progress=seen.append)
     assert seen[0] == {"filter": -1.0, "kept": 12, "of": 12}
-    with pytest.raises(Exception, match="no \\(image, prompt\\) pairs"):
+    with pytest.raises(IPIQAError, match="no \\(image, prompt\\) pairs"):
         pretrain(_cfg(epochs=1), samples, root, tmp_path / "pre2", min_similarity=1.0)
 
 
@@ -142,6 +144,28 @@ def test_metrics_equal_scipy():
     assert plcc(x, 3 + 2 / (1 + np.exp(-y)), fit=True) > plcc(x, 3 + 2 / (1 + np.exp(-y)))
 
 
+def test_training_metrics_are_the_shared_numpy_metrics():
+    """One implementation: the parity gate's Spearman and training's SRCC are the same function."""
+    from ipiqa import metrics
+    from ipiqa.export import parity
+
+    assert srcc is metrics.srcc and krcc is metrics.krcc and parity.spearman is metrics.srcc
+
+
+def test_shared_metrics_and_parity_import_neither_torch_nor_scipy():
+    """export/ depends on ipiqa.metrics, not on training/: an export-only install needs no torch or scipy for it."""
+    code = ("import sys, ipiqa.metrics, ipiqa.export.parity; "
+            "print(sorted(m for m in ('torch', 'scipy', 'ipiqa.training') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_logistic_fit_without_scipy_names_the_train_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)  # what an install without scipy looks like to import
+    with pytest.raises(MissingDependencyError, match=r"pip install 'ipiqa\[train\]'"):
+        plcc([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], fit=True)
+
+
 def test_missing_images_are_listed_with_the_count(tiny_data, tmp_path):
     root, _ = tiny_data
     res = CliRunner().invoke(cli, ["train", "finetune", "--dataset", "csv", "--labels", str(root / "labels.csv"),
@@ -152,7 +176,7 @@ def test_missing_images_are_listed_with_the_count(tiny_data, tmp_path):
 def test_finetune_cli_then_export_then_runtime_round_trip(tiny_data, tmp_path):
     root, _ = tiny_data
     config = tmp_path / "c.json"
-    config.write_text(json.dumps({"resolution": 64, "arch": TINY_ARCH, "batch_size": 4, "lr": 1e-3, "workers": 0}))
+    config.write_text(json.dumps({"resolution": 64, "arch": SMOKE_ARCH, "batch_size": 4, "lr": 1e-3, "workers": 0}))
     res = CliRunner().invoke(cli, ["train", "finetune", "--dataset", "csv", "--labels", str(root / "labels.csv"),
                                    "--images", str(root), "--out", str(tmp_path / "run"), "--splits", "2",
                                    "--epochs", "1", "--device", "cpu", "--config", str(config), "--random-init"])
