@@ -5,8 +5,9 @@ files generated in a temporary folder (smooth AI-image-like content plus mild no
 decode cost is realistic rather than that of flat colour or pure noise):
 
 - per core (one thread, one process): the uint8 path (``load_resized``: decode + exact resize), the float
-  path (``preprocess_file``: the same + lookup-table normalize), the code before issue 13 for comparison
-  (``legacy_preprocess_file``), and the opt-in fast path (``load_resized(fast=True)``);
+  path (``preprocess_file``: the same + lookup-table normalize into a new array, and ``normalize(out=)``
+  into a reused one, which saves the page faults of a fresh 3 MB array per image), the code before issue
+  13 for comparison (``legacy_preprocess_file``), and the opt-in fast path (``load_resized(fast=True)``);
 - scaling over the cores present, thread pool vs process pool (Pillow releases the GIL while decoding and
   resizing, so threads may scale; processes pay a pickle of each result). The faster one is named;
 - the fast path's pixel deviation from the exact path (max and mean |d| over all images). Its score-level
@@ -30,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ipiqa.config import CLIP_MEAN, CLIP_STD
-from ipiqa.preprocess import load_resized, preprocess_file
+from ipiqa.preprocess import load_resized, normalize, preprocess_file
 
 __all__ = ["PathRate", "PoolRate", "FastDeviation", "HostReport", "make_jpegs", "legacy_preprocess_file",
            "per_core_rates", "pool_scaling", "fast_deviation", "run", "markdown", "available_cores"]
@@ -131,10 +132,20 @@ def _fast(path: Path, resolution: int) -> np.ndarray:
     return load_resized(path, resolution, fast=True)
 
 
+_BUFFERS: dict[int, np.ndarray] = {}
+
+
+def _float_into_buffer(path: Path, resolution: int) -> np.ndarray:
+    """The float path as a pipeline should run it: normalize into a reused batch slot, not a new array."""
+    out = _BUFFERS.setdefault(resolution, np.empty((3, resolution, resolution), np.float32))
+    return normalize(load_resized(path, resolution), out=out)
+
+
 # label -> loader(path, resolution): what per_core_rates times
 PATHS: dict[str, Callable[[Path, int], np.ndarray]] = {
     "uint8 exact": load_resized,
     "float exact": preprocess_file,
+    "float exact, reused buffer": _float_into_buffer,
     "float, before #13": legacy_preprocess_file,
     "uint8 fast": _fast,
 }
@@ -143,15 +154,18 @@ PATHS: dict[str, Callable[[Path, int], np.ndarray]] = {
 def _interleaved_rates(passes: dict, images: int, repeats: int) -> dict:
     """Median img/s of each zero-argument pass, timed in turn within each repeat after one warm-up each.
 
-    Interleaving makes a burst of load from elsewhere on a shared machine hit every contender alike.
+    Interleaving makes a burst of load from elsewhere on a shared machine hit every contender alike; the
+    order rotates each repeat because a pass that follows one freeing large float arrays was measured
+    up to 20% slower (allocator state), whatever it was.
     """
     for run_pass in passes.values():
         run_pass()  # warm-up: page cache, lazy imports, pool start-up
-    times: dict = {key: [] for key in passes}
-    for _ in range(repeats):
-        for key, run_pass in passes.items():
+    keys = list(passes)
+    times: dict = {key: [] for key in keys}
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             start = time.perf_counter()
-            run_pass()
+            passes[key]()
             times[key].append(time.perf_counter() - start)
     return {key: images / statistics.median(t) for key, t in times.items()}
 
