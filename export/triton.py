@@ -6,9 +6,11 @@
     ipiqa_fusion         onnxruntime (or tensorrt) : feature_map, image_embedding, text_embedding -> scores
     ipiqa                ensemble: IMAGE (bytes), PROMPT (string) -> SCORES
 
-A client sends the raw image file and its prompt and gets the scores. Triton cannot run on this
-project's machines: the repository is validated structurally (configs parsed into Triton's ModelConfig
-message, names and shapes checked against the ONNX graphs), not served.
+A client sends the raw image file and its prompt and gets the scores. The python model's code is
+``ipiqa.export.triton_model`` and the client's is ``ipiqa.export.triton_client``; the repository holds
+two-line shims that import them (see ``PREPROCESS_SHIM``). Triton cannot run on this project's machines:
+the repository is validated structurally (configs parsed into Triton's ModelConfig message, names and
+shapes checked against the ONNX graphs), and the python model and client are run against stand-ins.
 """
 from __future__ import annotations
 
@@ -19,10 +21,33 @@ from typing import Sequence
 from ipiqa.bundle import Manifest
 from ipiqa.errors import IPIQAError
 
-__all__ = ["write_triton_repository", "MODEL_NAMES"]
+from . import triton_client, triton_model
+
+__all__ = ["write_triton_repository", "MODEL_NAMES", "SERVED_OUTPUTS", "PREPROCESS_SHIM", "CLIENT_SHIM"]
 
 MODEL_NAMES = {"image_encoder": "ipiqa_image_encoder", "text_encoder": "ipiqa_text_encoder", "fusion": "ipiqa_fusion"}
+# What the ensemble reads from each graph, the only outputs its configs declare: a graph may have more (the
+# fusion graph's gate-only ``pooled``), which Triton then never computes or sends.
+SERVED_OUTPUTS = {"image_encoder": ("feature_map", "image_embedding"), "text_encoder": ("text_embedding",),
+                  "fusion": ("scores",)}
+PREPROCESS = triton_model.MODEL_NAME
+ENSEMBLE = triton_client.ENSEMBLE
 _TYPES = {"tokens": "TYPE_INT64", "image": "TYPE_UINT8"}
+
+# model.py and client.py are shims over ipiqa's modules, not copies of them: Triton's Python needs ipiqa
+# installed anyway (the preprocessing and tokenizer are ipiqa's), and a shim always runs the installed
+# ipiqa's row rules, where a copied file written by another ipiqa version could silently differ.
+PREPROCESS_SHIM = f'''"""Triton python backend; the code is {triton_model.__name__} (needs pip install ipiqa in Triton's Python)."""
+from {triton_model.__name__} import TritonPythonModel  # noqa: F401
+'''
+CLIENT_SHIM = '''"""Score one image with the ipiqa ensemble: python client.py IMAGE "PROMPT" [--url HOST:8001].
+
+Needs pip install 'ipiqa[triton]'; the code is {module}.
+"""
+from {module} import main
+
+raise SystemExit(main(outputs={outputs!r}))
+'''
 
 
 def _tensor(name: str, dims: Sequence[int], dtype: str = "TYPE_FP32") -> str:
@@ -38,71 +63,76 @@ def _config(name: str, platform: str, max_batch: int, inputs: list[str], outputs
         f"instance_group [ {{ count: {instances} kind: {kind} }} ]", ""])
 
 
-PREPROCESS_MODEL = '''"""Triton python backend: IMAGE (encoded bytes) + PROMPT -> image (R, R, 3) UINT8 and tokens (L,) INT64.
-
-Needs ipiqa installed in the server's Python environment (pip install ipiqa): the same preprocessing and
-tokenizer as the runtime, so Triton's scores equal the runtime's.
-"""
-import json
-from io import BytesIO
-from pathlib import Path
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-from PIL import Image
-
-from ipiqa.preprocess import resized
-from ipiqa.runtime.tokenizer import ClipTokenizer
+def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> str:
+    """One ensemble step: the model's tensor names (keys) mapped to the ensemble's (values)."""
+    maps = [f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items()]
+    maps += [f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
+    return "    {\n" + f'      model_name: "{model}"\n      model_version: -1\n' + "\n".join(maps) + "\n    }"
 
 
-def _text(value):
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+def _write_graphs(manifest: Manifest, out: Path, *, backend: str, max_batch: int, instances: int, kind: str,
+                  preferred: int, shapes: dict[str, list[int]]) -> None:
+    """The three graph models: the bundle's ONNX files (with their weights) or engines, and their configs."""
+    platform = "onnxruntime_onnx" if backend == "onnxruntime" else "tensorrt_plan"
+    for graph, name in MODEL_NAMES.items():
+        spec = manifest.data["onnx"]["graphs"][graph]
+        version = out / name / "1"
+        version.mkdir(parents=True, exist_ok=True)
+        if backend == "onnxruntime":
+            shutil.copyfile(manifest.graph_path(graph), version / "model.onnx")
+            data = manifest.graph_path(graph).name + ".data"  # the graph refers to its weights by this name
+            shutil.copyfile(manifest.root / data, version / data)
+        else:
+            shutil.copyfile(manifest.engine_path(graph), version / "model.plan")
+        missing = set(SERVED_OUTPUTS[graph]) - set(spec["outputs"])
+        if missing:
+            raise IPIQAError(f"{manifest.root}: graph {graph!r} has no output {sorted(missing)} that the Triton "
+                             "ensemble needs; re-export the bundle with this ipiqa")
+        text = _config(name, platform, max_batch,
+                       [_tensor(i, shapes[i], _TYPES.get(i, "TYPE_FP32")) for i in spec["inputs"]],
+                       [_tensor(o, shapes[o]) for o in spec["outputs"] if o in SERVED_OUTPUTS[graph]],
+                       instances, kind, preferred)
+        (out / name / "config.pbtxt").write_text(text)
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        params = json.loads(args["model_config"])["parameters"]
-        self.resolution = int(params["resolution"]["string_value"])
-        here = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = ClipTokenizer(here / "tokenizer.json", int(params["context_length"]["string_value"]))
+def _write_preprocess(manifest: Manifest, out: Path, max_batch: int, instances: int, shapes: dict[str, list[int]]) -> None:
+    """The python model: shim, tokenizer file and a config whose parameters ``TritonPythonModel`` reads."""
+    cfg = manifest.config
+    version = out / PREPROCESS / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    (version / "model.py").write_text(PREPROCESS_SHIM)
+    shutil.copyfile(manifest.root / manifest.data["tokenizer"]["files"]["json"], version / triton_model.TOKENIZER_FILE)
+    (out / PREPROCESS / "config.pbtxt").write_text("\n".join([
+        f'name: "{PREPROCESS}"', 'backend: "python"', f"max_batch_size: {max_batch}",
+        "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
+        "output [", _tensor("image", shapes["image"], "TYPE_UINT8") + ",",
+        _tensor("tokens", shapes["tokens"], "TYPE_INT64"), "]",
+        f'parameters {{ key: "resolution" value {{ string_value: "{cfg.resolution}" }} }}',
+        f'parameters {{ key: "context_length" value {{ string_value: "{cfg.context_length}" }} }}',
+        f"instance_group [ {{ count: {max(2, instances)} kind: KIND_CPU }} ]", ""]))
 
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
-                prompts = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)
-                images = np.stack([resized(Image.open(BytesIO(bytes(b))), self.resolution) for b in blobs])
-                tokens = self.tokenizer([_text(p) for p in prompts])
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("image", images), pb_utils.Tensor("tokens", tokens)]))
-            except Exception as exc:  # one bad request must not take the others down
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"ipiqa_preprocess: {exc}")))
-        return responses
-'''
 
-CLIENT = '''"""Score one image with the ipiqa ensemble on a running Triton server: python client.py IMAGE "PROMPT"."""
-import sys
-
-import numpy as np
-import tritonclient.http as http
-
-url = "localhost:8000"
-image, prompt = sys.argv[1], sys.argv[2]
-client = http.InferenceServerClient(url)
-blob = np.array([[open(image, "rb").read()]], dtype=object)
-text = np.array([[prompt.encode("utf-8")]], dtype=object)
-inputs = [http.InferInput("IMAGE", [1, 1], "BYTES"), http.InferInput("PROMPT", [1, 1], "BYTES")]
-inputs[0].set_data_from_numpy(blob)
-inputs[1].set_data_from_numpy(text)
-result = client.infer("ipiqa", inputs, outputs=[http.InferRequestedOutput("SCORES")])
-print(dict(zip(OUTPUTS, result.as_numpy("SCORES")[0].tolist())))
-'''
+def _write_ensemble(out: Path, max_batch: int, num_outputs: int) -> None:
+    """IMAGE + PROMPT -> preprocess -> both encoders -> fusion -> SCORES."""
+    same = lambda names: {n: n for n in names}  # noqa: E731 - the graphs' tensor names are the ensemble's
+    steps = [
+        (PREPROCESS, same(("IMAGE", "PROMPT")), same(("image", "tokens"))),
+        (MODEL_NAMES["image_encoder"], same(("image",)), same(SERVED_OUTPUTS["image_encoder"])),
+        (MODEL_NAMES["text_encoder"], same(("tokens",)), same(SERVED_OUTPUTS["text_encoder"])),
+        (MODEL_NAMES["fusion"], same((*SERVED_OUTPUTS["image_encoder"], *SERVED_OUTPUTS["text_encoder"])),
+         {"scores": "SCORES"}),
+    ]
+    (out / ENSEMBLE / "1").mkdir(parents=True, exist_ok=True)
+    (out / ENSEMBLE / "config.pbtxt").write_text("\n".join([
+        f'name: "{ENSEMBLE}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}",
+        "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
+        "output [", _tensor("SCORES", [num_outputs]), "]",
+        "ensemble_scheduling {", "  step [", ",\n".join(_step(*s) for s in steps), "  ]", "}", ""]))
 
 
 def write_triton_repository(manifest: Manifest, out: Path, backend: str = "onnxruntime", max_batch: int = 128,
                             instances: int = 1, kind: str = "KIND_GPU") -> Path:
-    """Write the five models; ``backend`` "tensorrt" uses the bundle's engines (same GPU/TensorRT as Triton's)."""
+    """Write the five models and ``client.py``; ``backend`` "tensorrt" uses the bundle's engines (same GPU/TensorRT as Triton's)."""
     if backend not in ("onnxruntime", "tensorrt"):
         raise IPIQAError(f"Triton backend must be onnxruntime or tensorrt, got {backend!r}")
     if kind not in ("KIND_GPU", "KIND_CPU"):
@@ -120,49 +150,9 @@ def write_triton_repository(manifest: Manifest, out: Path, backend: str = "onnxr
     shapes = {k: [int(d) for d in v[1:]] for k, v in manifest.data["shapes"].items()}
     shapes["scores"] = [cfg.num_outputs]
     out.mkdir(parents=True, exist_ok=True)
-    platform = "onnxruntime_onnx" if backend == "onnxruntime" else "tensorrt_plan"
-    for graph, name in MODEL_NAMES.items():
-        spec = manifest.data["onnx"]["graphs"][graph]
-        version = out / name / "1"
-        version.mkdir(parents=True, exist_ok=True)
-        if backend == "onnxruntime":
-            shutil.copyfile(manifest.graph_path(graph), version / "model.onnx")
-            data = manifest.graph_path(graph).name + ".data"  # the graph refers to its weights by this name
-            shutil.copyfile(manifest.root / data, version / data)
-        else:
-            shutil.copyfile(manifest.engine_path(graph), version / "model.plan")
-        text = _config(name, platform, max_batch,
-                       [_tensor(i, shapes[i], _TYPES.get(i, "TYPE_FP32")) for i in spec["inputs"]],
-                       [_tensor(o, shapes[o]) for o in spec["outputs"]], instances, kind, preferred)
-        (out / name / "config.pbtxt").write_text(text)
-    pre = out / "ipiqa_preprocess" / "1"
-    pre.mkdir(parents=True, exist_ok=True)
-    (pre / "model.py").write_text(PREPROCESS_MODEL)
-    shutil.copyfile(manifest.root / manifest.data["tokenizer"]["files"]["json"], pre / "tokenizer.json")
-    (out / "ipiqa_preprocess" / "config.pbtxt").write_text("\n".join([
-        'name: "ipiqa_preprocess"', 'backend: "python"', f"max_batch_size: {max_batch}",
-        "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
-        "output [", _tensor("image", shapes["image"], "TYPE_UINT8") + ",", _tensor("tokens", shapes["tokens"], "TYPE_INT64"), "]",
-        f'parameters {{ key: "resolution" value {{ string_value: "{cfg.resolution}" }} }}',
-        f'parameters {{ key: "context_length" value {{ string_value: "{cfg.context_length}" }} }}',
-        f"instance_group [ {{ count: {max(2, instances)} kind: KIND_CPU }} ]", ""]))
-    steps = [
-        ("ipiqa_preprocess", {"IMAGE": "IMAGE", "PROMPT": "PROMPT"}, {"image": "image", "tokens": "tokens"}),
-        ("ipiqa_image_encoder", {"image": "image"}, {"feature_map": "feature_map", "image_embedding": "image_embedding"}),
-        ("ipiqa_text_encoder", {"tokens": "tokens"}, {"text_embedding": "text_embedding"}),
-        ("ipiqa_fusion", {k: k for k in ("feature_map", "image_embedding", "text_embedding")}, {"scores": "SCORES"}),
-    ]
-
-    def step(model, inputs, outputs):
-        maps = [f'      input_map {{ key: "{k}" value: "{v}" }}' for k, v in inputs.items()]
-        maps += [f'      output_map {{ key: "{k}" value: "{v}" }}' for k, v in outputs.items()]
-        return "    {\n" + f'      model_name: "{model}"\n      model_version: -1\n' + "\n".join(maps) + "\n    }"
-
-    (out / "ipiqa" / "1").mkdir(parents=True, exist_ok=True)
-    (out / "ipiqa" / "config.pbtxt").write_text("\n".join([
-        'name: "ipiqa"', 'platform: "ensemble"', f"max_batch_size: {max_batch}",
-        "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
-        "output [", _tensor("SCORES", [cfg.num_outputs]), "]",
-        "ensemble_scheduling {", "  step [", ",\n".join(step(*s) for s in steps), "  ]", "}", ""]))
-    (out / "client.py").write_text(CLIENT.replace("OUTPUTS", repr(list(cfg.outputs))))
+    _write_graphs(manifest, out, backend=backend, max_batch=max_batch, instances=instances, kind=kind,
+                  preferred=preferred, shapes=shapes)
+    _write_preprocess(manifest, out, max_batch, instances, shapes)
+    _write_ensemble(out, max_batch, cfg.num_outputs)
+    (out / "client.py").write_text(CLIENT_SHIM.format(module=triton_client.__name__, outputs=list(cfg.outputs)))
     return out
