@@ -35,7 +35,7 @@ SAMPLES = (
 )
 
 
-def demo_model(cfg: IPIQAConfig = IPIQAConfig(), seed: int = 0) -> "IPIQA":
+def demo_model(cfg: IPIQAConfig = IPIQAConfig(), seed: int = 0) -> IPIQA:
     """Seeded, UNTRAINED model. BatchNorm gets non-trivial statistics so different inputs differ visibly."""
     import torch
 
