@@ -20,13 +20,13 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ipiqa.demo import SMOKE_ARCH
+
 from .flops import graph_flops
 from .machine import machine_info, machine_slug, measured_peak_flops
 from .report import write_report
 
 IMAGES_PER_PROMPT = 10  # AGIQA-3k: 2,982 images of 300 prompts
-SMOKE_ARCH = dict(vision_layers=(1, 1, 1, 1), vision_width=8, embed_dim=32, vision_heads=4, text_width=64,
-                  text_layers=2, text_heads=2)  # TODO(issue 15): import from ipiqa.demo once it is defined there
 
 
 def _args(argv) -> argparse.Namespace:

@@ -15,7 +15,6 @@ that use it, never at import time; tests put a stand-in in ``sys.modules``.
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import _decode, resized
+from ipiqa.preprocess import decode_bytes, resized
 from ipiqa.runtime.rows import MISSING_PROMPT, clean_prompt
 from ipiqa.runtime.tokenizer import ClipTokenizer
 
@@ -40,9 +39,9 @@ def _text(value: object) -> str:
 
 def decode_image(blob: bytes, name: str, resolution: int) -> np.ndarray:
     """Encoded image bytes -> uint8 (R, R, 3), by the runtime's rules; ImageError naming ``name`` and the cause."""
-    # ``_decode`` is the runtime's own decoder (the torch backend reads bytes through it too): the same mode
+    # ``decode_bytes`` is the runtime's own decoder (the torch backend reads bytes through it too): the same mode
     # handling and the same refusals (empty, unreadable, corrupt/truncated, decompression bomb, mode F).
-    img, _ = _decode(io.BytesIO(blob), name)
+    img = decode_bytes(blob, name)
     return resized(img, resolution)
 
 

@@ -46,7 +46,7 @@ from .config import CLIP_MEAN, CLIP_STD
 from .errors import ImageError
 
 __all__ = ["load_image", "to_rgb", "preprocess", "preprocess_file", "RESIZE_FILTER",
-           "load_resized", "resized", "normalize", "read_regular_file", "FAST_REDUCING_GAP"]
+           "load_resized", "resized", "normalize", "read_regular_file", "FAST_REDUCING_GAP", "decode_bytes"]
 
 RESIZE_FILTER = "bicubic"
 FAST_REDUCING_GAP = 2.0  # fast path only: Pillow's reduce() by integer factors until within 2x of R
@@ -157,6 +157,12 @@ def _decode(fp: BinaryIO, name: object, draft: Optional[int] = None) -> tuple[Im
         raise ImageError(f"{name}: {what}") from None
     except (OSError, ValueError, SyntaxError) as exc:  # truncated/corrupt data surfaces as these
         raise ImageError(f"{name}: corrupt image ({exc})") from None
+
+
+def decode_bytes(data: bytes, name: object) -> Image.Image:
+    """Encoded image bytes (a request body, a file read elsewhere) -> the decoded image, not yet RGB, with the
+    file path's mode rules and errors; ``name`` is what an error calls it."""
+    return _decode(io.BytesIO(data), name)[0]
 
 
 def _load(path: PathLike, draft: Optional[int] = None) -> tuple[Image.Image, Optional[tuple]]:

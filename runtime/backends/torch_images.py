@@ -12,7 +12,6 @@ Pillow with the CPU path's mode rules and errors. torch and torchvision are impo
 """
 from __future__ import annotations
 
-import io
 import os
 from functools import lru_cache
 from typing import Any, Optional, Sequence, Union
@@ -21,7 +20,7 @@ import numpy as np
 
 from ipiqa._optional import require
 from ipiqa.errors import ImageError, IPIQAError
-from ipiqa.preprocess import _decode, _resized, read_regular_file, to_rgb
+from ipiqa.preprocess import decode_bytes, read_regular_file, resized, to_rgb
 from ipiqa.resample import PRECISION_BITS, pass_matrix, vertical_first
 
 __all__ = ["resize_exact", "decode_jpegs", "decode_resize", "resize_decoded", "FLOAT64_BUDGET_BYTES"]
@@ -109,8 +108,8 @@ def _name(source: Source, index: int) -> str:
 def _pillow(data: bytes, name: str, resolution: Optional[int] = None) -> Any:
     """CPU decode (and, given ``resolution``, Pillow's resize) with the CPU path's mode rules and errors
     -> uint8 (3, H, W) tensor."""
-    img, _ = _decode(io.BytesIO(data), name)
-    arr = np.array(to_rgb(img) if resolution is None else _resized(img, resolution))  # writable for torch
+    img = decode_bytes(data, name)
+    arr = np.array(to_rgb(img) if resolution is None else resized(img, resolution))  # writable for torch
     return _torch().from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -175,7 +174,6 @@ def decode_resize(sources: Sequence[Source], resolution: int,
     CPU device Pillow resizes each (the same pixels, and far faster than dense float64 matmuls on a CPU).
     A failed source leaves a zero image in its slot and its ImageError in the list.
     """
-    torch = _torch()
     device = _device(device)
     if device.type != "cuda":
         return _decode_resize_cpu(sources, resolution, device)
