@@ -1,8 +1,10 @@
-"""Model file -> bundle: three ONNX graphs, the parity gate, optional TensorRT engines, manifest.json.
+"""Model file -> bundle: ONNX graphs in FP32 (and FP16, INT8), their gates, optional TensorRT engines, manifest.json.
 
-Stages are reused when their inputs are unchanged (same model bytes, options, gate rule and library
-versions) and the files still hash as recorded, so re-running an export is cheap and safe. The gate
-(:mod:`.gate`) runs the bundle through the runtime's own backends before the manifest is written.
+``export_bundle`` reads as its stages: FP32 graphs + parity gate -> FP16 graphs + FP16 gate -> INT8 image
+graphs + INT8 gate -> engines + engine gate -> manifest. Each stage is reused when its inputs are unchanged
+(same model bytes, options, gate rule, library versions, calibration files) and the files still hash as
+recorded, so re-running an export is cheap and safe. Any stage that writes a file first removes the
+manifest, so a failed gate leaves no manifest describing files that changed.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -24,25 +26,47 @@ from ipiqa._optional import require
 from ipiqa.bundle import BUNDLE_FORMAT, Manifest, read_bundle, sha256_file, write_manifest
 from ipiqa.config import CLIP_MEAN, CLIP_STD
 from ipiqa.errors import BundleError, IPIQAError
-from ipiqa.model import IPIQA, pooling_mode
+from ipiqa.model import IPIQA, pooling_mode, tokenize
 from ipiqa.preprocess import RESIZE_FILTER
 
 from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
-from .graphs import build_graphs, graph_specs
+from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
 from .parity import ParityResult, ToleranceOverride, rule_record
 from .to_onnx import DEFAULT_OPSET, export_onnx
 from .trt import EngineSpec, build_engine, input_profiles
 
-__all__ = ["ExportOptions", "ExportReport", "ParityGateError", "export_bundle", "onnx_parity", "engine_parity",
-           "gate_inputs", "PARITY_PROMPTS"]
+__all__ = ["ExportOptions", "Int8Options", "ExportReport", "ParityGateError", "Fp16GateError", "export_bundle",
+           "onnx_parity", "engine_parity", "gate_inputs", "PARITY_PROMPTS", "DEFAULT_CALIBRATION_SIZE"]
 log = logging.getLogger(__name__)
+
+DEFAULT_CALIBRATION_SIZE = 64  # ORT's MinMax ranges settle by a few dozen images; more costs minutes at 512 px
 
 
 class ParityGateError(IPIQAError):
-    def __init__(self, results: Sequence[ParityResult]):
+    def __init__(self, results: Sequence[Any], what: str = "parity gate"):
         self.results = list(results)
         failed = "\n".join(r.line() for r in self.results if not r)
-        super().__init__(f"parity gate failed; the bundle was not written:\n{failed}")
+        super().__init__(f"{what} failed; the bundle was not written:\n{failed}")
+
+
+class Fp16GateError(ParityGateError):
+    """The FP16 graphs missed the FP16 bounds (results: ParityResult and CosineResult lines)."""
+
+    def __init__(self, results: Sequence[Any]):
+        super().__init__(results, "FP16 gate")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """``--int8 --calibration SOURCE [--calibration-size N] [--int8-setting [TARGET.]KEY=VALUE ...]``."""
+
+    calibration: Path  # a folder of images, or a CSV with an ``image`` (and optionally ``prompt``) column
+    size: int = DEFAULT_CALIBRATION_SIZE
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per target: settings_for overrides
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"--calibration-size must be >= 1, got {self.size}")
 
 
 @dataclass(frozen=True)
@@ -50,17 +74,77 @@ class ExportOptions:
     onnx_only: bool = False
     engine: EngineSpec = field(default_factory=lambda: EngineSpec("fp16", (1, 32, 128)))
     opset: int = DEFAULT_OPSET
-    parity_images: int = 4  # FP32 gate inputs; the FP16 engine gate always uses 64
+    parity_images: int = 4  # FP32 gate inputs; the engine gate uses 64
     single_query_pooling: bool = True  # the exact rewrite of both pools (issue 9); False exports the plain form
     tolerance_override: Optional[ToleranceOverride] = None  # --atol/--rtol: replaces the gate's rule; recorded
+    fp16_onnx: bool = False  # FP16 graphs without FP16/INT8 engines (ONNX Runtime GPU, Triton)
+    fp16_images: int = 16  # FP16 gate inputs (ONNX Runtime CPU, FP16 rounding emulated)
+    int8: Optional[Int8Options] = None
+
+    def __post_init__(self) -> None:
+        if self.int8 is not None and not self.onnx_only and self.engine.precision != "int8":
+            raise ValueError("--int8 with engines builds an INT8 image engine: the engine precision must be int8")
+        if self.int8 is None and not self.onnx_only and self.engine.precision == "int8":
+            raise ValueError("INT8 engines need calibration images (--int8 --calibration IMAGES.csv|DIR)")
+
+    @property
+    def writes_fp16(self) -> bool:
+        """FP16 graphs: always for FP16 and INT8 engines (built from them), else on request."""
+        return self.fp16_onnx or (not self.onnx_only and self.engine.precision in ("fp16", "int8"))
+
+    @property
+    def int8_targets(self) -> tuple[str, ...]:
+        """``cpu`` always (ONNX Runtime CPU serves it); ``tensorrt`` when INT8 engines are built."""
+        if self.int8 is None:
+            return ()
+        return ("cpu",) if self.onnx_only else ("cpu", "tensorrt")
 
 
 @dataclass
 class ExportReport:
     bundle: Path
-    parity: list[ParityResult]
+    parity: list[ParityResult]  # FP32 gate, then the engine gate
+    fp16: Optional[dict] = None  # the manifest's onnx.fp16 entry (graphs, gate records) when written
+    int8: dict[str, dict] = field(default_factory=dict)  # the manifest's onnx.int8 entries, per target
     reused_onnx: bool = False
+    reused_fp16: bool = False
+    reused_int8: bool = False
     reused_engines: bool = False
+
+
+@dataclass
+class _Export:
+    """What every stage reads and adds to: the model, the bundle folder, the previous manifest, the new one."""
+
+    model: IPIQA
+    out: Path
+    options: ExportOptions
+    progress: Callable[[str], None]
+    previous: Optional[Manifest]
+    data: dict[str, Any]
+    report: ExportReport
+    specs: dict[str, GraphSpec]
+
+    @property
+    def cfg(self):
+        return self.model.cfg
+
+    @property
+    def onnx_key(self) -> str:
+        return self.data["source"]["onnx_key"]
+
+    def previous_entry(self, *path: str) -> Optional[dict]:
+        entry: Any = self.previous.data if self.previous else None
+        for key in path:
+            entry = entry.get(key) if isinstance(entry, dict) else None
+        return entry
+
+    def fp32_graphs(self) -> dict[str, Path]:
+        return {name: self.out / g["file"] for name, g in self.data["onnx"]["graphs"].items()}
+
+    def invalidate(self) -> None:
+        """About to overwrite files: the old manifest (if any) must not describe them."""
+        (self.out / "manifest.json").unlink(missing_ok=True)
 
 
 def _versions() -> dict[str, str]:
@@ -101,11 +185,30 @@ def _existing(root: Path) -> Optional[Manifest]:
         return None
 
 
+def _gate(results: list, progress: Callable[[str], None], error: type = ParityGateError) -> list:
+    """One line per check; any failure stops the export before a manifest exists."""
+    for r in results:
+        progress(r.line())
+    if not all(results):
+        raise error(results)
+    return results
+
+
+def _with_data_files(files: Sequence[str], root: Path) -> list[str]:
+    """Each ONNX file with its external weights file (``.onnx.data``) where it has one."""
+    out = []
+    for f in files:
+        out.append(f)
+        if f.endswith(".onnx") and (root / (f + ".data")).is_file():
+            out.append(f + ".data")
+    return out
+
+
 def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options: ExportOptions = ExportOptions(),
                   progress: Callable[[str], None] = log.info) -> ExportReport:
-    """Write (or refresh) the bundle in ``out``; raises ParityGateError without writing a manifest on failure."""
+    """Write (or refresh) the bundle in ``out``; raises ParityGateError (FP32, FP16, engines) or
+    ``export.int8.Int8GateError`` without writing a manifest on failure."""
     model = model.eval().float()
-    cfg = model.cfg
     if not options.onnx_only:  # fail before minutes of ONNX work, not after
         try:
             require("tensorrt", extra="tensorrt")
@@ -113,28 +216,39 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
             raise IPIQAError(f"{exc}; or pass --onnx-only to write the ONNX bundle without engines") from None
         if not torch.cuda.is_available():
             raise IPIQAError("TensorRT engines need a CUDA GPU; on this machine export with --onnx-only")
-    override = options.tolerance_override
-    if override is not None:
+    if options.tolerance_override is not None:
         log.warning("parity tolerance overridden by %s: every check passes at atol + rtol x scale instead of "
-                    "max(fixed, k x floor); the override is recorded in %s", override.describe(), out / "manifest.json")
+                    "max(fixed, k x floor); the override is recorded in %s", options.tolerance_override.describe(),
+                    out / "manifest.json")
     out.mkdir(parents=True, exist_ok=True)
-    versions = _versions()
-    rule = rule_record(override)  # a changed gate rule or override re-runs the gate
-    onnx_key = _key([sha256_file(p) for p in source_files], options.opset, options.single_query_pooling, rule, versions)
-    previous = _existing(out)
-    specs = graph_specs(model)
-    graphs = build_graphs(model)
-    files = {name: f"{name}.onnx" for name in graphs}
-    report = ExportReport(out, [])
+    ctx = _Export(model, out, options, progress, _existing(out), {}, ExportReport(out, []), graph_specs(model))
+    _fp32_stage(ctx, source_files)
+    if options.writes_fp16:
+        _fp16_stage(ctx)
+    if options.int8 is not None:
+        _int8_stage(ctx)
+    if not options.onnx_only:
+        _engine_stage(ctx)
+    _write(ctx)
+    return ctx.report
 
-    reuse = previous is not None and previous.data.get("source", {}).get("onnx_key") == onnx_key
+
+def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
+    """The three FP32 graphs, traced from the model, and the FP32 parity gate through the runtime's backend."""
+    model, cfg, out, options = ctx.model, ctx.cfg, ctx.out, ctx.options
+    versions = _versions()
+    rule = rule_record(options.tolerance_override)  # a changed gate rule or override re-runs the gate
+    onnx_key = _key([sha256_file(p) for p in source_files], options.opset, options.single_query_pooling, rule,
+                    versions)
+    files = {name: f"{name}.onnx" for name in ctx.specs if name != "text_encoder" or cfg.text}
+    reuse = ctx.previous_entry("source", "onnx_key") == onnx_key
     if reuse:
-        progress("ONNX graphs unchanged (same model, options and versions): reused")
-        report.reused_onnx = True
-        report.parity = [ParityResult.from_dict(r) for r in previous.data["parity"]["onnx"]]
-        tokenizer = previous.data["tokenizer"]
+        ctx.progress("ONNX graphs unchanged (same model, options and versions): reused")
+        ctx.report.reused_onnx = True
+        ctx.report.parity = [ParityResult.from_dict(r) for r in ctx.previous.data["parity"]["onnx"]]
+        tokenizer = ctx.previous.data["tokenizer"]
     else:
-        (out / "manifest.json").unlink(missing_ok=True)  # the old manifest would describe files we overwrite
+        ctx.invalidate()
         x = gate_inputs(cfg, 2)
         with torch.no_grad():
             fmap, emb = model.encode_image(x.model_images)
@@ -142,17 +256,17 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
         examples = {"image_encoder": (torch.from_numpy(x.image),), "text_encoder": (torch.from_numpy(x.tokens),),
                     "fusion": (fmap, emb, text) if cfg.text else (emb,)}
         with pooling_mode(model, options.single_query_pooling):  # traced into the graphs; caller's mode kept
-            for name, module in graphs.items():
+            for name, module in build_graphs(model).items():
                 start = time.perf_counter()
-                export_onnx(module, examples[name], out / files[name], specs[name].inputs, specs[name].outputs, cfg,
-                            options.opset)
-                progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
+                spec = ctx.specs[name]
+                export_onnx(module, examples[name], out / files[name], spec.inputs, spec.outputs, cfg, options.opset)
+                ctx.progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
         tokenizer = _tokenizer_files(out)
 
     shapes = {"image": (None, cfg.resolution, cfg.resolution, 3), "tokens": (None, cfg.context_length),
               "feature_map": (None, cfg.feature_dim, cfg.grid, cfg.grid), "image_embedding": (None, cfg.embed_dim),
               "text_embedding": (None, cfg.embed_dim)}
-    data: dict[str, Any] = {
+    ctx.data.update({
         "format": BUNDLE_FORMAT,
         "config": cfg.to_dict(),
         "outputs": list(cfg.outputs),
@@ -162,67 +276,167 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
         "tokenizer": tokenizer,
         "onnx": {"opset": options.opset, "precision": "fp32",
                  "pooling": "single_query" if options.single_query_pooling else "exact",
-                 "graphs": {n: {"file": files[n], "inputs": list(specs[n].inputs), "outputs": list(specs[n].outputs)}
+                 "graphs": {n: {"file": files[n], "inputs": list(ctx.specs[n].inputs),
+                                "outputs": list(ctx.specs[n].runtime_outputs),
+                                "gate_outputs": [o for o in ctx.specs[n].outputs if o in GATE_OUTPUTS]}
                             for n in files}},
         "shapes": {k: list(v) for k, v in shapes.items()},
         "precision": "fp32",
         "engines": None,
         "versions": versions,
         "source": {"files": [str(p) for p in source_files], "onnx_key": onnx_key},
-    }
+        "parity": {"rule": rule},
+    })
     if not reuse:  # the manifest about to be written, read by the runtime's own backend
-        report.parity = _gate(onnx_parity(model, Manifest(out, data), options.parity_images, override), progress)
-
-    if not options.onnx_only:
-        data["engines"] = _engines(model, out, data, files, specs, shapes, options, onnx_key, previous, report,
-                                   progress)
-        data["precision"] = options.engine.precision
-
-    listed = [*files.values()] + [f + ".data" for f in files.values()] + list(tokenizer["files"].values())
-    if data["engines"]:
-        listed += [g["file"] for g in data["engines"]["graphs"].values()]
-    data["parity"] = {"onnx": [r.to_dict() for r in report.parity if not r.name.startswith("engines")],
-                      "engines": [r.to_dict() for r in report.parity if r.name.startswith("engines")],
-                      "rule": rule}
-    data["files"] = listed
-    write_manifest(out, data)
-    return report
+        ctx.report.parity = _gate(onnx_parity(model, Manifest(out, ctx.data), options.parity_images,
+                                              options.tolerance_override), ctx.progress)
 
 
-def _gate(results: list[ParityResult], progress: Callable[[str], None]) -> list[ParityResult]:
-    """One line per check; any failure stops the export before a manifest exists."""
-    for r in results:
-        progress(r.line())
-    if not all(results):
-        raise ParityGateError(results)
-    return results
+def _fp16_stage(ctx: _Export) -> None:
+    """``fp16/<graph>.onnx`` converted from the FP32 graphs, gated on ONNX Runtime CPU (FP16 rounding emulated)."""
+    from .fp16 import convert_to_fp16, fp16_gate
+
+    n = ctx.options.fp16_images
+    key = _key(ctx.onnx_key, "fp16", n)
+    old = ctx.previous_entry("onnx", "fp16")
+    if old and old.get("key") == key:
+        ctx.progress("FP16 graphs unchanged: reused")
+        ctx.data["onnx"]["fp16"], ctx.report.fp16, ctx.report.reused_fp16 = old, old, True
+        return
+    ctx.invalidate()
+    start = time.perf_counter()
+    fp32 = ctx.fp32_graphs()
+    graphs = {name: convert_to_fp16(path, ctx.out / "fp16" / path.name) for name, path in fp32.items()}
+    converted = time.perf_counter()
+    ctx.progress(f"converted fp16/ graphs ({converted - start:.1f}s)")
+    x = gate_inputs(ctx.cfg, n, seed=1)
+    results = _gate(fp16_gate(fp32, {k: g.path for k, g in graphs.items()}, x.image, x.tokens if ctx.cfg.text else None,
+                              ctx.cfg.outputs), ctx.progress, Fp16GateError)
+    entry = {"precision": "fp16", "key": key, "gate_images": n,
+             "seconds": {"convert": round(converted - start, 2), "gate": round(time.perf_counter() - converted, 2)},
+             "islands": "FP32 by construction: normalizations, softmax, reductions, exp/log/pow/sqrt, ArgMax and "
+                        "attention logits (export.fp16.FP32_OPS); everything else FP16 with FP16 weights",
+             "graphs": {name: {"file": f"fp16/{g.path.name}", "fp16_nodes": g.fp16_nodes,
+                               "fp32_nodes": len(g.fp32_nodes), "casts": g.casts} for name, g in graphs.items()},
+             "gate": [r.to_dict() for r in results]}
+    ctx.data["onnx"]["fp16"] = ctx.report.fp16 = entry
 
 
-def _engines(model: IPIQA, out: Path, data: dict[str, Any], files, specs, shapes, options: ExportOptions,
-             onnx_key: str, previous: Optional[Manifest], report: ExportReport,
-             progress: Callable[[str], None]) -> dict[str, Any]:
+def _int8_stage(ctx: _Export) -> None:
+    """The image graph quantized per target on the user's images and gated on held-out ones (Int8GateError
+    below the bar); text and fusion stay FP32 on the CPU and come from ``fp16/`` for engines."""
+    from .int8 import calibration_batches, held_out_images, quantize_and_gate, split_calibration
+
+    opts, cfg = ctx.options.int8, ctx.cfg
+    if opts is None:
+        return
+    split = split_calibration(opts.calibration)
+    calibration_files = [(str(p), sha256_file(p)) for p in split.calibration + split.held_out if p.is_file()]
+    entries: dict[str, dict] = {}
+    pending = []
+    for target in ctx.options.int8_targets:
+        key = _key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})))
+        old = ctx.previous_entry("onnx", "int8", target)
+        if old and old.get("key") == key:
+            ctx.progress(f"INT8 image graph for {target} unchanged: reused")
+            entries[target] = old
+        else:
+            pending.append((target, key))
+    if pending:
+        ctx.invalidate()
+        start = time.perf_counter()
+        batches = list(calibration_batches(list(split.calibration), cfg.resolution, opts.size))
+        held, prompts = held_out_images(split, cfg.resolution)
+        source = "the CSV's prompt column" if prompts is not None else "the gate's prompts (PARITY_PROMPTS)"
+        if prompts is None:
+            prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(len(held))]
+        tokens = tokenize(prompts, cfg.context_length).numpy() if cfg.text else None
+        ctx.progress(f"INT8: {sum(len(b) for b in batches)} calibration images, {len(held)} held out "
+                     f"(prompts: {source}) ({time.perf_counter() - start:.1f}s)")
+        for target, key in pending:
+            start = time.perf_counter()
+            rel = f"int8/image_encoder.{target}.onnx"
+            overrides = {"calibration_size": opts.size, **opts.settings.get(target, {})}
+            result = quantize_and_gate(ctx.fp32_graphs(), ctx.out / rel, batches, held, tokens, target, cfg.outputs,
+                                       **overrides)
+            for r in result.gate.results:
+                ctx.progress(f"[{target}] {r.line()}")
+            gate = result.gate
+            entries[target] = {
+                "file": rel, "target": target, "key": key, "settings": gate.settings.to_dict(),
+                "serves": "image_encoder; text_encoder and fusion run from the " +
+                          ("FP32 graphs" if target == "cpu" else "fp16/ graphs (engines)"),
+                "excluded_nodes": list(gate.settings.nodes_to_exclude), "attempts": list(result.attempts),
+                "criterion": gate.criterion, "gate": gate.to_dict(),
+                "calibration": {"source": str(opts.calibration), "images": gate.settings.calibration_size,
+                                "held_out": len(held), "held_out_prompts": source},
+                "seconds": round(time.perf_counter() - start, 2)}
+            ctx.progress(f"INT8 image graph for {target}: {rel} ({entries[target]['seconds']:.1f}s; {gate.criterion})")
+    else:
+        ctx.report.reused_int8 = True
+    ctx.data["onnx"]["int8"] = ctx.report.int8 = entries
+
+
+def _engine_sources(ctx: _Export) -> dict[str, str]:
+    """The ONNX graph each engine is built from: its precision lives in the graph (strongly typed)."""
+    precision = ctx.options.engine.precision
+    fp32 = {name: g["file"] for name, g in ctx.data["onnx"]["graphs"].items()}
+    if precision == "fp32":
+        return fp32
+    fp16 = {name: g["file"] for name, g in ctx.data["onnx"]["fp16"]["graphs"].items()}
+    if precision == "fp16":
+        return fp16
+    return {**fp16, "image_encoder": ctx.data["onnx"]["int8"]["tensorrt"]["file"]}
+
+
+def _engine_stage(ctx: _Export) -> None:
+    """TensorRT engines from the graphs of their precision, then the engine gate through the runtime's TrtBackend."""
     trt = require("tensorrt", extra="tensorrt")
-    spec = options.engine
+    spec, out = ctx.options.engine, ctx.out
     gpu = torch.cuda.get_device_name()
     cc = "{}.{}".format(*torch.cuda.get_device_capability())
-    engine_key = _key(onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc)
-    old = previous.data.get("engines") if previous else None
+    sources = _engine_sources(ctx)
+    graph_keys = [(ctx.data["onnx"].get("fp16") or {}).get("key"),
+                  ((ctx.data["onnx"].get("int8") or {}).get("tensorrt") or {}).get("key")]
+    engine_key = _key(ctx.onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc,
+                      sources, graph_keys)
+    old = ctx.previous_entry("engines")
     if old and old.get("key") == engine_key:
-        progress("TensorRT engines unchanged: reused")
-        report.reused_engines = True
-        report.parity += [ParityResult.from_dict(r) for r in previous.data["parity"]["engines"]]
-        return old
+        ctx.progress("TensorRT engines unchanged: reused")
+        ctx.report.reused_engines = True
+        ctx.report.parity += [ParityResult.from_dict(r) for r in ctx.previous.data["parity"]["engines"]]
+        ctx.data.update(engines=old, precision=spec.precision)
+        return
+    ctx.invalidate()
     (out / "engines").mkdir(exist_ok=True)
     entry = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc, "precision": spec.precision,
              "batch": list(spec.batch), "workspace_gib": spec.workspace_gib, "key": engine_key, "graphs": {}}
-    for name, onnx_file in files.items():
+    shapes = ctx.data["shapes"]
+    for name, onnx_file in sources.items():
         start = time.perf_counter()
-        profiles = input_profiles({i: shapes[i] for i in specs[name].inputs}, spec.batch)
-        blob = build_engine(out / onnx_file, profiles, spec, timing_cache=out / "engines" / "timing.cache")
+        graph = ctx.specs[name]
+        profiles = input_profiles({i: shapes[i] for i in graph.inputs}, spec.batch)
+        blob = build_engine(out / onnx_file, profiles, spec, timing_cache=out / "engines" / "timing.cache",
+                            outputs=graph.runtime_outputs)
         rel = f"engines/{name}.{spec.precision}.plan"
         (out / rel).write_bytes(blob)
-        entry["graphs"][name] = {"file": rel}
-        progress(f"built {rel} ({time.perf_counter() - start:.1f}s)")
-    manifest = Manifest(out, {**data, "engines": entry, "precision": spec.precision})
-    report.parity += _gate(engine_parity(model, manifest, override=options.tolerance_override), progress)
-    return entry
+        entry["graphs"][name] = {"file": rel, "onnx": onnx_file}
+        ctx.progress(f"built {rel} from {onnx_file} ({time.perf_counter() - start:.1f}s)")
+    ctx.data.update(engines=entry, precision=spec.precision)
+    ctx.report.parity += _gate(engine_parity(ctx.model, Manifest(out, ctx.data),
+                                             override=ctx.options.tolerance_override), ctx.progress)
+
+
+def _write(ctx: _Export) -> None:
+    data, out = ctx.data, ctx.out
+    onnx_files = [g["file"] for g in data["onnx"]["graphs"].values()]
+    onnx_files += [g["file"] for g in (data["onnx"].get("fp16") or {}).get("graphs", {}).values()]
+    onnx_files += [e["file"] for e in (data["onnx"].get("int8") or {}).values()]
+    listed = _with_data_files(onnx_files, out) + list(data["tokenizer"]["files"].values())
+    if data["engines"]:
+        listed += [g["file"] for g in data["engines"]["graphs"].values()]
+    data["parity"].update(onnx=[r.to_dict() for r in ctx.report.parity if not r.name.startswith("engines")],
+                          engines=[r.to_dict() for r in ctx.report.parity if r.name.startswith("engines")])
+    data["onnx"]["precisions"] = list(Manifest(out, data).onnx_precisions)  # what --precision can ask for
+    data["files"] = listed
+    write_manifest(out, data)

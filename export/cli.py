@@ -21,6 +21,36 @@ def _batch(ctx, param, value: str) -> tuple[int, int, int]:
         raise click.BadParameter(str(exc)) from None
 
 
+def _record_table(records) -> str:
+    """FP16 and INT8 gate records (manifest dicts): what was measured, against which bound, and any note."""
+    rows = []
+    for r in records:
+        if "min_cosine" in r:
+            measure = f"min cosine {r['min_cosine']:.6f} (>= {r['bound']})"
+        elif "tolerance" in r:
+            measure = f"max|d| {r['max_abs']:.2e} (<= {r['tolerance']:.1e})" + (
+                "" if r.get("spearman") is None else f", spearman {r['spearman']:.5f}")
+        else:
+            measure = ("spearman not gated" if r.get("spearman") is None else
+                       f"spearman {r['spearman']:.4f} (>= {r['spearman_min']})")
+        rows.append([r["name"], measure, f"{r['max_abs']:.2e}", r["passed"], r.get("note", "")])
+    return format_table(["check", "measure", "max |diff|", "passed", "note"], rows)
+
+
+def _int8_setting(ctx, param, values) -> dict:
+    from .int8 import parse_setting
+
+    out: dict = {}
+    try:
+        for text in values:
+            target, key, value = parse_setting(text)
+            for t in (target,) if target else ("cpu", "tensorrt"):
+                out.setdefault(t, {})[key] = value
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return out
+
+
 def _parity_table(results) -> str:
     """Both numbers per check: the difference, its tolerance, and the floor the tolerance was raised to."""
     def fmt(value, spec):
@@ -40,7 +70,22 @@ def _parity_table(results) -> str:
 @click.option("--clip", "clip_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Base CLIP RN50 weights for --official.")
 @click.option("--onnx-only", is_flag=True, help="Write the ONNX graphs and manifest; build no TensorRT engines.")
-@click.option("--fp16/--fp32", "fp16", default=True, show_default=True, help="TensorRT engine precision.")
+@click.option("--fp16/--fp32", "fp16", default=None,
+              help="TensorRT engine precision [default: fp16]. FP16 engines are built from the fp16/ ONNX graphs "
+                   "(always written for them), FP32 engines from the FP32 graphs.")
+@click.option("--fp16-onnx", is_flag=True,
+              help="Also write the gated fp16/ ONNX graphs without building FP16 engines (ONNX Runtime GPU, Triton).")
+@click.option("--int8", is_flag=True,
+              help="Quantize the image graph to INT8 on --calibration images and gate it on held-out ones: for the "
+                   "CPU always; with engines, also an INT8 image engine (text and fusion engines FP16).")
+@click.option("--calibration", type=click.Path(exists=True, path_type=Path),
+              help="--int8: a folder of images, or a CSV with an 'image' column (and 'prompt', used by the gate), "
+                   "like those you will score. 1 in 5 (4 to 32) is held out for the gate, never calibrated on.")
+@click.option("--calibration-size", default=64, show_default=True, type=click.IntRange(1),
+              help="--int8: at most this many images calibrate (evenly spread over the rest).")
+@click.option("--int8-setting", "int8_settings", multiple=True, callback=_int8_setting, metavar="[TARGET.]KEY=VALUE",
+              help="--int8: override a quantization setting (export.int8.QuantSettings), for both targets or one "
+                   "(cpu., tensorrt.), e.g. calibrate_method=percentile, cpu.reduce_range=false. Recorded.")
 @click.option("--batch", default="1,32,128", show_default=True, callback=_batch,
               help="TensorRT batch profile MIN,OPT,MAX (engines run any batch in [MIN, MAX]).")
 @click.option("--workspace", default=4.0, show_default=True, type=float, help="TensorRT builder workspace (GiB).")
@@ -58,14 +103,18 @@ def _parity_table(results) -> str:
               help="Relative part of the override (scale: score range, or max |reference| for tensors).")
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
 @_friendly
-def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, batch, workspace, exact_pooling,
-         opset, triton_dir, triton_backend, atol, rtol, verbose) -> None:
+def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, int8, calibration,
+         calibration_size, int8_settings, batch, workspace, exact_pooling, opset, triton_dir, triton_backend, atol, rtol,
+         verbose) -> None:
     """Export an IP-IQA model to a bundle the runtime scores with.
 
     \b
     Stages: ONNX graphs (image_encoder, text_encoder, fusion; FP32, dynamic batch, weights in
     .onnx.data) -> parity gate through the runtime's ONNX Runtime backend against PyTorch
-    -> TensorRT engines (FP16 by default) -> the same gate through the runtime's TensorRT backend
+    -> fp16/ graphs (for FP16/INT8 engines, or --fp16-onnx), gated against the FP32 graphs
+    -> INT8 image graphs (--int8), gated on held-out calibration images (cosine >= 0.995;
+    Spearman >= 0.99 where scores spread) -> TensorRT engines (FP16 by default; strongly typed,
+    precision from the graph) -> the engine gate through the runtime's TensorRT backend
     -> manifest.json with config, preprocessing, tokenizer, versions, GPU and SHA-256 of every file.
     Gate tolerance per check: max(fixed, k x floor), where fixed is 1e-4 x max(1, scale) for FP32
     (2e-2 on FP16 scores, plus Spearman >= 0.999 on 64 inputs), the floor is the PyTorch
@@ -80,6 +129,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
       ipiqa-export model.safetensors -o bundle/ --fp16 --batch 1,32,128 --workspace 8
       ipiqa-export --official agiqa3k_best.pth --clip RN50.pt -o bundle/
       ipiqa-export model.safetensors -o bundle/ --onnx-only --triton triton_repo/
+      ipiqa-export model.safetensors -o bundle/ --onnx-only --int8 --calibration images.csv
+      ipiqa-export model.safetensors -o bundle/ --int8 --calibration photos/ --calibration-size 128
     """
     import torch
 
@@ -88,7 +139,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     from ipiqa.model import IPIQA
     from ipiqa.official import import_official
 
-    from .bundle_export import ExportOptions, ParityGateError, export_bundle
+    from .bundle_export import ExportOptions, Int8Options, ParityGateError, export_bundle
+    from .int8 import Int8GateError
     from .parity import ToleranceOverride
     from .trt import EngineSpec
 
@@ -98,8 +150,15 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         raise click.UsageError("give either MODEL (.safetensors) or --official FT.pth --clip RN50.pt")
     if official and not clip_path:
         raise click.UsageError("--official needs --clip (the base CLIP RN50 weights)")
+    if int8 and calibration is None:
+        raise click.UsageError("--int8 needs --calibration IMAGES.csv|DIR (images like those you will score)")
+    if not int8 and (calibration is not None or int8_settings):
+        raise click.UsageError("--calibration and --int8-setting go with --int8")
+    if int8 and fp16 is False and not onnx_only:
+        raise click.UsageError("--int8 builds an INT8 image engine with FP16 text and fusion engines; drop --fp32")
     try:
-        spec = EngineSpec("fp16" if fp16 else "fp32", batch, workspace)
+        spec = EngineSpec("int8" if int8 and not onnx_only else "fp16" if fp16 in (None, True) else "fp32",
+                          batch, workspace)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     try:
@@ -120,13 +179,28 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         net, sources = load_model(model), [model]
     progress(f"model: {net.cfg.resolution}px, outputs={','.join(net.cfg.outputs)}, head={net.cfg.head}")
     options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not exact_pooling,
-                            tolerance_override=override)
+                            tolerance_override=override, fp16_onnx=fp16_onnx,
+                            int8=Int8Options(calibration, calibration_size, int8_settings) if int8 else None)
     try:
         report = export_bundle(net, sources, output, options, progress)
     except ParityGateError as exc:
-        click.echo(_parity_table(exc.results), err=True)
+        if all(hasattr(r, "fixed_tolerance") for r in exc.results):
+            click.echo(_parity_table(exc.results), err=True)
         raise IPIQAError(str(exc)) from None
+    except Int8GateError as exc:  # the table is in the message; no manifest was written
+        raise IPIQAError(f"{exc}\nno manifest was written") from None
     click.echo(_parity_table(report.parity))
+    if report.fp16:
+        fp16_info = report.fp16
+        click.echo(f"\nFP16 graphs ({', '.join(g['file'] for g in fp16_info['graphs'].values())}), gated on "
+                   f"{fp16_info['gate_images']} inputs against the FP32 graphs:")
+        click.echo(_record_table(fp16_info["gate"]))
+    for target, entry in report.int8.items():
+        click.echo(f"\nINT8 [{target}] {entry['file']}: {entry['settings']['activation_type']} activations, "
+                   f"{entry['settings']['weight_type']} weights, {len(entry['excluded_nodes'])} layers kept FP32, "
+                   f"calibrated on {entry['calibration']['images']} images, gated on {entry['calibration']['held_out']} "
+                   f"held-out ({entry['criterion']}):")
+        click.echo(_record_table(entry["gate"]["results"]))
     click.echo(f"bundle written: {output}/manifest.json ({time.perf_counter() - start:.1f}s)", err=True)
     if triton_dir:
         from ipiqa.bundle import read_bundle

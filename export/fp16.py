@@ -34,6 +34,7 @@ from typing import Collection, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from ipiqa._optional import require
+from ipiqa.bundle import METADATA_PRECISION_KEY
 from ipiqa.errors import IPIQAError
 
 from .parity import FP16_ATOL, ParityResult, compare
@@ -44,7 +45,7 @@ __all__ = ["FP32_OPS", "PRECISION_KEY", "Fp16Graph", "convert_to_fp16", "graph_p
            "EMBEDDING_SPREAD_MIN", "embedding_spread", "with_spread_note"]
 log = logging.getLogger(__name__)
 
-PRECISION_KEY = "ipiqa.precision"  # metadata written into converted graphs: "fp16"
+PRECISION_KEY = METADATA_PRECISION_KEY  # metadata written into converted graphs: "fp16"
 FP16_MAX = 65504.0
 FP32_OPS = frozenset({
     "LayerNormalization", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
@@ -413,7 +414,7 @@ def _batches(n: int, batch: int) -> Iterable[slice]:
 
 def run_graphs(paths: Mapping[str, Union[Path, bytes]], images: np.ndarray, tokens: Optional[np.ndarray] = None,
                batch: int = 16) -> dict[str, np.ndarray]:
-    """The bundle's graphs composed on ONNX Runtime CPU: every intermediate tensor and the scores."""
+    """The bundle's graphs composed on ONNX Runtime CPU: every intermediate tensor, every fusion output."""
     sessions = {name: ort_session(p) for name, p in paths.items()}
     if "text_embedding" in {i.name for i in sessions["fusion"].get_inputs()} and tokens is None:
         raise IPIQAError("this model's fusion graph reads a text embedding: pass tokens (one prompt per image)")
@@ -423,7 +424,8 @@ def run_graphs(paths: Mapping[str, Union[Path, bytes]], images: np.ndarray, toke
         if "text_encoder" in sessions and tokens is not None:
             (feeds["text_embedding"],) = sessions["text_encoder"].run(None, {"tokens": tokens[part]})
         fusion = sessions["fusion"]
-        (feeds["scores"],) = fusion.run(None, {i.name: feeds[i.name] for i in fusion.get_inputs()})
+        names = [o.name for o in fusion.get_outputs()]  # scores, and the cross pool's gate-only ``pooled``
+        feeds.update(zip(names, fusion.run(names, {i.name: feeds[i.name] for i in fusion.get_inputs()})))
         for k, v in feeds.items():
             out.setdefault(k, []).append(v)
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -467,7 +469,7 @@ def fp16_gate(fp32: Mapping[str, Path], fp16: Mapping[str, Path], images: np.nda
         if graph not in fp16:
             continue
         feeds = {**ref, **{k: low[k] for k in sources.get(graph, ())}}
-        scores = np.concatenate([session.run(None, {i.name: feeds[i.name][part] for i in session.get_inputs()})[0]
+        scores = np.concatenate([session.run(["scores"], {i.name: feeds[i.name][part] for i in session.get_inputs()})[0]
                                  for part in _batches(len(images), 16)])
         results += score_results(f"fp16[{graph}]", ref["scores"], scores, columns)
     return results

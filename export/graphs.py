@@ -5,6 +5,11 @@ Split: ``image_encoder`` (trunk + visual attention pool), ``text_encoder`` (the 
 nothing but the feature map: fusion then touches only what depends on the prompt, and every tensor
 between the three graphs is an engine output bound straight into the next engine's input on the
 device, so the GPU path needs no host round trip. Text embeddings are cached per prompt by the runtime.
+
+The fusion graph has a second output, ``pooled`` (the cross-modality pool), read only by the parity gate:
+through a random head a wrong cross pool barely moves the scores (a rolled position table changed the
+tiny model's by 1.1e-5), so the gate checks the pool itself. The runtime asks ONNX Runtime for ``scores``
+only and TensorRT engines are built without it (``GraphSpec.runtime_outputs``).
 """
 from __future__ import annotations
 
@@ -15,19 +20,25 @@ from torch import nn
 
 from ipiqa.model import IPIQA
 
-__all__ = ["GraphSpec", "graph_specs", "ImageEncoderGraph", "TextEncoderGraph", "FusionGraph", "ImageOnlyFusionGraph", "build_graphs",
-           "MASK_VALUE"]
+__all__ = ["GraphSpec", "graph_specs", "ImageEncoderGraph", "TextEncoderGraph", "FusionGraph", "ImageOnlyFusionGraph",
+           "build_graphs", "MASK_VALUE", "GATE_OUTPUTS"]
 
 # Finite additive causal mask: -inf in FP16 engines turns fully masked rows into NaN and is a known
 # TensorRT trap; -1e4 still underflows exp() to exactly 0 in FP32, so FP32 results are unchanged.
 MASK_VALUE = -1e4
+GATE_OUTPUTS = ("pooled",)  # graph outputs only the parity gate reads
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     name: str
     inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # every graph output, gate-only ones included
+
+    @property
+    def runtime_outputs(self) -> tuple[str, ...]:
+        """What scoring reads (and what an engine is built to produce): ``outputs`` less ``GATE_OUTPUTS``."""
+        return tuple(o for o in self.outputs if o not in GATE_OUTPUTS)
 
 
 def graph_specs(model: IPIQA) -> dict[str, GraphSpec]:
@@ -35,7 +46,7 @@ def graph_specs(model: IPIQA) -> dict[str, GraphSpec]:
     return {
         "image_encoder": GraphSpec("image_encoder", ("image",), ("feature_map", "image_embedding")),
         "text_encoder": GraphSpec("text_encoder", ("tokens",), ("text_embedding",)),
-        "fusion": GraphSpec("fusion", fusion_in, ("scores",)),
+        "fusion": GraphSpec("fusion", fusion_in, ("scores", "pooled") if model.cfg.text else ("scores",)),
     }
 
 
@@ -73,13 +84,17 @@ class TextEncoderGraph(nn.Module):
 
 
 class FusionGraph(nn.Module):
+    """``IPIQA.fuse`` written out so the cross pool's output is a graph output too (``pooled``, gate only)."""
+
     def __init__(self, model: IPIQA):
         super().__init__()
         self.model = model
 
     def forward(self, feature_map: torch.Tensor, image_embedding: torch.Tensor,
-                text_embedding: torch.Tensor) -> torch.Tensor:
-        return self.model.fuse(feature_map, image_embedding, text_embedding)
+                text_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.model
+        pooled = m.txt_attnpool(feature_map, text_embedding, m.single_query_pooling)
+        return m.head(torch.cat([image_embedding, pooled.to(image_embedding.dtype)], dim=-1)), pooled
 
 
 class ImageOnlyFusionGraph(nn.Module):

@@ -38,7 +38,8 @@ from ipiqa.runtime.pipeline import load_input
 
 from .fp16 import PRECISION_KEY, CosineResult, cosine_result, ort_session, run_graphs, scores_spread, with_spread_note
 
-__all__ = ["QuantSettings", "TARGETS", "settings_for", "image_input", "image_files", "calibration_batches",
+__all__ = ["QuantSettings", "TARGETS", "settings_for", "image_input", "image_rows", "image_files", "calibration_batches",
+           "CalibrationSplit", "split_calibration", "held_out_images", "parse_setting",
            "quantize_image_graph", "int8_gate", "Int8Gate", "Int8GateError", "RankResult", "quantize_and_gate",
            "Int8Result", "INT8_COSINE", "INT8_SPEARMAN", "SETTINGS_KEY"]
 log = logging.getLogger(__name__)
@@ -114,6 +115,34 @@ def settings_for(target: str, **overrides) -> QuantSettings:
     return replace(TARGETS[target], **overrides)
 
 
+def parse_setting(text: str) -> tuple[Optional[str], str, object]:
+    """``KEY=VALUE`` (every target) or ``TARGET.KEY=VALUE`` -> (target or None, key, value typed like the default).
+
+    Booleans take true/false/1/0/yes/no; tuples (``op_types``, ``nodes_to_exclude``) a comma-separated list.
+    """
+    key, sep, raw = text.partition("=")
+    target, _, key = key.strip().rpartition(".")
+    target = target or None
+    fields = set(QuantSettings.__dataclass_fields__) - {"target"}
+    if not sep or key not in fields:
+        raise ValueError(f"--int8-setting takes [TARGET.]KEY=VALUE with KEY one of {', '.join(sorted(fields))}, got {text!r}")
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"--int8-setting {text!r}: target must be one of {', '.join(TARGETS)}")
+    default, raw = getattr(TARGETS[target or "cpu"], key), raw.strip()
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"--int8-setting {text!r}: {key} is true or false")
+        return target, key, raw.lower() in ("true", "1", "yes")
+    if isinstance(default, int):
+        try:
+            return target, key, int(raw)
+        except ValueError:
+            raise ValueError(f"--int8-setting {text!r}: {key} is an integer") from None
+    if isinstance(default, tuple):
+        return target, key, tuple(v.strip() for v in raw.split(",") if v.strip())
+    return target, key, raw
+
+
 # --- calibration images ------------------------------------------------------------------------------
 
 def image_input(path: Union[str, Path], resolution: int) -> np.ndarray:
@@ -122,22 +151,80 @@ def image_input(path: Union[str, Path], resolution: int) -> np.ndarray:
     return load_input(str(path), resolution)
 
 
-def image_files(source: Union[str, Path]) -> list[Path]:
-    """Images named by a CSV's ``image`` column (relative to the CSV's folder) or found in a folder, sorted."""
+def image_rows(source: Union[str, Path]) -> list[tuple[Path, Optional[str]]]:
+    """(image, prompt) pairs: a CSV's ``image`` column (relative to the CSV's folder) with its ``prompt``
+    column where it has one (else None), or a folder's images, sorted, without prompts."""
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        rows = [(p, None) for p in sorted(source.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     elif source.is_file() and source.suffix.lower() == ".csv":
-        with open(source, newline="", encoding="utf-8") as fh:
+        with open(source, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             if "image" not in (reader.fieldnames or []):
                 raise IPIQAError(f"{source}: no 'image' column (found {reader.fieldnames}); name the image paths 'image'")
-            files = [source.parent / row["image"] for row in reader if row.get("image")]
+            has_prompt = "prompt" in (reader.fieldnames or [])
+            rows = [(source.parent / row["image"], (row.get("prompt") or "") if has_prompt else None)
+                    for row in reader if row.get("image")]
     else:
         raise IPIQAError(f"{source}: calibration images must be a folder or a CSV with an 'image' column")
-    if not files:
+    if not rows:
         raise IPIQAError(f"{source}: no calibration images found ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    return rows
+
+
+def image_files(source: Union[str, Path]) -> list[Path]:
+    """Images named by a CSV's ``image`` column (relative to the CSV's folder) or found in a folder, sorted."""
+    return [path for path, _ in image_rows(source)]
+
+
+@dataclass(frozen=True)
+class CalibrationSplit:
+    """The user's images split once: calibration, and held-out images the gate judges (never calibrated on)."""
+
+    calibration: tuple[Path, ...]
+    held_out: tuple[Path, ...]
+    prompts: Optional[tuple[str, ...]]  # the held-out images' prompts from a CSV's prompt column; None: none given
+
+
+HELD_OUT_MIN, HELD_OUT_MAX, HELD_OUT_SHARE = 4, 32, 5  # held out: 1 in 5 of the images, at least 4, at most 32
+
+
+def split_calibration(source: Union[str, Path], held_out: Optional[int] = None) -> CalibrationSplit:
+    """Hold out ``held_out`` images (default: 1 in 5, 4 to 32), evenly spread over the list; calibrate on the rest.
+
+    A file listed twice (one image, several prompts) is held out or calibrated on as a whole, so no held-out
+    image is ever in the calibration set.
+    """
+    rows = image_rows(source)
+    first: dict[Path, Optional[str]] = {}
+    for path, prompt in rows:
+        first.setdefault(path, prompt)
+    files = list(first)
+    n = held_out if held_out is not None else min(HELD_OUT_MAX, max(HELD_OUT_MIN, len(files) // HELD_OUT_SHARE))
+    if n < 1 or len(files) < n + 1:
+        raise IPIQAError(f"{source}: {len(files)} distinct images; the INT8 gate holds out {n} and calibrates on the "
+                         f"rest: give at least {n + 1} (a few hundred like those you will score is better)")
+    picks = set(np.linspace(0, len(files) - 1, n).round().astype(int).tolist())
+    held = tuple(files[i] for i in sorted(picks))
+    prompts = tuple(first[p] or "" for p in held) if any(pr is not None for pr in first.values()) else None
+    return CalibrationSplit(tuple(f for i, f in enumerate(files) if i not in picks), held, prompts)
+
+
+def held_out_images(split: CalibrationSplit, resolution: int) -> tuple[np.ndarray, Optional[list[str]]]:
+    """The held-out images as the image graph takes them (unreadable ones skipped with a warning), with
+    their prompts when the split has them."""
+    images, prompts = [], []
+    for k, path in enumerate(split.held_out):
+        try:
+            images.append(image_input(path, resolution))
+        except IPIQAError as exc:
+            log.warning("INT8 gate: held-out image skipped: %s (%s)", path, exc)
+            continue
+        prompts.append(split.prompts[k] if split.prompts is not None else "")
+    if len(images) < 2:
+        raise IPIQAError(f"only {len(images)} of {len(split.held_out)} held-out images could be read; the INT8 gate "
+                         "needs at least 2: check the calibration files")
+    return np.stack(images), (prompts if split.prompts is not None else None)
 
 
 def calibration_batches(files: Sequence[Path], resolution: int, size: int, batch: int = 8) -> Iterator[np.ndarray]:
@@ -250,7 +337,9 @@ class RankResult:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "max_abs": self.max_abs, "spearman": self.spearman,
-                "spearman_min": self.spearman_min, "passed": self.passed}
+                "spearman_min": self.spearman_min, "passed": self.passed,
+                "note": "" if self.spearman is not None else
+                "held-out scores barely spread (untrained model?): rank not gated, the embedding criterion decides"}
 
 
 @dataclass(frozen=True)
@@ -269,9 +358,18 @@ class Int8Gate:
     def table(self) -> str:
         return "\n".join(r.line() for r in self.results)
 
+    @property
+    def criterion(self) -> str:
+        """What decided the gate, in words (an untrained model's scores cannot rank, so there it is the embedding)."""
+        ranked = [r for r in self.results if isinstance(r, RankResult)]
+        if ranked and all(r.spearman is None for r in ranked):
+            return ("image-embedding cosine only: the held-out scores barely spread (untrained model?), so "
+                    "Spearman is not gated")
+        return "image-embedding cosine and Spearman of each spread score column"
+
     def to_dict(self) -> dict:
         return {"settings": self.settings.to_dict(), "held_out_images": self.held_out, "passed": self.passed,
-                "results": [r.to_dict() for r in self.results]}
+                "criterion": self.criterion, "results": [r.to_dict() for r in self.results]}
 
 
 class Int8GateError(IPIQAError):
@@ -309,7 +407,7 @@ def int8_gate(fp32: Mapping[str, Path], int8_image: Path, settings: QuantSetting
         fmap_i, emb_i = session.run(None, {"image": images[i:i + 8]})
         feeds = {"feature_map": fmap_i, "image_embedding": emb_i,
                  **({"text_embedding": ref["text_embedding"][i:i + 8]} if "text_embedding" in ref else {})}
-        scores.append(fusion.run(None, {x.name: feeds[x.name] for x in fusion.get_inputs()})[0])
+        scores.append(fusion.run(["scores"], {x.name: feeds[x.name] for x in fusion.get_inputs()})[0])
         emb.append(emb_i)
     out_scores = np.concatenate(scores).reshape(len(images), -1)
     ref_scores = ref["scores"].reshape(len(images), -1)

@@ -20,8 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
 
-__all__ = ["EngineSpec", "PRECISIONS", "GRAPH_PRECISIONS", "input_profiles", "network_flags", "build_engine",
-           "TorchEngineRunner"]
+__all__ = ["EngineSpec", "PRECISIONS", "GRAPH_PRECISIONS", "input_profiles", "network_flags", "build_engine"]
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
@@ -86,9 +85,25 @@ def _check_graph_precision(onnx_path: Path, precision: str) -> None:
                              "TensorRT takes symmetric int8 Q/DQ only: quantize_image_graph(..., target='tensorrt')")
 
 
+def _keep_outputs(network: Any, onnx_path: Path, keep: Sequence[str]) -> None:
+    """Unmark every network output not in ``keep`` (``unmark_output``: TensorRT 10 and 11)."""
+    marked = [network.get_output(i) for i in range(network.num_outputs)]
+    missing = set(keep) - {t.name for t in marked}
+    if missing:
+        raise IPIQAError(f"{onnx_path}: the graph has no output {sorted(missing)} (outputs: "
+                         f"{[t.name for t in marked]}); re-export the bundle")
+    for tensor in marked:
+        if tensor.name not in keep:
+            network.unmark_output(tensor)
+
+
 def build_engine(onnx_path: Path, profiles: Mapping[str, tuple[Shape, Shape, Shape]], spec: EngineSpec,
-                 timing_cache: Optional[Path] = None) -> bytes:
-    """Serialized engine of ``onnx_path``, strongly typed. Reuses and updates ``timing_cache``."""
+                 timing_cache: Optional[Path] = None, outputs: Optional[Sequence[str]] = None) -> bytes:
+    """Serialized engine of ``onnx_path``, strongly typed. Reuses and updates ``timing_cache``.
+
+    ``outputs``: the graph outputs the engine keeps (None: all). The fusion graph's gate-only ``pooled`` is
+    left out this way, so every engine IO tensor is one the runtime binds a buffer to.
+    """
     trt = require("tensorrt", extra="tensorrt")
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -101,6 +116,8 @@ def build_engine(onnx_path: Path, profiles: Mapping[str, tuple[Shape, Shape, Sha
     if not parser.parse_from_file(str(onnx_path)):  # from file: resolves the external weights beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise IPIQAError(f"{onnx_path}: TensorRT could not parse the graph: {errors}")
+    if outputs is not None:
+        _keep_outputs(network, onnx_path, outputs)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(spec.workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
@@ -114,39 +131,6 @@ def build_engine(onnx_path: Path, profiles: Mapping[str, tuple[Shape, Shape, Sha
         raise IPIQAError(f"{onnx_path}: TensorRT engine build failed (see the TensorRT log above)")
     if timing_cache is not None:
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return bytes(serialized)
-
-
-class TorchEngineRunner:
-    """Runs one engine on CUDA tensors owned by torch (used by the export's parity gate)."""
-
-    def __init__(self, engine_bytes: bytes):
-        self.trt = require("tensorrt", extra="tensorrt")
-        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise IPIQAError("TensorRT could not deserialize the engine (built by another TensorRT version or GPU?)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == self.trt.TensorIOMode.OUTPUT]
-
-    def __call__(self, **inputs: Any) -> dict[str, Any]:
-        import torch
-
-        trt = self.trt
-        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int64: torch.int64}
-        inputs = {name: t.contiguous() for name, t in inputs.items()}  # kept alive until execution ends
-        for name, tensor in inputs.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        results = {}
-        for name in self.outputs:
-            dtype = dtypes[self.engine.get_tensor_dtype(name)]
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-            self.context.set_tensor_address(name, out.data_ptr())
-            results[name] = out
-        stream = torch.cuda.current_stream()
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise IPIQAError("TensorRT execution failed")
-        stream.synchronize()
-        return results
+    blob = bytes(serialized)
+    log.info("%s: %s engine built (%.1f MB)", onnx_path.name, spec.precision, len(blob) / 1e6)
+    return blob

@@ -15,15 +15,30 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from .config import IPIQAConfig
 from .errors import BundleError
 
-__all__ = ["BUNDLE_FORMAT", "GRAPHS", "Manifest", "sha256_file", "read_bundle", "write_manifest",
-           "check_graph_metadata", "check_engine_compat", "parse_batch_profile"]
+__all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "Manifest", "sha256_file", "read_bundle", "write_manifest",
+           "check_graph_metadata", "check_engine_compat", "parse_batch_profile", "rebuild_command"]
 
 # 2: the image graph takes uint8 (B, R, R, 3) and normalizes inside. Format 1 bundles (float32 NCHW input) are
 # refused with the rebuild command rather than served: one input layout, one host path.
 BUNDLE_FORMAT = "ipiqa-bundle/2"
 GRAPHS = ("image_encoder", "text_encoder", "fusion")
 METADATA_CONFIG_KEY = "ipiqa.config"
+METADATA_PRECISION_KEY = "ipiqa.precision"  # written into FP16 and INT8 graphs (export.fp16, export.int8)
 REBUILD = "rebuild it with: ipiqa-export MODEL.safetensors -o BUNDLE"
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def rebuild_command(precision: str, engines: bool = False) -> str:
+    """The export command that writes graphs (``engines``: TensorRT engines) of ``precision``."""
+    if precision == "int8":
+        tail = "--int8 --calibration IMAGES.csv|DIR"
+    elif precision == "fp16":
+        tail = "--fp16" if engines else "--onnx-only --fp16-onnx"
+    else:
+        tail = "--fp32"
+    if precision == "int8" and not engines:
+        tail = "--onnx-only " + tail
+    return f"ipiqa-export MODEL.safetensors -o BUNDLE {tail}"
 
 
 def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:
@@ -65,8 +80,30 @@ class Manifest:
     def precision(self) -> str:
         return self.data["precision"]
 
-    def graph_path(self, name: str) -> Path:
-        return self.root / self.data["onnx"]["graphs"][name]["file"]
+    @property
+    def onnx_precisions(self) -> tuple[str, ...]:
+        """The ONNX graph sets this bundle holds: fp32 always; fp16 (``fp16/``) and int8 (the CPU INT8 image
+        graph, served with the FP32 text and fusion graphs) when exported."""
+        onnx = self.data["onnx"]
+        return ("fp32", *(("fp16",) if onnx.get("fp16") else ()),
+                *(("int8",) if (onnx.get("int8") or {}).get("cpu") else ()))
+
+    @property
+    def engine_precision(self) -> Optional[str]:
+        engines = self.data.get("engines")
+        return engines["precision"] if engines else None
+
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph, FP32 otherwise)."""
+        onnx = self.data["onnx"]
+        if precision not in self.onnx_precisions:
+            raise BundleError(f"{self.root}: this bundle has no {precision} ONNX graphs (it has "
+                              f"{', '.join(self.onnx_precisions)}); rebuild it with: {rebuild_command(precision)}")
+        if precision == "fp16":
+            return self.root / onnx["fp16"]["graphs"][name]["file"]
+        if precision == "int8" and name == "image_encoder":
+            return self.root / onnx["int8"]["cpu"]["file"]
+        return self.root / onnx["graphs"][name]["file"]
 
     def engine_path(self, name: str) -> Optional[Path]:
         engine = self.data.get("engines", {}).get("graphs", {}).get(name)
@@ -121,20 +158,28 @@ def read_bundle(root: Union[str, Path], verify_hashes: bool = True, ipiqa_versio
 
 
 def check_graph_metadata(manifest: Manifest, name: str, metadata: Mapping[str, str],
-                         input_shapes: Mapping[str, Sequence[Any]]) -> None:
-    """Refuse a graph whose embedded config or input shape disagrees with the manifest."""
+                         input_shapes: Mapping[str, Sequence[Any]], precision: str = "fp32") -> None:
+    """Refuse a graph whose embedded config, precision or input shape disagrees with the manifest.
+
+    ``precision``: the graph set it was loaded from (``Manifest.graph_path``); the graph's own
+    ``ipiqa.precision`` metadata (absent: fp32) must agree, so a swapped file cannot pass as another set.
+    """
+    path = manifest.graph_path(name, precision)
     embedded = metadata.get(METADATA_CONFIG_KEY)
     if embedded is None:
-        raise BundleError(f"{manifest.graph_path(name)}: graph carries no ipiqa config; {REBUILD}")
+        raise BundleError(f"{path}: graph carries no ipiqa config; {REBUILD}")
     if IPIQAConfig.from_json(embedded) != manifest.config:
-        raise BundleError(f"{manifest.graph_path(name)}: graph was exported for another config than the "
+        raise BundleError(f"{path}: graph was exported for another config than the "
                           f"manifest says ({embedded} vs {manifest.config.to_json()}); {REBUILD}")
+    expected = precision if precision != "int8" or name == "image_encoder" else "fp32"
+    if metadata.get(METADATA_PRECISION_KEY, "fp32") != expected:
+        raise BundleError(f"{path}: graph is {metadata.get(METADATA_PRECISION_KEY, 'fp32')}, the manifest lists it "
+                          f"as {expected}; {REBUILD}")
     if name == "image_encoder":
         r = manifest.config.resolution
         shape = list(input_shapes.get("image", []))
         if shape[1:] != [r, r, 3]:
-            raise BundleError(f"{manifest.graph_path(name)}: image input is {shape}, expected (batch, {r}, {r}, 3) "
-                              f"uint8; {REBUILD}")
+            raise BundleError(f"{path}: image input is {shape}, expected (batch, {r}, {r}, 3) uint8; {REBUILD}")
 
 
 def check_engine_compat(manifest: Manifest, tensorrt_version: str, gpu_name: str, compute_capability: str) -> None:
@@ -142,7 +187,7 @@ def check_engine_compat(manifest: Manifest, tensorrt_version: str, gpu_name: str
     engines = manifest.data.get("engines")
     if not engines:
         raise BundleError(f"{manifest.root}: bundle has no TensorRT engines (exported with --onnx-only); "
-                          "rebuild with: ipiqa-export MODEL.safetensors -o BUNDLE --fp16")
+                          f"rebuild with: {rebuild_command('fp16', engines=True)}")
     if engines.get("tensorrt") != tensorrt_version:
         raise BundleError(f"{manifest.root}: engines built with TensorRT {engines.get('tensorrt')}, this machine "
                           f"has {tensorrt_version}; {REBUILD}")

@@ -139,6 +139,11 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
               help="Threads decoding images ahead of inference.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
+              help="Which of the bundle's graphs run. auto: FP32 on CPU, the FP16 graphs on onnxruntime GPU when the "
+                   "bundle has them, the engines' own precision on TensorRT. int8: the bundle's INT8 image graph on "
+                   "CPU (export with --int8 --calibration), or INT8 TensorRT engines. fp16: GPUs only. A precision "
+                   "the bundle or device cannot serve is refused with the command that builds it.")
 @click.option("--fp16", is_flag=True, help="Half precision for the torch backend on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the image encoder (CUDA graphs on GPU).")
 @click.option("--resume", is_flag=True, help="Skip the rows the output file already holds; append the rest.")
@@ -148,8 +153,8 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
               help="Score on a Ray cluster (ADDRESS, or a local one): decode in CPU tasks, one scorer per GPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, fp16, compile_, resume, fail_fast,
-              ray_address, allow_errors, quiet) -> None:
+def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, precision, fp16, compile_, resume,
+              fail_fast, ray_address, allow_errors, quiet) -> None:
     """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
 
     Every input row gets one output row, in input order: the scores, or an 'error' cell naming the
@@ -165,12 +170,15 @@ def score_cmd(model, source, prompt, output, fmt, backend, device, batch, worker
       ipiqa score bundle/ --images photos/ --prompt "a red fox in snow" -o scores.csv
       ipiqa score bundle/ --images data.csv -o scores.jsonl --device cuda --batch 64 --resume
       ipiqa score model.safetensors --images data.csv --backend torch --device cuda --fp16
+      ipiqa score bundle/ --images data.csv -o scores.csv --device cpu --precision int8
       ipiqa score bundle/ --images data.csv -o scores.csv --ray ray://head:10001
     """
     if ray_address is not None:
         require("ray", extra="ray")
         from ipiqa.runtime.distributed import score_with_ray
 
+        if precision != "auto":
+            raise IPIQAError("--ray scores with each worker's automatic precision; drop --precision (or score without --ray)")
         if resume or fail_fast or str(output) == "-":
             raise IPIQAError("--ray writes a file (-o scores.csv, or a .parquet folder) and does not take --resume/--fail-fast")
         summary = score_with_ray(model, source, output, prompt, ray_address, batch_size=batch, backend=backend,
@@ -182,7 +190,7 @@ def score_cmd(model, source, prompt, output, fmt, backend, device, batch, worker
 
     from ipiqa.runtime.scorer import Scorer
 
-    with Scorer(model, backend=backend, device=device, fp16=fp16, compile=compile_) as scorer:
+    with Scorer(model, backend=backend, device=device, fp16=fp16, compile=compile_, precision=precision) as scorer:
         summary = run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt, resume, fail_fast)
     if summary.errors and not allow_errors:
         sys.exit(EXIT_ROW_ERRORS)

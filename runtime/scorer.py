@@ -10,12 +10,12 @@ import logging
 import time
 from pathlib import Path
 from dataclasses import replace
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from ipiqa.bundle import Manifest, read_bundle
+from ipiqa.bundle import Manifest, read_bundle, rebuild_command
 from ipiqa.config import IPIQAConfig
 from ipiqa.device import Device, parse_device
 from ipiqa.errors import IPIQAError
@@ -28,10 +28,11 @@ from .pipeline import RunSummary, load_input, score_rows
 from .rows import Result, Row, check_prompt_source, clean_prompt, finish, load_pixels, scoring_failed
 from .tokenizer import ClipTokenizer
 
-__all__ = ["Scorer", "BACKENDS", "select_backend"]
+__all__ = ["Scorer", "BACKENDS", "SCORER_PRECISIONS", "select_backend"]
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+SCORER_PRECISIONS = ("auto", "fp32", "fp16", "int8")
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
 
@@ -51,48 +52,85 @@ def _tensorrt_usable(manifest: Manifest) -> bool:
     return bool(manifest.data.get("engines")) and importlib.util.find_spec("tensorrt") is not None
 
 
-def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str, Device] = "auto") -> Backend:
-    """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > ORT CPU."""
+def _engine_precision_refused(manifest: Manifest, precision: str) -> IPIQAError:
+    return IPIQAError(f"{manifest.root}: the TensorRT engines are {manifest.engine_precision}, not {precision}; "
+                      f"rebuild them with: {rebuild_command(precision, engines=True)} (or --precision auto)")
+
+
+def _missing_precision(manifest: Manifest, precision: str) -> IPIQAError:
+    return IPIQAError(f"{manifest.root}: this bundle has no {precision} ONNX graphs (it has "
+                      f"{', '.join(manifest.onnx_precisions)}); rebuild it with: {rebuild_command(precision)}")
+
+
+def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str, Device] = "auto",
+                   precision: str = "auto") -> Backend:
+    """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > ORT CPU.
+
+    ``precision``: ``auto`` serves what suits the device (CPU: the FP32 graphs; ORT GPU providers: the
+    FP16 graphs when the bundle has them; TensorRT: the engines' precision). ``fp32``/``fp16``/``int8``
+    ask for that precision and are refused, naming the rebuild command, where the bundle or the device
+    cannot serve it. With ``backend`` and ``device`` auto, an explicit precision picks the first route
+    that serves it (INT8 without INT8 engines: the CPU INT8 graph).
+    """
     dev = parse_device(device)
     kind, index = dev.kind, dev.index
     if backend not in BACKENDS:
         raise IPIQAError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if precision not in SCORER_PRECISIONS:
+        raise IPIQAError(f"unknown precision {precision!r}; choose from {', '.join(SCORER_PRECISIONS)}")
     if backend == "torch":
         raise IPIQAError(f"{manifest.root}: the torch backend runs a model file (.safetensors), not a bundle; "
                          "pass the model file, or use --backend onnxruntime/tensorrt for the bundle")
-    if backend == "tensorrt" or (backend == "auto" and kind != "cpu" and _tensorrt_usable(manifest)):
+    engines_serve = precision in ("auto", manifest.engine_precision)
+    if backend == "tensorrt" or (backend == "auto" and kind != "cpu" and _tensorrt_usable(manifest) and engines_serve):
         if kind == "cpu":
             raise IPIQAError("the tensorrt backend needs --device cuda")
+        if manifest.engine_precision is not None and not engines_serve:
+            raise _engine_precision_refused(manifest, precision)
         from .backends.trt import TrtBackend
         return TrtBackend(manifest, index)
-    from .backends.ort import OrtBackend
-    if kind == "cpu":
-        return OrtBackend(manifest, "cpu")
-    provider = _ort_gpu_provider()
-    if provider is None:
-        if kind == "cuda":
-            raise IPIQAError("--device cuda: no TensorRT and no GPU onnxruntime here; install 'ipiqa[gpu]' or "
-                             "'ipiqa[tensorrt]', or use --device cpu")
-        return OrtBackend(manifest, "cpu")
-    return OrtBackend(manifest, provider, index)
+    from .backends.ort import CPU_FP16_REFUSED, OrtBackend
+
+    provider = "cpu" if kind == "cpu" else _ort_gpu_provider()
+    if provider is None and kind == "cuda":
+        raise IPIQAError("--device cuda: no TensorRT and no GPU onnxruntime here; install 'ipiqa[gpu]' or "
+                         "'ipiqa[tensorrt]', or use --device cpu")
+    if provider is not None and provider != "cpu" and precision == "int8" and kind == "auto":
+        provider = None  # device auto: INT8 without INT8 engines runs where the bundle's INT8 graph runs, the CPU
+    provider = provider or "cpu"
+    if precision == "auto":
+        precision = "fp16" if provider != "cpu" and "fp16" in manifest.onnx_precisions else "fp32"
+    elif precision == "fp16" and provider == "cpu":
+        raise IPIQAError(CPU_FP16_REFUSED + ("" if kind == "cpu" else " (no GPU onnxruntime provider here)"))
+    if precision not in manifest.onnx_precisions:
+        raise _missing_precision(manifest, precision)
+    return OrtBackend(manifest, provider, index, precision=precision)
 
 
 class Scorer:
     """Scores (image, prompt) pairs with a bundle or a ``.safetensors`` model; text embeddings are cached."""
 
     def __init__(self, source: Union[str, Path], backend: str = "auto", device: Union[str, Device] = "auto",
-                 cache_size: int = 16384, fp16: bool = False, compile: bool = False):
+                 cache_size: int = 16384, fp16: bool = False, compile: bool = False, precision: str = "auto"):
+        """``precision``: ``auto`` | ``fp32`` | ``fp16`` | ``int8`` (see ``select_backend``); ``self.backend.name``
+        says what runs, e.g. ``onnxruntime-cpu-int8``. For a model file, ``fp16`` equals ``fp16=True``."""
         source = Path(source)
+        if precision not in SCORER_PRECISIONS:
+            raise IPIQAError(f"unknown precision {precision!r}; choose from {', '.join(SCORER_PRECISIONS)}")
         if source.is_dir():
             self.manifest: Optional[Manifest] = read_bundle(source)
             self.cfg: IPIQAConfig = self.manifest.config
             tok = self.manifest.data["tokenizer"]["files"]
             self.tokenizer = ClipTokenizer(source / tok.get("json", tok["bpe"]), self.cfg.context_length)
-            self.backend = select_backend(self.manifest, backend, device)
+            self.backend = select_backend(self.manifest, backend, device, precision)
         elif source.is_file():
             if backend not in ("auto", "torch"):
                 raise IPIQAError(f"{source}: a model file runs on the torch backend; export a bundle for {backend} "
                                  "(ipiqa-export MODEL -o BUNDLE)")
+            if precision == "int8":
+                raise IPIQAError(f"{source}: INT8 runs from a bundle; export one with: "
+                                 f"{rebuild_command('int8').replace('MODEL.safetensors', str(source))}")
+            fp16 = fp16 or precision == "fp16"
             from ipiqa._optional import require
 
             default_bpe = require("open_clip.tokenizer", extra="torch").default_bpe

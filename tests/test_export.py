@@ -68,10 +68,13 @@ def test_each_graph_matches_its_module_at_batch_1_and_7(exported, batch):
         fmap, emb = model.encode_pixels(x)
         text = model.encode_text(tokens)
         scores = model.fuse(fmap, emb, text)
+        pooled = model.txt_attnpool(fmap, text)
     fmap_o, emb_o = run["image_encoder"].run(None, {"image": x.numpy()})
     (text_o,) = run["text_encoder"].run(None, {"tokens": tokens.numpy()})
-    (scores_o,) = run["fusion"].run(None, {"feature_map": fmap.numpy(), "image_embedding": emb.numpy(),
-                                           "text_embedding": text.numpy()})
+    scores_o, pooled_o = run["fusion"].run(["scores", "pooled"], {"feature_map": fmap.numpy(),
+                                                                  "image_embedding": emb.numpy(),
+                                                                  "text_embedding": text.numpy()})
+    assert np.abs(pooled_o - pooled.numpy()).max() <= 1e-5 * max(1.0, pooled.abs().max().item())
     assert np.abs(fmap_o - fmap.numpy()).max() <= 1e-4 * max(1.0, fmap.abs().max().item())
     assert np.abs(emb_o - emb.numpy()).max() <= 1e-4 * max(1.0, emb.abs().max().item())
     assert np.abs(text_o - text.numpy()).max() <= 1e-4 * max(1.0, text.abs().max().item())
@@ -94,7 +97,7 @@ def test_bare_sessions_composed_match_the_model_within_the_recorded_tolerance(ex
     x = gate_inputs(model.cfg, 5, seed=7)
     fmap, emb = run["image_encoder"].run(None, {"image": x.image})
     (text,) = run["text_encoder"].run(None, {"tokens": x.tokens})
-    (scores,) = run["fusion"].run(None, {"feature_map": fmap, "image_embedding": emb, "text_embedding": text})
+    (scores,) = run["fusion"].run(["scores"], {"feature_map": fmap, "image_embedding": emb, "text_embedding": text})
     with torch.no_grad():
         ref = model(x.model_images, x.model_tokens).numpy()
     (e2e,) = [r for r in manifest.data["parity"]["onnx"] if r["name"] == "end_to_end/scores"]
@@ -108,7 +111,7 @@ def test_real_rn50_graphs_compose_to_model_forward(exported_rn50):
     tokens = tokenize(["a cat", "", "ein Hund im Schnee"])
     fmap, emb = run["image_encoder"].run(None, {"image": x.numpy()})
     (text,) = run["text_encoder"].run(None, {"tokens": tokens.numpy()})
-    (scores,) = run["fusion"].run(None, {"feature_map": fmap, "image_embedding": emb, "text_embedding": text})
+    (scores,) = run["fusion"].run(["scores"], {"feature_map": fmap, "image_embedding": emb, "text_embedding": text})
     with torch.no_grad():
         ref = model.fuse(*model.encode_pixels(x), model.encode_text(tokens)).numpy()
     assert np.abs(scores - ref).max() <= 1e-4 * max(1.0, np.ptp(ref))

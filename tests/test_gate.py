@@ -170,6 +170,20 @@ def _text_positions_shifted(model: IPIQA) -> Iterator[None]:
             table.copy_(saved)
 
 
+@contextmanager
+def _cross_positions_rolled(model: IPIQA) -> Iterator[None]:
+    """The cross-modality pool's position table one row off: the scores of an untrained head barely move."""
+    table = model.txt_attnpool.positional_embedding
+    saved = table.detach().clone()
+    with torch.no_grad():
+        table.copy_(saved.roll(1, dims=0))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            table.copy_(saved)
+
+
 def _export_with(mutation: Callable[[IPIQA], ContextManager], model: IPIQA, tmp_path, monkeypatch) -> None:
     """Export ``model`` with ``mutation`` active only while the graphs are traced: the gate checks the true model."""
     real = be.export_onnx
@@ -195,6 +209,28 @@ def test_steep_head_graph_with_a_wrong_text_tower_fails_the_gate(steep_model, mu
 def test_graph_with_another_activation_fails_the_gate_on_a_plain_model(tmp_path, monkeypatch):
     with pytest.raises(ParityGateError, match="FAIL  text_encoder/text_embedding"):
         _export_with(_text_activation, demo_model(IPIQAConfig(**TINY)), tmp_path, monkeypatch)
+
+
+def test_rolled_cross_pool_positions_fail_the_gate_on_the_pooled_output(tmp_path, monkeypatch):
+    with pytest.raises(ParityGateError) as failed:
+        _export_with(_cross_positions_rolled, demo_model(IPIQAConfig(**TINY)), tmp_path, monkeypatch)
+    results = {r.name.split(" ")[0]: r for r in failed.value.results}
+    assert not results["fusion/pooled"]  # the pool itself, which the scores hide
+    assert results["image_encoder/image_embedding"] and results["text_encoder/text_embedding"]
+    assert not (tmp_path / "b" / "manifest.json").exists()
+
+
+def test_the_runtime_reads_scores_only_while_the_gate_checks_the_pool(tiny_bundle):
+    from ipiqa.bundle import read_bundle
+    from ipiqa.runtime.backends.ort import OrtBackend
+
+    backend = OrtBackend(read_bundle(tiny_bundle), "cpu")
+    x = gate_inputs(read_bundle(tiny_bundle).config, 2)
+    side = backend.encode_image(x.image)
+    text = backend.encode_text(x.tokens)
+    fused = backend.fusion_outputs(side, text)
+    assert set(fused) == {"scores", "pooled"} and fused["pooled"].shape == (2, read_bundle(tiny_bundle).config.embed_dim)
+    np.testing.assert_array_equal(backend.fuse(side, text), fused["scores"])
 
 
 # ---------------------------------------------------------------- the override

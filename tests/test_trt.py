@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import ctypes
 import importlib.util
 import json
 import shutil
@@ -398,3 +399,174 @@ def test_fp16_gate_fails_above_the_absolute_bound_even_in_order():
     ref = np.linspace(0, 5, 64)[:, None]
     assert not compare("engines[fp16]/scores", ref, ref + 0.03, scores=True, fp16=True)
     assert compare("engines[fp16]/scores", ref, ref + 0.01, scores=True, fp16=True)
+
+
+# --- build_engine keeps only the outputs asked for (the fusion graph's gate-only ``pooled`` is dropped) ------
+
+class _Tensor:
+    def __init__(self, name):
+        self.name = name
+
+
+class _OutputsNetwork:
+    def __init__(self, calls, names):
+        self._calls, self._outputs = calls, [_Tensor(n) for n in names]
+
+    @property
+    def num_outputs(self):
+        return len(self._outputs)
+
+    def get_output(self, i):
+        return self._outputs[i]
+
+    def unmark_output(self, tensor):
+        self._calls.append(("network.unmark_output", (tensor.name,), {}))
+        self._outputs.remove(tensor)
+
+
+def test_build_unmarks_the_outputs_the_runtime_does_not_read(tmp_path, monkeypatch):
+    calls: list = []
+    trt = fake_tensorrt(calls)
+    network = _OutputsNetwork(calls, ["scores", "pooled"])
+    builder = trt.Builder("logger")
+    builder.network = network
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    build_engine(_graph(tmp_path, "fp32"), PROFILES, EngineSpec("fp32", (1, 2, 4)), outputs=["scores"])
+    assert ("network.unmark_output", ("pooled",), {}) in calls and [t.name for t in network._outputs] == ["scores"]
+    with pytest.raises(IPIQAError, match="has no output \\['logits'\\]"):
+        build_engine(_graph(tmp_path, "fp32"), PROFILES, EngineSpec("fp32", (1, 2, 4)), outputs=["logits"])
+
+
+def test_the_fusion_graphs_pooled_output_is_for_the_gate_only():
+    from ipiqa.config import IPIQAConfig
+    from ipiqa.demo import demo_model
+    from ipiqa.export.graphs import graph_specs
+    from conftest import TINY
+
+    spec = graph_specs(demo_model(IPIQAConfig(**TINY)))["fusion"]
+    assert spec.outputs == ("scores", "pooled") and spec.runtime_outputs == ("scores",)
+
+
+# --- the runtime's TensorRT backend on a fake tensorrt and a fake CUDA runtime -----------------------------
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+
+class _FakeEngine:
+    """IO tensors as (name, mode, dtype, per-row shape); the batch axis is -1 as in a dynamic-batch engine."""
+
+    def __init__(self, io):
+        self.io = io
+        self.num_io_tensors = len(io)
+        self.contexts = []
+
+    def _find(self, name):
+        return next(t for t in self.io if t[0] == name)
+
+    def get_tensor_name(self, i):
+        return self.io[i][0]
+
+    def get_tensor_mode(self, name):
+        return _Named(self._find(name)[1])
+
+    def get_tensor_dtype(self, name):
+        return _Named(self._find(name)[2])
+
+    def get_tensor_shape(self, name):
+        return (-1, *self._find(name)[3])
+
+    def create_execution_context(self):
+        ctx = SimpleNamespace(addresses={}, shapes={})
+        ctx.set_tensor_address = lambda tensor, ptr: ctx.addresses.__setitem__(tensor, ptr)
+        ctx.set_input_shape = lambda tensor, shape: ctx.shapes.__setitem__(tensor, shape)
+        ctx.execute_async_v3 = lambda stream: True
+        self.contexts.append(ctx)
+        return ctx
+
+
+ENGINE_IO = {
+    "image_encoder": [("image", "INPUT", "UINT8", (8, 8, 3)), ("feature_map", "OUTPUT", "FLOAT", (4, 1, 1)),
+                      ("image_embedding", "OUTPUT", "FLOAT", (2,))],
+    "text_encoder": [("tokens", "INPUT", "INT64", (77,)), ("text_embedding", "OUTPUT", "FLOAT", (2,))],
+    "fusion": [("feature_map", "INPUT", "FLOAT", (4, 1, 1)), ("image_embedding", "INPUT", "FLOAT", (2,)),
+               ("text_embedding", "INPUT", "FLOAT", (2,)), ("scores", "OUTPUT", "FLOAT", (2,)),
+               ("pooled", "OUTPUT", "FLOAT", (2,))],  # an engine built with the gate-only output still binds
+}
+
+
+class _FakeCudart:
+    def __init__(self):
+        self.calls, self.pinned, self.next_ptr = [], [], 1000
+        self.cudaMemcpyKind = SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name, args))
+            if name == "cudaGetDeviceProperties":
+                return 0, SimpleNamespace(name=b"NVIDIA H100", major=9, minor=0)
+            if name == "cudaStreamCreate":
+                return 0, 77
+            if name == "cudaMalloc":
+                self.next_ptr += 1
+                return 0, self.next_ptr
+            if name == "cudaMallocHost":
+                buf = (ctypes.c_byte * args[0])()
+                self.pinned.append(buf)
+                return 0, ctypes.addressof(buf)
+            return (0,)
+        return call
+
+    def count(self, name):
+        return sum(1 for c in self.calls if c[0] == name)
+
+
+@pytest.fixture
+def fake_trt_backend(tmp_path, monkeypatch):
+    import ipiqa.runtime.backends.trt as backend_module
+
+    engines = {}
+    trt = ModuleType("tensorrt")
+    trt.__version__ = "11.4.0"
+    trt.Logger = type("Logger", (), {"WARNING": 1, "__init__": lambda self, level: None})
+    trt.Runtime = lambda logger: SimpleNamespace(deserialize_cuda_engine=lambda blob: engines[blob.decode()])
+    graphs = {}
+    for name, io in ENGINE_IO.items():
+        engines[name] = _FakeEngine(io)
+        (tmp_path / f"{name}.plan").write_bytes(name.encode())
+        graphs[name] = {"file": f"{name}.plan"}
+    cudart = _FakeCudart()
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(backend_module, "_cudart", lambda: cudart)
+    manifest = Manifest(tmp_path, {"engines": {"tensorrt": "11.4.0", "gpu": "NVIDIA H100", "compute_capability": "9.0",
+                                               "precision": "fp16", "batch": [1, 4, 8], "graphs": graphs}})
+    return backend_module.TrtBackend(manifest), engines, cudart
+
+
+def test_trt_backend_binds_every_engine_io_tensor_with_pinned_memory_only_for_host_tensors(fake_trt_backend):
+    backend, engines, cudart = fake_trt_backend
+    for name, engine in engines.items():
+        (ctx,) = engine.contexts
+        assert set(ctx.addresses) == {t[0] for t in ENGINE_IO[name]}, name
+    assert engines["image_encoder"].contexts[0].addresses["feature_map"] == engines["fusion"].contexts[0].addresses["feature_map"]
+    assert set(backend.host) == {"image", "tokens", "text_embedding", "scores"}  # no pinned buffer for pooled etc.
+    assert backend.host["image"][1].dtype == np.uint8 and backend.host["tokens"][1].shape == (8, 77)
+    assert cudart.count("cudaMalloc") == 7 and backend.name == "tensorrt-fp16"
+
+
+def test_trt_backend_close_frees_everything_and_destroys_its_stream_once(fake_trt_backend):
+    backend, _, cudart = fake_trt_backend
+    backend.close()
+    backend.close()
+    assert cudart.count("cudaFree") == 7 and cudart.count("cudaFreeHost") == 4
+    assert cudart.calls.count(("cudaStreamDestroy", (77,))) == 1
+
+
+def test_trt_backend_runs_the_profile_batch_and_refuses_others(fake_trt_backend):
+    backend, engines, _ = fake_trt_backend
+    backend.encode_image(np.zeros((3, 8, 8, 3), np.uint8))
+    assert engines["image_encoder"].contexts[0].shapes == {"image": (3, 8, 8, 3)}
+    with pytest.raises(IPIQAError, match="batch 9 is outside the engines' profile \\[1, 8\\]"):
+        backend._run("fusion", 9)
+    backend.close()

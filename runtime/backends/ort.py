@@ -1,37 +1,58 @@
-"""ONNX Runtime backend: CPU, CUDA or TensorRT execution provider over the bundle's ONNX graphs."""
+"""ONNX Runtime backend: CPU, CUDA or TensorRT execution provider over one of the bundle's ONNX graph sets.
+
+Graph sets (``precision``): ``fp32`` (the exported graphs), ``fp16`` (``fp16/``, for GPU providers) and
+``int8`` (the CPU INT8 image graph with the FP32 text and fusion graphs). Refused, naming the fix: FP16 on
+the CPU provider, which has no FP16 kernels for the arithmetic ops and runs FP16 graphs through inserted
+casts at 0.87x the FP32 speed (measured here); INT8 on a GPU provider (the INT8 graph is quantized for
+CPUs; GPUs run INT8 as TensorRT engines); a set the bundle does not hold.
+"""
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Optional
 
 import numpy as np
 
-from ipiqa.bundle import Manifest, check_graph_metadata
+from ipiqa.bundle import PRECISIONS, Manifest, check_graph_metadata, rebuild_command
 from ipiqa.errors import IPIQAError
 
-__all__ = ["OrtBackend", "PROVIDERS"]
-log = logging.getLogger(__name__)
+__all__ = ["OrtBackend", "PROVIDERS", "CPU_FP16_REFUSED", "GPU_INT8_REFUSED"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+CPU_FP16_REFUSED = ("FP16 graphs are for GPUs (ONNX Runtime CPU has no FP16 conv kernels and runs them at 0.87x FP32); "
+                    "use fp32 or int8 on CPU")
+GPU_INT8_REFUSED = ("the bundle's INT8 ONNX graph is quantized for CPUs (asymmetric uint8); on a GPU, INT8 runs as "
+                    "TensorRT engines ({rebuild}, then --backend tensorrt); or score on --device cpu")
 
 
 class OrtBackend:
+    """The bundle's graphs on one ONNX Runtime provider; ``name`` says provider and precision, e.g.
+    ``onnxruntime-cpu`` (FP32), ``onnxruntime-cpu-int8``, ``onnxruntime-cuda-fp16``."""
+
     name = "onnxruntime"
     max_batch: Optional[int] = None
 
-    def __init__(self, manifest: Manifest, provider: str = "cpu", device_id: int = 0, threads: Optional[int] = None):
+    def __init__(self, manifest: Manifest, provider: str = "cpu", device_id: int = 0, threads: Optional[int] = None,
+                 precision: str = "fp32"):
         import onnxruntime as ort
 
         if provider not in PROVIDERS:
             raise IPIQAError(f"unknown onnxruntime provider {provider!r}; choose from {sorted(PROVIDERS)}")
+        if precision not in PRECISIONS:
+            raise IPIQAError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        if precision == "fp16" and provider == "cpu":
+            raise IPIQAError(CPU_FP16_REFUSED)
+        if precision == "int8" and provider != "cpu":
+            raise IPIQAError(GPU_INT8_REFUSED.format(rebuild=rebuild_command("int8", engines=True)))
         available = ort.get_available_providers()
         if PROVIDERS[provider] not in available:
             raise IPIQAError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
                              "install onnxruntime-gpu (pip install 'ipiqa[gpu]') for cuda/tensorrt")
+        paths = {name: manifest.graph_path(name, precision) for name in manifest.data["onnx"]["graphs"]}  # refuses
         self.gpu = provider != "cpu"
         self.device_id = device_id
-        self.name = f"onnxruntime-{provider}"
+        self.precision = precision
+        self.name = f"onnxruntime-{provider}" + ("" if precision == "fp32" else f"-{precision}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not self.gpu:  # one op at a time, all cores inside each op: best for conv nets on CPU
@@ -41,16 +62,20 @@ class OrtBackend:
         if provider == "cuda":
             providers.insert(0, (PROVIDERS["cuda"], {"device_id": device_id}))
         elif provider == "tensorrt":
-            cache = manifest.root / "engines" / "ort-trt-cache"
-            providers[:0] = [(PROVIDERS["tensorrt"], {"device_id": device_id, "trt_fp16_enable": True,
+            cache = manifest.root / "engines" / f"ort-trt-cache-{precision}"
+            # trt_fp16_enable stays off: precision comes from the graph's types (the fp16/ graphs keep their FP32
+            # islands that way), and an fp32 request must not be run in FP16 behind the user's back.
+            providers[:0] = [(PROVIDERS["tensorrt"], {"device_id": device_id, "trt_fp16_enable": False,
                                                       "trt_engine_cache_enable": True,
                                                       "trt_engine_cache_path": str(cache)}),
                              (PROVIDERS["cuda"], {"device_id": device_id})]
+        # ONNX Runtime 1.32's NCHWc layout pass crashes the process on FP16 graphs (see export.fp16.ort_session).
+        disabled = ["NchwcTransformer"] if precision == "fp16" else []
         self.sessions = {}
-        for name in manifest.data["onnx"]["graphs"]:
-            sess = ort.InferenceSession(str(manifest.graph_path(name)), options, providers=providers)
+        for name, path in paths.items():
+            sess = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
             check_graph_metadata(manifest, name, sess.get_modelmeta().custom_metadata_map,
-                                 {i.name: i.shape for i in sess.get_inputs()})
+                                 {i.name: i.shape for i in sess.get_inputs()}, precision)
             self.sessions[name] = sess
         self.image_outputs = [o.name for o in self.sessions["image_encoder"].get_outputs()]
 
@@ -68,14 +93,26 @@ class OrtBackend:
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
         return self.sessions["text_encoder"].run(None, {"tokens": tokens})[0]
 
-    def fuse(self, image_side: dict[str, Any], text_embedding: Optional[np.ndarray]) -> np.ndarray:
-        sess = self.sessions["fusion"]
-        wanted = [i.name for i in sess.get_inputs()]
+    def _fusion_feeds(self, image_side: dict[str, Any], text_embedding: Optional[np.ndarray]) -> dict[str, Any]:
+        wanted = [i.name for i in self.sessions["fusion"].get_inputs()]
         feeds = {k: v for k, v in image_side.items() if k in wanted}
         if text_embedding is not None:
             feeds["text_embedding"] = np.ascontiguousarray(text_embedding, dtype=np.float32)
+        return feeds
+
+    def fusion_outputs(self, image_side: dict[str, Any], text_embedding: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output of the fusion graph (the parity gate reads the gate-only ``pooled``); CPU only."""
+        if self.gpu:
+            raise IPIQAError("fusion_outputs runs on the CPU provider (the parity gate's backend)")
+        sess = self.sessions["fusion"]
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, self._fusion_feeds(image_side, text_embedding))))
+
+    def fuse(self, image_side: dict[str, Any], text_embedding: Optional[np.ndarray]) -> np.ndarray:
+        sess = self.sessions["fusion"]
+        feeds = self._fusion_feeds(image_side, text_embedding)
         if not self.gpu:
-            return sess.run(None, feeds)[0]
+            return sess.run(["scores"], feeds)[0]  # not the gate-only outputs
         binding = sess.io_binding()
         for name, value in feeds.items():
             if isinstance(value, np.ndarray):
