@@ -11,7 +11,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -20,12 +20,17 @@ from ipiqa.preprocess import load_resized
 
 from .rows import Result, Row, finish, load_pixels, row_error, scoring_failed
 
-__all__ = ["BatchScorer", "RunSummary", "score_rows", "load_input", "decode_row"]
+__all__ = ["BatchScorer", "DeviceDecode", "RunSummary", "score_rows", "load_input", "decode_row"]
 log = logging.getLogger(__name__)
 
 # What ``BatchScorer.score_arrays`` takes for one image file, the one place that decides it: uint8 (R, R, 3),
 # decoded and exactly resized; the image graph normalizes on the device.
 load_input: Callable[[str, int], np.ndarray] = load_resized
+
+
+# Paths -> (uint8 (k, R, R, 3) pixels on the device, one error text or None per path): a backend that decodes
+# on its device (the torch backend on CUDA: nvJPEG + exact resize) instead of the host's decode threads.
+DeviceDecode = Callable[[list[str]], tuple[Any, list[Optional[str]]]]
 
 
 class BatchScorer(Protocol):
@@ -47,9 +52,14 @@ class RunSummary:
     stopped: bool = False  # fail-fast ended the run early
 
 
-def decode_row(row: Row, resolution: int, needs_prompt: bool) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """(pixels, None) or (None, error) for one row, by the row rules."""
-    return load_pixels(row, resolution, needs_prompt, load_input)
+def _fast_input(path: str, resolution: int) -> np.ndarray:
+    return load_resized(path, resolution, fast=True)
+
+
+def decode_row(row: Row, resolution: int, needs_prompt: bool,
+               fast: bool = False) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """(pixels, None) or (None, error) for one row, by the row rules; ``fast``: the opt-in inexact decode."""
+    return load_pixels(row, resolution, needs_prompt, _fast_input if fast else load_input)
 
 
 def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -58,13 +68,27 @@ def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
         yield chunk
 
 
-def _score_batch(scorer: BatchScorer, rows: list[Row], decoded: list) -> list[Result]:
-    ok = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+def _score_batch(scorer: BatchScorer, rows: list[Row], decoded: list,
+                 device_decode: Optional[DeviceDecode] = None) -> list[Result]:
+    if device_decode is not None:  # rows still open are decoded together on the device
+        todo = [i for i, (_, err) in enumerate(decoded) if err is None]
+        if todo:
+            pixels, errors = device_decode([rows[i].image for i in todo])
+            keep = [k for k, e in enumerate(errors) if e is None]
+            for k, e in enumerate(errors):
+                if e is not None:
+                    decoded[todo[k]] = (None, e)
+            ok, batch = [todo[k] for k in keep], pixels[keep] if len(keep) < len(todo) else pixels
+        else:
+            ok, batch = [], None
+    else:
+        ok = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+        batch = np.stack([decoded[i][0] for i in ok]) if ok else None
     scores: dict[int, np.ndarray] = {}
     batch_error = None
     if ok:
         try:
-            out = np.asarray(scorer.score_arrays(np.stack([decoded[i][0] for i in ok]), [rows[i].prompt or "" for i in ok]))
+            out = np.asarray(scorer.score_arrays(batch, [rows[i].prompt or "" for i in ok]))
             if out.ndim != 2 or out.shape[0] != len(ok):
                 raise IPIQAError(f"backend returned shape {out.shape} for {len(ok)} images")
             scores = dict(zip(ok, out))
@@ -83,11 +107,14 @@ def score_rows(
     on_results: Callable[[list[Result]], None] = lambda results: None,
     fail_fast: bool = False,
     depth: int = 2,
+    device_decode: Optional[DeviceDecode] = None,
+    fast: bool = False,
 ) -> RunSummary:
     """Score every row in order; ``on_results`` gets each batch's results (in input order) as they finish.
 
     ``workers`` threads decode up to ``depth`` batches ahead of inference (Pillow releases the GIL while
-    decoding and resizing). ``fail_fast`` stops after the first batch with an error row.
+    decoding and resizing). ``fail_fast`` stops after the first batch with an error row. ``device_decode``:
+    the host only applies the row rules and the device decodes each batch (one call per batch).
     """
     if batch_size < 1:
         raise IPIQAError(f"batch size must be >= 1, got {batch_size}")
@@ -96,7 +123,7 @@ def score_rows(
     resolution, needs_prompt = scorer.resolution, scorer.needs_prompt
 
     def decode(row: Row):
-        return decode_row(row, resolution, needs_prompt)
+        return decode_row(row, resolution, needs_prompt, fast)
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         pending: deque[tuple[list[Row], list]] = deque()
@@ -105,12 +132,15 @@ def score_rows(
             jobs: list = []
             for row in chunk:
                 err = row_error(row, needs_prompt)
-                jobs.append((None, err) if err is not None else pool.submit(decode, row))
+                if err is not None or device_decode is not None:
+                    jobs.append((None, err))
+                else:
+                    jobs.append(pool.submit(decode, row))
             pending.append((chunk, jobs))
 
         def drain() -> list[Result]:
             chunk, jobs = pending.popleft()
-            return _score_batch(scorer, chunk, [j.result() if isinstance(j, Future) else j for j in jobs])
+            return _score_batch(scorer, chunk, [j.result() if isinstance(j, Future) else j for j in jobs], device_decode)
 
         chunks = _chunks(rows, batch_size)
         for chunk in chunks:

@@ -163,7 +163,9 @@ class Scorer:
         step = self.backend.max_batch or len(images) or 1
         out = []
         for i in range(0, len(images), step):
-            x = np.ascontiguousarray(images[i:i + step], dtype=np.uint8)
+            x = images[i:i + step]
+            if isinstance(x, np.ndarray):  # else pixels already on the backend's device (decode="device")
+                x = np.ascontiguousarray(x, dtype=np.uint8)
             side = self.backend.encode_image(x)
             text = self.cache.lookup(self.tokenizer(prompts[i:i + step]), self.backend.encode_text) if self.cfg.text else None
             out.append(np.asarray(self.backend.fuse(side, text), dtype=np.float32))
@@ -212,12 +214,23 @@ class Scorer:
     def score_files(self, source: Union[str, Path, Iterable[Row]], output: Union[str, Path] = "-",
                     prompt: Optional[str] = None, fmt: Optional[str] = None, batch_size: int = 8, workers: int = 4,
                     resume: bool = False, fail_fast: bool = False,
-                    on_results: Callable[[list[Result]], None] = lambda r: None) -> RunSummary:
+                    on_results: Callable[[list[Result]], None] = lambda r: None, decode: str = "host",
+                    fast_decode: bool = False) -> RunSummary:
         """Stream a folder/manifest/rows through the model into ``output`` (flushed per batch).
 
         Memory stays flat whatever the number of rows; ``resume`` reads the existing output once. A second
-        run on the same output file refuses to start (``OutputLock``).
+        run on the same output file refuses to start (``OutputLock``). ``decode="device"``: the torch backend
+        decodes JPEGs on its GPU (nvJPEG) and resizes there with Pillow's exact arithmetic. ``fast_decode``:
+        the opt-in host fast path (JPEG DCT-scaled decode + reducing_gap; not exact, see README).
         """
+        if decode not in ("host", "device"):
+            raise IPIQAError(f"decode must be 'host' or 'device', got {decode!r}")
+        device_decode = getattr(self.backend, "decode_on_device", None) if decode == "device" else None
+        if decode == "device" and device_decode is None:
+            raise IPIQAError(f"decode='device' needs the torch backend (a .safetensors model file); the "
+                             f"{self.backend.name} backend decodes on the host")
+        if decode == "device" and fast_decode:
+            raise IPIQAError("fast_decode is a host decoding path; it does not combine with decode='device'")
         if isinstance(source, (str, Path)):
             stream = RowSource(source, prompt)
             check_prompt_source(self.needs_prompt, stream.has_prompt_column, prompt, source)
@@ -236,7 +249,8 @@ class Scorer:
                     writer.write(results)
                     on_results(results)
 
-                summary = score_rows(rows, self, batch_size, workers, sink, fail_fast)
+                summary = score_rows(rows, self, batch_size, workers, sink, fail_fast, device_decode=device_decode,
+                                     fast=fast_decode)
         return replace(summary, skipped=skipped, seconds=time.perf_counter() - start)
 
     def close(self) -> None:

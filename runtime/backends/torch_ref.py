@@ -45,11 +45,25 @@ class TorchBackend:
         self.name = f"torch-{self.device.type}{'-fp16' if fp16 else ''}{'-compiled' if compile else ''}"
 
     def encode_image(self, images: np.ndarray) -> Any:
-        # uint8 NHWC up (4x fewer bytes than float32); normalized on the device, channels-last by construction
-        x = self.torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(self.device, non_blocking=True)
+        # uint8 NHWC up (4x fewer bytes than float32); normalized on the device, channels-last by construction.
+        # A tensor already on the device (``decode_on_device``) goes straight in.
+        if isinstance(images, np.ndarray):
+            x = self.torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(self.device, non_blocking=True)
+        else:
+            x = images.to(self.device)
         with self.torch.inference_mode():
             feature_map, embedding = self._encode_pixels(x)
             return feature_map.clone(), embedding.clone()  # CUDA-graph outputs are overwritten by the next replay
+
+    def decode_on_device(self, paths: list[str]) -> tuple[Any, list[Optional[str]]]:
+        """JPEGs decoded on this backend's device (nvJPEG on CUDA) and resized there with Pillow's exact
+        arithmetic -> (uint8 (k, R, R, 3) on the device, error text or None per path). Other formats and files
+        nvJPEG refuses go through Pillow with the host path's rules; on a CPU device all of them do."""
+        from .torch_images import decode_resize
+
+        pixels, errors = decode_resize(paths, self.cfg.resolution, self.device)
+        # NHWC contiguous: the layout the host path hands over, so the convolutions see the same memory format
+        return pixels.permute(0, 2, 3, 1).contiguous(), [None if e is None else str(e) for e in errors]
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
