@@ -138,6 +138,16 @@ def test_a_failing_int8_gate_is_one_clean_error_and_writes_no_manifest(trained_m
     assert "no manifest was written" in res.output and not (out / "manifest.json").exists()
 
 
+def test_a_failing_fp16_gate_stops_the_export_before_a_manifest(tiny_model_file, tmp_path, monkeypatch):
+    import ipiqa.export.fp16 as fp16
+    from ipiqa.export.fp16 import CosineResult
+
+    monkeypatch.setattr(fp16, "fp16_gate", lambda *a, **k: [CosineResult("fp16[end_to_end]/pooled", 0.5, 0.999, 1.0)])
+    res = CliRunner().invoke(export_cli, [str(tiny_model_file), "-o", str(tmp_path / "b"), "--onnx-only", "--fp16-onnx"])
+    assert res.exit_code == 1 and "FP16 gate failed; the bundle was not written" in res.output, res.output
+    assert "FAIL  fp16[end_to_end]/pooled" in res.output and not (tmp_path / "b" / "manifest.json").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--int8"], "--int8 needs --calibration"),
     (["--int8-setting", "bits=4", "--int8", "--calibration", "."], "KEY one of"),
