@@ -88,7 +88,7 @@ def _setup(args, cuda: bool):
     model = demo_model(cfg)
     model_path = save_model(work / "model.safetensors", model.state_dict(), cfg)
     bundles = {}
-    for name, single in (("single_query", True), ("exact", False)):
+    for name, single in (("single_query", True), ("straightforward", False)):
         options = ExportOptions(onnx_only=True, single_query_pooling=single)
         export_bundle(model, [model_path], work / f"bundle-{name}", options, progress=lambda m: print(f"  {m}", file=sys.stderr))
         bundles[name] = work / f"bundle-{name}"
@@ -99,7 +99,7 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
     """name -> (fn(images, prompts), note, owner with cache/close) ; fn None = not available, note says why."""
     import torch
 
-    from ipiqa.model import exact_pooling, normalize_pixels, tokenize
+    from ipiqa.model import straightforward_pooling, normalize_pixels, tokenize
     from ipiqa.runtime.scorer import Scorer
 
     device = "cuda" if cuda else "cpu"
@@ -108,11 +108,11 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
     ref_model = model.to(device).eval()
 
     def reference(images, prompts):
-        with torch.inference_mode(), exact_pooling(ref_model):  # authors' way: prompt re-encoded per image
+        with torch.inference_mode(), straightforward_pooling(ref_model):  # authors' way: prompt re-encoded per image
             pixels = normalize_pixels(torch.from_numpy(images).to(device))  # the host's float work, on the device
             return ref_model(pixels, tokenize(prompts).to(device)).cpu()
 
-    out["reference-eager-fp32"] = (reference, "FP32 eager, exact pools, prompt encoded per image", None)
+    out["reference-eager-fp32"] = (reference, "FP32 eager, straightforward pools, prompt encoded per image", None)
 
     def scorer_runner(name, source, note, **kw):
         if name in skip:
@@ -138,7 +138,7 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
                   backend="torch", device=device)
     scorer_runner("onnxruntime-cpu", bundles["single_query"], "single-query pools, prompt cache",
                   backend="onnxruntime", device="cpu")
-    scorer_runner("onnxruntime-cpu-exact-pools", bundles["exact"], "pools as written (before issue 9), prompt cache",
+    scorer_runner("onnxruntime-cpu-straightforward-pools", bundles["straightforward"], "pools as written (before issue 9), prompt cache",
                   backend="onnxruntime", device="cpu")
     if cuda:
         scorer_runner("onnxruntime-gpu", bundles["single_query"], "CUDA/TensorRT EP", backend="onnxruntime", device="cuda")
@@ -153,14 +153,14 @@ def _flops(bundles) -> dict:
     table = {}
     for graph in ("image_encoder", "text_encoder", "fusion"):
         table[graph] = {"single_query": graph_flops(bundles["single_query"] / f"{graph}.onnx"),
-                        "exact": graph_flops(bundles["exact"] / f"{graph}.onnx")}
+                        "straightforward": graph_flops(bundles["straightforward"] / f"{graph}.onnx")}
     return table
 
 
 def _per_image_flops(flops: dict, backend: str) -> float:
     if backend == "reference-eager-fp32":
-        return sum(v["exact"] for v in flops.values())  # text encoded for every image
-    pools = "exact" if "exact" in backend else "single_query"
+        return sum(v["straightforward"] for v in flops.values())  # text encoded for every image
+    pools = "straightforward" if "straightforward" in backend else "single_query"
     return (flops["image_encoder"][pools] + flops["fusion"][pools]
             + flops["text_encoder"][pools] / IMAGES_PER_PROMPT)  # one text pass per prompt
 

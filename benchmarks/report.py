@@ -32,9 +32,9 @@ def markdown(results: dict) -> str:
                          f"{_fmt(e.get('fraction_of_engine'), '.0%')} | {e['cache_hits']}/{e['cache_misses']} |")
     if results.get("flops"):
         lines += ["", "## FLOPs per image (counted from the ONNX graphs: Conv, MatMul, Gemm)", "",
-                  "| graph | single-query pools | exact pools |", "| --- | ---: | ---: |"]
+                  "| graph | single-query pools | straightforward pools |", "| --- | ---: | ---: |"]
         for name, v in results["flops"].items():
-            lines.append(f"| {name} | {v['single_query'] / 1e9:.2f} G | {_fmt(v.get('exact') and v['exact'] / 1e9, '.2f')} G |")
+            lines.append(f"| {name} | {v['single_query'] / 1e9:.2f} G | {_fmt(v.get('straightforward') and v['straightforward'] / 1e9, '.2f')} G |")
     if results.get("peak_gflops"):
         lines += ["", f"Measured matmul peak (the % column's reference): {results['peak_gflops']:.0f} GFLOP/s "
                   f"({results['peak_note']}). GFLOP/img counts what each backend computes per image, the text encoder "

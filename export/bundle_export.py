@@ -275,7 +275,7 @@ def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
                        "normalize": "in the image graph: x / 255, then (x - mean) / std, float32"},
         "tokenizer": tokenizer,
         "onnx": {"opset": options.opset, "precision": "fp32",
-                 "pooling": "single_query" if options.single_query_pooling else "exact",
+                 "pooling": "single_query" if options.single_query_pooling else "straightforward",
                  "graphs": {n: {"file": files[n], "inputs": list(ctx.specs[n].inputs),
                                 "outputs": list(ctx.specs[n].runtime_outputs),
                                 "gate_outputs": [o for o in ctx.specs[n].outputs if o in GATE_OUTPUTS]}

@@ -89,7 +89,7 @@ def _parity_table(results) -> str:
 @click.option("--batch", default="1,32,128", show_default=True, callback=_batch,
               help="TensorRT batch profile MIN,OPT,MAX (engines run any batch in [MIN, MAX]).")
 @click.option("--workspace", default=4.0, show_default=True, type=float, help="TensorRT builder workspace (GiB).")
-@click.option("--exact-pooling", is_flag=True,
+@click.option("--straightforward-pooling", is_flag=True,
               help="Export the pools as written (project all 257 tokens) instead of the exact single-query rewrite.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17), help="ONNX opset (>= 17).")
 @click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -104,7 +104,7 @@ def _parity_table(results) -> str:
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
 @_friendly
 def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, int8, calibration,
-         calibration_size, int8_settings, batch, workspace, exact_pooling, opset, triton_dir, triton_backend, atol, rtol,
+         calibration_size, int8_settings, batch, workspace, straightforward_pooling, opset, triton_dir, triton_backend, atol, rtol,
          verbose) -> None:
     """Export an IP-IQA model to a bundle the runtime scores with.
 
@@ -178,7 +178,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     else:
         net, sources = load_model(model), [model]
     progress(f"model: {net.cfg.resolution}px, outputs={','.join(net.cfg.outputs)}, head={net.cfg.head}")
-    options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not exact_pooling,
+    options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not straightforward_pooling,
                             tolerance_override=override, fp16_onnx=fp16_onnx,
                             int8=Int8Options(calibration, calibration_size, int8_settings) if int8 else None)
     try:

@@ -18,7 +18,7 @@ import torch
 
 from ipiqa.bundle import Manifest
 from ipiqa.config import IPIQAConfig
-from ipiqa.model import IPIQA, exact_pooling, normalize_pixels, tokenize
+from ipiqa.model import IPIQA, straightforward_pooling, normalize_pixels, tokenize
 
 from .parity import ParityResult, ToleranceOverride, compare
 
@@ -92,7 +92,7 @@ def _references(model: IPIQA, model64: IPIQA, x: GateInputs, device: str) -> dic
     gets, so its floor is the fusion step's own error; end to end runs float64 throughout."""
     images, tokens = x.model_images.to(device), x.model_tokens.to(device)
     text_on = model.cfg.text
-    with exact_pooling(model), exact_pooling(model64), _no_tf32():
+    with straightforward_pooling(model), straightforward_pooling(model64), _no_tf32():
         fmap, emb = model.encode_image(images)
         text = model.encode_text(tokens) if text_on else None
         scores = model.fuse(fmap, emb, text)

@@ -22,7 +22,7 @@ from .config import CLIP_MEAN, CLIP_STD, IPIQAConfig
 from .heads import build_head
 from .pooling import CrossModalAttentionPool, visual_pool
 
-__all__ = ["IPIQA", "tokenize", "exact_pooling", "pooling_mode", "normalize_pixels"]
+__all__ = ["IPIQA", "tokenize", "straightforward_pooling", "pooling_mode", "normalize_pixels"]
 
 _TOKENIZER: Optional[SimpleTokenizer] = None
 
@@ -45,7 +45,7 @@ def pooling_mode(model: "IPIQA", single_query: bool) -> Iterator["IPIQA"]:
         model.single_query_pooling = before
 
 
-def exact_pooling(model: "IPIQA"):
+def straightforward_pooling(model: "IPIQA"):
     """The straightforward pooling (the authors' computation) inside the block."""
     return pooling_mode(model, single_query=False)
 

@@ -134,7 +134,7 @@ class Scorer:
             from ipiqa._optional import require
 
             default_bpe = require("open_clip.tokenizer", extra="torch").default_bpe
-            from .backends.torch_ref import TorchBackend
+            from .backends.pytorch import TorchBackend
 
             self.manifest = None
             self.backend = TorchBackend(source, parse_device(device), fp16, compile)

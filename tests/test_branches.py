@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import authors_layout
-from ipiqa.model import IPIQA, exact_pooling, tokenize
+from ipiqa.model import IPIQA, straightforward_pooling, tokenize
 from ipiqa.official import convert_official
 
 REL_TOL = 1e-10  # relative to the branch's max |spec|; float64 rounding is ~1e-15
@@ -96,7 +96,7 @@ def test_text_qa_embedding_equals_spec(branches):
 
 def test_visual_pool_output_equals_spec(branches):
     model = branches["model"]
-    with torch.no_grad(), exact_pooling(model):
+    with torch.no_grad(), straightforward_pooling(model):
         _, ours = model.encode_image(branches["images"])
     _assert_same(ours, branches["visual"])
 
@@ -104,7 +104,7 @@ def test_visual_pool_output_equals_spec(branches):
 def test_cross_pool_output_equals_spec_given_the_spec_text_embedding(branches):
     """Fed the spec's [QA] embedding, so a text-tower fault shows in the text test, not here."""
     model = branches["model"]
-    with torch.no_grad(), exact_pooling(model), _output_of(model.txt_attnpool) as seen:
+    with torch.no_grad(), straightforward_pooling(model), _output_of(model.txt_attnpool) as seen:
         fmap, emb = model.encode_image(branches["images"])
         model.fuse(fmap, emb, branches["text"])
     (ours,) = seen

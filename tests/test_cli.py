@@ -228,7 +228,7 @@ def test_info_of_a_model_file_works_without_torch(no_torch_env, tiny_model_file)
 
 def test_torch_backend_without_torch_raises_missing_dependency(no_torch_env, tiny_model_file):
     code = ("from ipiqa.errors import MissingDependencyError\n"
-            "from ipiqa.runtime.backends.torch_ref import TorchBackend\n"
+            "from ipiqa.runtime.backends.pytorch import TorchBackend\n"
             "try:\n"
             f"    TorchBackend({str(tiny_model_file)!r})\n"
             "except MissingDependencyError as exc:\n"

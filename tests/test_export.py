@@ -272,4 +272,4 @@ def test_export_leaves_the_callers_pooling_mode_alone(tmp_path):
     src = save_model(tmp_path / "m.safetensors", model.state_dict(), cfg)
     export_bundle(model, [src], tmp_path / "b", ExportOptions(onnx_only=True, single_query_pooling=False),
                   progress=lambda m: None)
-    assert model.single_query_pooling and read_bundle(tmp_path / "b").data["onnx"]["pooling"] == "exact"
+    assert model.single_query_pooling and read_bundle(tmp_path / "b").data["onnx"]["pooling"] == "straightforward"

@@ -27,7 +27,7 @@ from ipiqa.export.cli import main as export_cli
 from ipiqa.export.gate import gate_inputs
 from ipiqa.export.parity import (FLOOR_MULTIPLE, FP32_TOL, ParityResult, ToleranceOverride, check_tolerance,
                                  compare)
-from ipiqa.model import IPIQA, exact_pooling
+from ipiqa.model import IPIQA, straightforward_pooling
 
 ONNX_ONLY = ExportOptions(onnx_only=True)
 FEATURE_OFFSET = 1e4  # common offset of the head's input features; the head cancels it (see _steep)
@@ -105,7 +105,7 @@ def test_raised_tolerance_still_refuses_an_output_just_past_k_times_the_floor(st
     """Floor from float64 on the steep model; outputs nudged just inside and just outside k x floor."""
     x = gate_inputs(steep_model.cfg, 4)
     model64 = copy.deepcopy(steep_model).double()
-    with torch.no_grad(), exact_pooling(steep_model), exact_pooling(model64):
+    with torch.no_grad(), straightforward_pooling(steep_model), straightforward_pooling(model64):
         ref = steep_model(x.model_images, x.model_tokens).numpy()
         ref64 = model64(x.model_images.double(), x.model_tokens).numpy()
     exact = compare("end_to_end/scores", ref, ref, scores=True, ref64=ref64)

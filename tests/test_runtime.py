@@ -54,7 +54,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 # ---------------------------------------------------------------- parity and behaviour
 
-def test_runtime_scores_equal_the_pytorch_reference_on_the_same_files(tiny_bundle, tiny_model_file, good_images):
+def test_runtime_scores_equal_the_pypytorcherence_on_the_same_files(tiny_bundle, tiny_model_file, good_images):
     prompts = ["a cat", "a dog", "a cat", "a bird"]
     with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as rt, Scorer(tiny_model_file, backend="torch", device="cpu") as ref:
         a, b = rt.score(good_images, prompts), ref.score(good_images, prompts)

@@ -1,7 +1,9 @@
-"""PyTorch backend: the reference model from a ``.safetensors`` file (for users without ONNX/TensorRT).
+"""PyTorch backend: a ``.safetensors`` model file served fast (for users without ONNX/TensorRT).
 
-On CUDA it runs channels-last, optionally in FP16; ``compile=True`` wraps the image encoder in
-``torch.compile`` (mode "reduce-overhead" on CUDA, which replays CUDA graphs). Only imported when chosen.
+Not the reference (that is ``ipiqa.model`` run as the authors do, FP32 eager, straightforward pools): this
+serves the single-query pools, channels-last and optionally FP16 on CUDA; ``compile=True`` wraps the image
+encoder in ``torch.compile`` (mode "reduce-overhead" on CUDA, which replays CUDA graphs); ``decode_on_device``
+decodes JPEGs on the GPU. Only imported when chosen.
 """
 from __future__ import annotations
 
