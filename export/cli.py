@@ -11,7 +11,7 @@ from typing import Optional
 import click
 
 from ipiqa.bundle import parse_batch_profile
-from ipiqa._console import _friendly, format_table
+from ipiqa.console import friendly, format_table
 
 
 def _batch(ctx, param, value: str) -> tuple[int, int, int]:
@@ -102,7 +102,7 @@ def _parity_table(results) -> str:
 @click.option("--rtol", type=click.FloatRange(min=0), default=None,
               help="Relative part of the override (scale: score range, or max |reference| for tensors).")
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
-@_friendly
+@friendly
 def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, int8, calibration,
          calibration_size, int8_settings, batch, workspace, straightforward_pooling, opset, triton_dir, triton_backend, atol, rtol,
          verbose) -> None:

@@ -20,7 +20,6 @@ from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 
 __all__ = ["DEFAULT_OPSET", "export_onnx"]
-log = logging.getLogger(__name__)
 
 # 18: LayerNormalization as one op (>= 17) keeps it fusable and FP32-pinnable in TensorRT.
 DEFAULT_OPSET = 18

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import click
 
-from ._console import EXIT_ROW_ERRORS, _friendly, format_table
+from .console import EXIT_ROW_ERRORS, friendly, format_table
 from ._optional import require, require_torch
 from .device import DEVICE_HELP
 from .errors import IPIQAError
@@ -41,7 +41,7 @@ def cli(verbose: bool) -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model (.safetensors, config in its metadata).")
 @click.option("--outputs", default=None, help="Comma-separated score names (default: quality[,alignment]).")
-@_friendly
+@friendly
 def import_official_cmd(finetuned: Path, clip_path: Path, output: Path, outputs: Optional[str]) -> None:
     """Convert an authors' IP-IQA training checkpoint into ipiqa's model file.
 
@@ -88,7 +88,7 @@ def bundle_summary(manifest: "Manifest") -> dict[str, Any]:
 
 @cli.command("info")
 @click.argument("target", metavar="MODEL_OR_BUNDLE", type=click.Path(exists=True, path_type=Path))
-@_friendly
+@friendly
 def info_cmd(target: Path) -> None:
     """Print a model file's config, or a bundle folder's summary, as JSON.
 
@@ -163,7 +163,7 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Score on a Ray cluster (ADDRESS, or a local one): decode in CPU tasks, one scorer per GPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@_friendly
+@friendly
 def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, decode, fast_decode, precision, fp16,
               compile_, resume, fail_fast, ray_address, allow_errors, quiet) -> None:
     """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
@@ -216,7 +216,7 @@ cli.add_command(score_cmd)
 @click.option("--out", default="ipiqa-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the demo model, bundle, sample images and scores.")
 @click.option("--resolution", default=512, show_default=True, type=int, help="Input resolution (512 as in the paper).")
-@_friendly
+@friendly
 def demo_cmd(out: Path, resolution: int) -> None:
     """Run the whole path on a seeded UNTRAINED model and generated images: no weights, GPU or network.
 

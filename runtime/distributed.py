@@ -8,7 +8,6 @@ arrive exactly once, in order. Imported only with ``--ray``.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,6 @@ from .pipeline import RunSummary, decode_row
 from .rows import Row, check_prompt_source, finish, scoring_failed
 
 __all__ = ["score_with_ray"]
-log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 1024  # rows per Ray block read from the manifest
 

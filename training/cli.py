@@ -11,7 +11,7 @@ from typing import Optional
 
 import click
 
-from ipiqa._console import _friendly, format_table
+from ipiqa.console import friendly, format_table
 from ipiqa._optional import require, require_torch
 from ipiqa.device import DEVICE_HELP
 
@@ -97,7 +97,7 @@ def train() -> None:
 @click.option("--skip-missing", is_flag=True, help="Train without label rows whose image is missing.")
 @click.option("--resume", is_flag=True, help="Continue each split from its last.pt.")
 @_common
-@_friendly
+@friendly
 def finetune_cmd(dataset, labels, out, splits, only_split, init, skip_missing, resume, config_path, images, clip_path,
                  random_init, **kw) -> None:
     """Fine-tune on MOS with MSE (Adam lr 1e-5, head x10, batch 32, 100 epochs, dropout 0.5, h-flip)."""
@@ -152,7 +152,7 @@ def _print_summary(results: list[dict], outputs, out: Path) -> None:
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--plcc-fit", is_flag=True, help="4-parameter logistic fit before PLCC.")
 @click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
-@_friendly
+@friendly
 def evaluate_cmd(dataset, labels, images, run, batch_size, plcc_fit, device) -> None:
     """Evaluate each split's best model on its test images; prints mean ± std over the splits."""
     require("torch", extra="train")
@@ -192,7 +192,7 @@ def evaluate_cmd(dataset, labels, images, run, batch_size, plcc_fit, device) -> 
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--min-similarity", type=float, default=None, help="Keep pairs with initial CLIP similarity above this (paper: 0.35).")
 @_common
-@_friendly
+@friendly
 def pretrain_cmd(pairs, out, min_similarity, config_path, images, clip_path, random_init, **kw) -> None:
     """Image2Prompt pretraining: image encoder trained, text tower frozen, loss 1 - cos(image, prompt)."""
     require_torch(extra="train")

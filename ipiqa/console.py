@@ -8,12 +8,12 @@ import click
 
 from .errors import IPIQAError
 
-__all__ = ["EXIT_ROW_ERRORS", "_friendly", "format_table"]
+__all__ = ["EXIT_ROW_ERRORS", "friendly", "format_table"]
 
 EXIT_ROW_ERRORS = 3  # the run finished, but some rows are error rows
 
 
-def _friendly(fn: Callable) -> Callable:
+def friendly(fn: Callable) -> Callable:
     """Expected failures print one line naming the file and the fix, never a traceback."""
 
     @functools.wraps(fn)
