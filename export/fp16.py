@@ -38,6 +38,7 @@ from ipiqa.bundle import METADATA_PRECISION_KEY
 from ipiqa.errors import IPIQAError
 
 from .parity import FP16_ATOL, ParityResult, compare
+from .to_onnx import save_checked
 
 __all__ = ["FP32_OPS", "PRECISION_KEY", "Fp16Graph", "convert_to_fp16", "graph_precision", "scores_spread",
            "run_graphs", "fp16_gate", "fp16_emulation", "ort_session", "score_results", "SPREAD_MIN",
@@ -314,22 +315,9 @@ def convert_to_fp16(src: Path, dst: Path, op_block_list: Collection[str] = FP32_
     graph.node.extend(new_nodes)
     entry = model.metadata_props.add()
     entry.key, entry.value = PRECISION_KEY, "fp16"
-    _save_checked(model, dst, onnx)
+    save_checked(model, dst, "FP16 graph")
     log.info("%s: %d nodes FP16, %d FP32, %d casts", dst.name, fp16_count, len(fp32_names), casts)
     return Fp16Graph(dst, tuple(fp32_names), fp16_count, casts)
-
-
-def _save_checked(model, dst: Path, onnx) -> None:
-    """Save with weights in ``dst.data`` (as the FP32 export does) and refuse a graph onnx.checker rejects."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    data_file = dst.name + ".data"
-    (dst.parent / data_file).unlink(missing_ok=True)  # save_model appends to an existing data file
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_file, size_threshold=1024)
-    try:
-        onnx.checker.check_model(str(dst), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise IPIQAError(f"{dst}: the FP16 graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
 def graph_precision(path: Path) -> str:

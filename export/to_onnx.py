@@ -19,7 +19,7 @@ from ipiqa.bundle import METADATA_CONFIG_KEY
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 
-__all__ = ["DEFAULT_OPSET", "export_onnx"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "save_checked"]
 
 # 18: LayerNormalization as one op (>= 17) keeps it fusable and FP32-pinnable in TensorRT.
 DEFAULT_OPSET = 18
@@ -35,7 +35,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
 ) -> Path:
     """Export with a dynamic batch axis on every input and output; returns ``path``."""
-    onnx = require("onnx", extra="export")
+    require("onnx", extra="export")
     require("onnxscript", extra="export")
     batch = torch.export.Dim("batch", min=1, max=4096)
     dynamic = {name: {0: batch} for name in input_names}
@@ -53,16 +53,24 @@ def export_onnx(
     _set_batch_dim_names(proto)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_CONFIG_KEY, cfg.to_json()
+    save_checked(proto, path, "exported graph")
+    return path
+
+
+def save_checked(proto, path: Path, what: str) -> Path:
+    """Save with every weight in ``<name>.onnx.data`` beside the graph, then refuse a graph onnx.checker
+    rejects (full check), naming the file. Small constants (shapes, axes) stay inline so shape inference and
+    parsers can read them."""
+    onnx = require("onnx", extra="export")
     path.parent.mkdir(parents=True, exist_ok=True)
     data_file = path.name + ".data"
     (path.parent / data_file).unlink(missing_ok=True)  # save_model appends to an existing data file
-    # Small constants (shapes, axes) stay inline so shape inference and parsers can read them.
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_file, size_threshold=1024)
     try:
         onnx.checker.check_model(str(path), full_check=True)  # path form: works with external data
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise IPIQAError(f"{path}: the exported graph failed onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise IPIQAError(f"{path}: the {what} failed onnx.checker: {str(exc).splitlines()[0]}") from None
     return path
 
 
