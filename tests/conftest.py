@@ -89,3 +89,26 @@ def tiny_bundle(tiny_model_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
     export_bundle(load_model(tiny_model_file), [tiny_model_file], out, ExportOptions(onnx_only=True), progress=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_bundle):
+    """The tiny bundle on ONNX Runtime CPU, shared by the tests of one module."""
+    from ipiqa.runtime.scorer import Scorer
+
+    with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """One small PNG on disk."""
+    return make_image(tmp_path_factory.mktemp("img") / "a.png", seed=5)
+
+
+def read_csv(path) -> list[dict]:
+    """An output CSV as dicts (all cells text, as a user's tools read it)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))

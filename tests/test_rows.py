@@ -10,27 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import make_image
+from conftest import read_csv
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.io import Row, read_rows
 from ipiqa.runtime.rows import MISSING_PROMPT, clean_prompt, score_error
 from ipiqa.runtime.scorer import Scorer
 
 
-@pytest.fixture(scope="module")
-def scorer(tiny_bundle):
-    with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    return make_image(tmp_path_factory.mktemp("img") / "a.png", seed=5)
-
-
-def _csv(path):
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+_csv = read_csv
 
 
 @pytest.mark.parametrize("value", ["NaN", "nan", "null", "None", "0", " x ", "日本"])

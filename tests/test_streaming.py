@@ -1,33 +1,18 @@
 """Jobs of any size: rows stream through, resume reads the output once, one run per output, clear disk errors."""
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import make_image
+from conftest import read_csv
 from ipiqa.runtime.io import OutputError, OutputLock, ResultWriter, Row, RowSource, resume_point
 from ipiqa.runtime.rows import Result
-from ipiqa.runtime.scorer import Scorer
 
 
-@pytest.fixture(scope="module")
-def scorer(tiny_bundle):
-    with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory):
-    return make_image(tmp_path_factory.mktemp("img") / "a.png", seed=7)
-
-
-def _csv(path):
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+_csv = read_csv
 
 
 def test_rows_are_pulled_lazily_a_few_batches_ahead_of_the_writer(scorer, image, tmp_path):
