@@ -3,11 +3,12 @@
 ``export_bundle`` reads as its stages: FP32 graphs + parity gate -> FP16 graphs + FP16 gate -> INT8 image
 graphs + INT8 gate -> engines + engine gate -> manifest. Each stage is reused when its inputs are unchanged
 (same model bytes, options, gate rule, library versions, calibration files) and the files still hash as
-recorded, so re-running an export is cheap and safe. Any stage that writes a file first removes the
+recorded, so re-running an export is cheap and safe. The stages build the typed ``ipiqa.manifest.Manifest``. Any stage that writes a file first removes the
 manifest, so a failed gate leaves no manifest describing files that changed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,11 +24,12 @@ import torch
 
 from ipiqa import __version__
 from ipiqa._optional import require
-from ipiqa.bundle import BUNDLE_FORMAT, Manifest, read_bundle, sha256_file, write_manifest
-from ipiqa.config import CLIP_MEAN, CLIP_STD
+from ipiqa.bundle import read_bundle, sha256_file, write_manifest
+from ipiqa.config import IPIQAConfig
 from ipiqa.errors import BundleError, IPIQAError
+from ipiqa.manifest import (BUNDLE_FORMAT, EngineGraph, Engines, Fp16Graph, Fp16Graphs, GraphEntry, Int8Calibration,
+                            Int8Graph, Manifest, OnnxGraphs, Parity, Source, Tokenizer, io_shapes, to_plain)
 from ipiqa.model import IPIQA, pooling_mode, tokenize
-from ipiqa.preprocess import RESIZE_FILTER
 
 from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
 from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
@@ -36,6 +38,7 @@ from .to_onnx import DEFAULT_OPSET, export_onnx
 from .trt import EngineSpec, build_engine, input_profiles
 
 __all__ = ["ExportOptions", "Int8Options", "ExportReport", "ParityGateError", "Fp16GateError", "export_bundle",
+           "weights_digest", "onnx_key",
            "onnx_parity", "engine_parity", "gate_inputs", "PARITY_PROMPTS", "DEFAULT_CALIBRATION_SIZE"]
 log = logging.getLogger(__name__)
 
@@ -104,8 +107,8 @@ class ExportOptions:
 class ExportReport:
     bundle: Path
     parity: list[ParityResult]  # FP32 gate, then the engine gate
-    fp16: Optional[dict] = None  # the manifest's onnx.fp16 entry (graphs, gate records) when written
-    int8: dict[str, dict] = field(default_factory=dict)  # the manifest's onnx.int8 entries, per target
+    fp16: Optional[dict] = None  # the manifest's onnx.fp16 entry as JSON (graphs, gate records) when written
+    int8: dict[str, dict] = field(default_factory=dict)  # the manifest's onnx.int8 entries as JSON, per target
     reused_onnx: bool = False
     reused_fp16: bool = False
     reused_int8: bool = False
@@ -121,26 +124,28 @@ class _Export:
     options: ExportOptions
     progress: Callable[[str], None]
     previous: Optional[Manifest]
-    data: dict[str, Any]
     report: ExportReport
     specs: dict[str, GraphSpec]
+    manifest: Optional[Manifest] = None  # set by the FP32 stage, refined by each later stage
 
     @property
-    def cfg(self):
+    def cfg(self) -> IPIQAConfig:
         return self.model.cfg
 
     @property
     def onnx_key(self) -> str:
-        return self.data["source"]["onnx_key"]
+        return self.built.source.key
 
-    def previous_entry(self, *path: str) -> Optional[dict]:
-        entry: Any = self.previous.data if self.previous else None
-        for key in path:
-            entry = entry.get(key) if isinstance(entry, dict) else None
-        return entry
+    @property
+    def built(self) -> Manifest:
+        assert self.manifest is not None, "the FP32 stage runs first"  # internal order, not user input
+        return self.manifest
+
+    def with_onnx(self, **changes: Any) -> None:
+        self.manifest = self.built.replace(onnx=dataclasses.replace(self.built.onnx, **changes))
 
     def fp32_graphs(self) -> dict[str, Path]:
-        return {name: self.out / g["file"] for name, g in self.data["onnx"]["graphs"].items()}
+        return {name: self.out / g.file for name, g in self.built.onnx.graphs.items()}
 
     def invalidate(self) -> None:
         """About to overwrite files: the old manifest (if any) must not describe them."""
@@ -161,7 +166,24 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _tokenizer_files(root: Path) -> dict:
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every state_dict tensor (name, dtype, shape, bytes): what the graphs are traced from,
+    whichever file (or none) the weights came from."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def onnx_key(model: IPIQA, options: ExportOptions, rule: Mapping[str, Any], versions: Mapping[str, str]) -> str:
+    """Reuse key of the FP32 graphs: the traced weights, config, trace options, gate rule and library versions."""
+    return _key(weights_digest(model), model.cfg.to_dict(), options.opset, options.single_query_pooling, rule,
+                versions)
+
+
+def _tokenizer_files(root: Path) -> Tokenizer:
     from open_clip.tokenizer import default_bpe
 
     from ipiqa.runtime.tokenizer import ClipTokenizer
@@ -171,11 +193,7 @@ def _tokenizer_files(root: Path) -> dict:
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
     ClipTokenizer(dst).save(root / "tokenizer" / "tokenizer.json")  # HF tokenizers file: the runtime loads it as is
-    return {"kind": "openai-clip-bpe", "files": {"bpe": f"tokenizer/{src.name}", "json": "tokenizer/tokenizer.json"},
-            "context_length": 77,
-            "sot_id": 49406, "eot_id": 49407, "pad_id": 0,
-            "cleaning": "ftfy.fix_text, html.unescape twice, strip, collapse whitespace, lowercase",
-            "reference": "open_clip.tokenizer.SimpleTokenizer"}
+    return Tokenizer(files={"bpe": f"tokenizer/{src.name}", "json": "tokenizer/tokenizer.json"})
 
 
 def _existing(root: Path) -> Optional[Manifest]:
@@ -221,7 +239,7 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
                     "max(fixed, k x floor); the override is recorded in %s", options.tolerance_override.describe(),
                     out / "manifest.json")
     out.mkdir(parents=True, exist_ok=True)
-    ctx = _Export(model, out, options, progress, _existing(out), {}, ExportReport(out, []), graph_specs(model))
+    ctx = _Export(model, out, options, progress, _existing(out), ExportReport(out, []), graph_specs(model))
     _fp32_stage(ctx, source_files)
     if options.writes_fp16:
         _fp16_stage(ctx)
@@ -238,15 +256,14 @@ def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
     model, cfg, out, options = ctx.model, ctx.cfg, ctx.out, ctx.options
     versions = _versions()
     rule = rule_record(options.tolerance_override)  # a changed gate rule or override re-runs the gate
-    onnx_key = _key([sha256_file(p) for p in source_files], options.opset, options.single_query_pooling, rule,
-                    versions)
+    key = onnx_key(model, options, rule, versions)  # the traced weights, not the file bytes
     files = {name: f"{name}.onnx" for name in ctx.specs if name != "text_encoder" or cfg.text}
-    reuse = ctx.previous_entry("source", "onnx_key") == onnx_key
+    reuse = ctx.previous is not None and ctx.previous.source.key == key
     if reuse:
         ctx.progress("ONNX graphs unchanged (same model, options and versions): reused")
         ctx.report.reused_onnx = True
-        ctx.report.parity = [ParityResult.from_dict(r) for r in ctx.previous.data["parity"]["onnx"]]
-        tokenizer = ctx.previous.data["tokenizer"]
+        ctx.report.parity = [ParityResult.from_dict(r) for r in ctx.previous.parity.onnx]
+        tokenizer = ctx.previous.tokenizer
     else:
         ctx.invalidate()
         x = gate_inputs(cfg, 2)
@@ -263,32 +280,16 @@ def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
                 ctx.progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
         tokenizer = _tokenizer_files(out)
 
-    shapes = {"image": (None, cfg.resolution, cfg.resolution, 3), "tokens": (None, cfg.context_length),
-              "feature_map": (None, cfg.feature_dim, cfg.grid, cfg.grid), "image_embedding": (None, cfg.embed_dim),
-              "text_embedding": (None, cfg.embed_dim)}
-    ctx.data.update({
-        "format": BUNDLE_FORMAT,
-        "config": cfg.to_dict(),
-        "outputs": list(cfg.outputs),
-        "preprocess": {"resolution": cfg.resolution, "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
-                       "resize": RESIZE_FILTER, "convert": "RGB", "layout": "NHWC", "dtype": "uint8",
-                       "normalize": "in the image graph: x / 255, then (x - mean) / std, float32"},
-        "tokenizer": tokenizer,
-        "onnx": {"opset": options.opset, "precision": "fp32",
-                 "pooling": "single_query" if options.single_query_pooling else "straightforward",
-                 "graphs": {n: {"file": files[n], "inputs": list(ctx.specs[n].inputs),
-                                "outputs": list(ctx.specs[n].runtime_outputs),
-                                "gate_outputs": [o for o in ctx.specs[n].outputs if o in GATE_OUTPUTS]}
-                            for n in files}},
-        "shapes": {k: list(v) for k, v in shapes.items()},
-        "precision": "fp32",
-        "engines": None,
-        "versions": versions,
-        "source": {"files": [str(p) for p in source_files], "onnx_key": onnx_key},
-        "parity": {"rule": rule},
-    })
+    graphs = {n: GraphEntry(files[n], tuple(ctx.specs[n].inputs), tuple(ctx.specs[n].runtime_outputs),
+                            tuple(o for o in ctx.specs[n].outputs if o in GATE_OUTPUTS)) for n in files}
+    ctx.manifest = Manifest(
+        root=out, format=BUNDLE_FORMAT, config=cfg, precision="fp32",
+        onnx=OnnxGraphs(opset=options.opset, pooling="single_query" if options.single_query_pooling else "straightforward",
+                        graphs=graphs),
+        tokenizer=tokenizer, versions=versions, source=Source(tuple(str(p) for p in source_files), key),
+        parity=Parity(rule=rule), files={})
     if not reuse:  # the manifest about to be written, read by the runtime's own backend
-        ctx.report.parity = _gate(onnx_parity(model, Manifest(out, ctx.data), options.parity_images,
+        ctx.report.parity = _gate(onnx_parity(model, ctx.manifest, options.parity_images,
                                               options.tolerance_override), ctx.progress)
 
 
@@ -298,10 +299,11 @@ def _fp16_stage(ctx: _Export) -> None:
 
     n = ctx.options.fp16_images
     key = _key(ctx.onnx_key, "fp16", n)
-    old = ctx.previous_entry("onnx", "fp16")
-    if old and old.get("key") == key:
+    old = ctx.previous.onnx.fp16 if ctx.previous else None
+    if old is not None and old.key == key:
         ctx.progress("FP16 graphs unchanged: reused")
-        ctx.data["onnx"]["fp16"], ctx.report.fp16, ctx.report.reused_fp16 = old, old, True
+        ctx.with_onnx(fp16=old)
+        ctx.report.fp16, ctx.report.reused_fp16 = to_plain(old), True
         return
     ctx.invalidate()
     start = time.perf_counter()
@@ -312,14 +314,16 @@ def _fp16_stage(ctx: _Export) -> None:
     x = gate_inputs(ctx.cfg, n, seed=1)
     results = _gate(fp16_gate(fp32, {k: g.path for k, g in graphs.items()}, x.image, x.tokens if ctx.cfg.text else None,
                               ctx.cfg.outputs), ctx.progress, Fp16GateError)
-    entry = {"precision": "fp16", "key": key, "gate_images": n,
-             "seconds": {"convert": round(converted - start, 2), "gate": round(time.perf_counter() - converted, 2)},
-             "islands": "FP32 by construction: normalizations, softmax, reductions, exp/log/pow/sqrt, ArgMax and "
-                        "attention logits (export.fp16.FP32_OPS); everything else FP16 with FP16 weights",
-             "graphs": {name: {"file": f"fp16/{g.path.name}", "fp16_nodes": g.fp16_nodes,
-                               "fp32_nodes": len(g.fp32_nodes), "casts": g.casts} for name, g in graphs.items()},
-             "gate": [r.to_dict() for r in results]}
-    ctx.data["onnx"]["fp16"] = ctx.report.fp16 = entry
+    entry = Fp16Graphs(
+        key=key, gate_images=n,
+        seconds={"convert": round(converted - start, 2), "gate": round(time.perf_counter() - converted, 2)},
+        islands="FP32 by construction: normalizations, softmax, reductions, exp/log/pow/sqrt, ArgMax and "
+                "attention logits (export.fp16.FP32_OPS); everything else FP16 with FP16 weights",
+        graphs={name: Fp16Graph(f"fp16/{g.path.name}", g.fp16_nodes, len(g.fp32_nodes), g.casts)
+                for name, g in graphs.items()},
+        gate=tuple(r.to_dict() for r in results))
+    ctx.with_onnx(fp16=entry)
+    ctx.report.fp16 = to_plain(entry)
 
 
 def _int8_stage(ctx: _Export) -> None:
@@ -332,12 +336,12 @@ def _int8_stage(ctx: _Export) -> None:
         return
     split = split_calibration(opts.calibration)
     calibration_files = [(str(p), sha256_file(p)) for p in split.calibration + split.held_out if p.is_file()]
-    entries: dict[str, dict] = {}
+    entries: dict[str, Int8Graph] = {}
     pending = []
     for target in ctx.options.int8_targets:
         key = _key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})))
-        old = ctx.previous_entry("onnx", "int8", target)
-        if old and old.get("key") == key:
+        old = ctx.previous.onnx.int8.get(target) if ctx.previous else None
+        if old is not None and old.key == key:
             ctx.progress(f"INT8 image graph for {target} unchanged: reused")
             entries[target] = old
         else:
@@ -362,31 +366,32 @@ def _int8_stage(ctx: _Export) -> None:
             for r in result.gate.results:
                 ctx.progress(f"[{target}] {r.line()}")
             gate = result.gate
-            entries[target] = {
-                "file": rel, "target": target, "key": key, "settings": gate.settings.to_dict(),
-                "serves": "image_encoder; text_encoder and fusion run from the " +
-                          ("FP32 graphs" if target == "cpu" else "fp16/ graphs (engines)"),
-                "excluded_nodes": list(gate.settings.nodes_to_exclude), "attempts": list(result.attempts),
-                "criterion": gate.criterion, "gate": gate.to_dict(),
-                "calibration": {"source": str(opts.calibration), "images": gate.settings.calibration_size,
-                                "held_out": len(held), "held_out_prompts": source},
-                "seconds": round(time.perf_counter() - start, 2)}
-            ctx.progress(f"INT8 image graph for {target}: {rel} ({entries[target]['seconds']:.1f}s; {gate.criterion})")
+            entries[target] = Int8Graph(
+                file=rel, target=target, key=key, settings=gate.settings.to_dict(),
+                serves="image_encoder; text_encoder and fusion run from the " +
+                       ("FP32 graphs" if target == "cpu" else "fp16/ graphs (engines)"),
+                excluded_nodes=tuple(gate.settings.nodes_to_exclude), attempts=tuple(result.attempts),
+                criterion=gate.criterion, gate=gate.to_dict(),
+                calibration=Int8Calibration(str(opts.calibration), gate.settings.calibration_size, len(held), source),
+                seconds=round(time.perf_counter() - start, 2))
+            ctx.progress(f"INT8 image graph for {target}: {rel} ({entries[target].seconds:.1f}s; {gate.criterion})")
     else:
         ctx.report.reused_int8 = True
-    ctx.data["onnx"]["int8"] = ctx.report.int8 = entries
+    ctx.with_onnx(int8=entries)
+    ctx.report.int8 = {target: to_plain(e) for target, e in entries.items()}
 
 
 def _engine_sources(ctx: _Export) -> dict[str, str]:
     """The ONNX graph each engine is built from: its precision lives in the graph (strongly typed)."""
     precision = ctx.options.engine.precision
-    fp32 = {name: g["file"] for name, g in ctx.data["onnx"]["graphs"].items()}
+    onnx = ctx.built.onnx
     if precision == "fp32":
-        return fp32
-    fp16 = {name: g["file"] for name, g in ctx.data["onnx"]["fp16"]["graphs"].items()}
+        return {name: g.file for name, g in onnx.graphs.items()}
+    assert onnx.fp16 is not None, "FP16 graphs are written for FP16 and INT8 engines"  # ExportOptions.writes_fp16
+    fp16 = {name: g.file for name, g in onnx.fp16.graphs.items()}
     if precision == "fp16":
         return fp16
-    return {**fp16, "image_encoder": ctx.data["onnx"]["int8"]["tensorrt"]["file"]}
+    return {**fp16, "image_encoder": onnx.int8["tensorrt"].file}
 
 
 def _engine_stage(ctx: _Export) -> None:
@@ -396,47 +401,44 @@ def _engine_stage(ctx: _Export) -> None:
     gpu = torch.cuda.get_device_name()
     cc = "{}.{}".format(*torch.cuda.get_device_capability())
     sources = _engine_sources(ctx)
-    graph_keys = [(ctx.data["onnx"].get("fp16") or {}).get("key"),
-                  ((ctx.data["onnx"].get("int8") or {}).get("tensorrt") or {}).get("key")]
+    onnx = ctx.built.onnx
+    graph_keys = [onnx.fp16.key if onnx.fp16 else None,
+                  onnx.int8["tensorrt"].key if "tensorrt" in onnx.int8 else None]
     engine_key = _key(ctx.onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc,
                       sources, graph_keys)
-    old = ctx.previous_entry("engines")
-    if old and old.get("key") == engine_key:
+    old = ctx.previous.engines if ctx.previous else None
+    if old is not None and old.key == engine_key:
         ctx.progress("TensorRT engines unchanged: reused")
         ctx.report.reused_engines = True
-        ctx.report.parity += [ParityResult.from_dict(r) for r in ctx.previous.data["parity"]["engines"]]
-        ctx.data.update(engines=old, precision=spec.precision)
+        ctx.report.parity += [ParityResult.from_dict(r) for r in ctx.previous.parity.engines]
+        ctx.manifest = ctx.built.replace(engines=old, precision=spec.precision)
         return
     ctx.invalidate()
     (out / "engines").mkdir(exist_ok=True)
-    entry = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": cc, "precision": spec.precision,
-             "batch": list(spec.batch), "workspace_gib": spec.workspace_gib, "key": engine_key, "graphs": {}}
-    shapes = ctx.data["shapes"]
+    built: dict[str, EngineGraph] = {}
+    shapes = io_shapes(ctx.cfg)
     for name, onnx_file in sources.items():
         start = time.perf_counter()
         graph = ctx.specs[name]
-        profiles = input_profiles({i: shapes[i] for i in graph.inputs}, spec.batch)
+        profiles = input_profiles({i: shapes[i][0] for i in graph.inputs}, spec.batch)
         blob = build_engine(out / onnx_file, profiles, spec, timing_cache=out / "engines" / "timing.cache",
                             outputs=graph.runtime_outputs)
         rel = f"engines/{name}.{spec.precision}.plan"
         (out / rel).write_bytes(blob)
-        entry["graphs"][name] = {"file": rel, "onnx": onnx_file}
+        built[name] = EngineGraph(rel, onnx_file)
         ctx.progress(f"built {rel} from {onnx_file} ({time.perf_counter() - start:.1f}s)")
-    ctx.data.update(engines=entry, precision=spec.precision)
-    ctx.report.parity += _gate(engine_parity(ctx.model, Manifest(out, ctx.data),
-                                             override=ctx.options.tolerance_override), ctx.progress)
+    engines = Engines(tensorrt=trt.__version__, gpu=gpu, compute_capability=cc, precision=spec.precision,
+                      batch=spec.batch, workspace_gib=spec.workspace_gib, key=engine_key, graphs=built)
+    ctx.manifest = ctx.built.replace(engines=engines, precision=spec.precision)
+    ctx.report.parity += _gate(engine_parity(ctx.model, ctx.manifest, override=ctx.options.tolerance_override),
+                               ctx.progress)
 
 
 def _write(ctx: _Export) -> None:
-    data, out = ctx.data, ctx.out
-    onnx_files = [g["file"] for g in data["onnx"]["graphs"].values()]
-    onnx_files += [g["file"] for g in (data["onnx"].get("fp16") or {}).get("graphs", {}).values()]
-    onnx_files += [e["file"] for e in (data["onnx"].get("int8") or {}).values()]
-    listed = _with_data_files(onnx_files, out) + list(data["tokenizer"]["files"].values())
-    if data["engines"]:
-        listed += [g["file"] for g in data["engines"]["graphs"].values()]
-    data["parity"].update(onnx=[r.to_dict() for r in ctx.report.parity if not r.name.startswith("engines")],
-                          engines=[r.to_dict() for r in ctx.report.parity if r.name.startswith("engines")])
-    data["onnx"]["precisions"] = list(Manifest(out, data).onnx_precisions)  # what --precision can ask for
-    data["files"] = listed
-    write_manifest(out, data)
+    """The parity records and every listed file (hashed by ``write_manifest``) into ``manifest.json``."""
+    manifest = ctx.built
+    records = [(r.name.startswith("engines"), r.to_dict()) for r in ctx.report.parity]
+    parity = Parity(rule=manifest.parity.rule, onnx=tuple(r for engine, r in records if not engine),
+                    engines=tuple(r for engine, r in records if engine))
+    files = _with_data_files(manifest.listed_files(), ctx.out)
+    write_manifest(manifest.replace(parity=parity, files=dict.fromkeys(files, "")))

@@ -18,6 +18,8 @@ import torch
 
 from ipiqa.bundle import Manifest
 from ipiqa.config import IPIQAConfig
+from ipiqa.errors import IPIQAError
+from ipiqa.manifest import io_shapes
 from ipiqa.model import IPIQA, straightforward_pooling, normalize_pixels, tokenize
 
 from .parity import ParityResult, ToleranceOverride, compare
@@ -57,8 +59,8 @@ class GateInputs:
 
 def gate_inputs(cfg: IPIQAConfig, n: int, seed: int = 0) -> GateInputs:
     """Seeded uint8 images (every value 0..255 occurs) and tokens cycling through the adversarial prompts."""
-    r = cfg.resolution
-    image = np.random.default_rng(seed).integers(0, 256, (n, r, r, 3), dtype=np.uint8)
+    shape, dtype = io_shapes(cfg)["image"]
+    image = np.random.default_rng(seed).integers(0, 256, (n, *shape[1:]), dtype=dtype)
     prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] + ("" if i < len(PARITY_PROMPTS) else f" {i}") for i in range(n)]
     return GateInputs(image, tokenize(prompts, cfg.context_length).numpy(), normalize_pixels(torch.from_numpy(image)))
 
@@ -174,8 +176,10 @@ def engine_parity(model: IPIQA, manifest: Manifest, n: int = 64, batch: int = 16
 
     ``backend``: an already open runtime backend to check instead (it is closed here).
     """
-    precision = manifest.data["engines"]["precision"]
-    lo, _, hi = manifest.data["engines"]["batch"]
+    if manifest.engines is None:
+        raise IPIQAError(f"{manifest.root}: the engine gate needs TensorRT engines; the manifest lists none")
+    precision = manifest.engines.precision
+    lo, _, hi = manifest.engines.batch
     batch = min(max(batch, lo), hi)  # every chunk inside the engines' profile
     n = batch * -(-n // batch)
     model = model.eval().to(device)

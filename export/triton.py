@@ -20,6 +20,7 @@ from typing import Sequence
 
 from ipiqa.bundle import Manifest
 from ipiqa.errors import IPIQAError
+from ipiqa.manifest import io_shapes
 
 from . import triton_client, triton_model
 
@@ -75,7 +76,7 @@ def _write_graphs(manifest: Manifest, out: Path, *, backend: str, max_batch: int
     """The three graph models: the bundle's ONNX files (with their weights) or engines, and their configs."""
     platform = "onnxruntime_onnx" if backend == "onnxruntime" else "tensorrt_plan"
     for graph, name in MODEL_NAMES.items():
-        spec = manifest.data["onnx"]["graphs"][graph]
+        spec = manifest.onnx.graphs[graph]
         version = out / name / "1"
         version.mkdir(parents=True, exist_ok=True)
         if backend == "onnxruntime":
@@ -84,13 +85,13 @@ def _write_graphs(manifest: Manifest, out: Path, *, backend: str, max_batch: int
             shutil.copyfile(manifest.root / data, version / data)
         else:
             shutil.copyfile(manifest.engine_path(graph), version / "model.plan")
-        missing = set(SERVED_OUTPUTS[graph]) - set(spec["outputs"])
+        missing = set(SERVED_OUTPUTS[graph]) - set(spec.outputs)
         if missing:
             raise IPIQAError(f"{manifest.root}: graph {graph!r} has no output {sorted(missing)} that the Triton "
                              "ensemble needs; re-export the bundle with this ipiqa")
         text = _config(name, platform, max_batch,
-                       [_tensor(i, shapes[i], _TYPES.get(i, "TYPE_FP32")) for i in spec["inputs"]],
-                       [_tensor(o, shapes[o]) for o in spec["outputs"] if o in SERVED_OUTPUTS[graph]],
+                       [_tensor(i, shapes[i], _TYPES.get(i, "TYPE_FP32")) for i in spec.inputs],
+                       [_tensor(o, shapes[o]) for o in spec.outputs if o in SERVED_OUTPUTS[graph]],
                        instances, kind, preferred)
         (out / name / "config.pbtxt").write_text(text)
 
@@ -101,7 +102,7 @@ def _write_preprocess(manifest: Manifest, out: Path, max_batch: int, instances: 
     version = out / PREPROCESS / "1"
     version.mkdir(parents=True, exist_ok=True)
     (version / "model.py").write_text(PREPROCESS_SHIM)
-    shutil.copyfile(manifest.root / manifest.data["tokenizer"]["files"]["json"], version / triton_model.TOKENIZER_FILE)
+    shutil.copyfile(manifest.root / manifest.tokenizer.files["json"], version / triton_model.TOKENIZER_FILE)
     (out / PREPROCESS / "config.pbtxt").write_text("\n".join([
         f'name: "{PREPROCESS}"', 'backend: "python"', f"max_batch_size: {max_batch}",
         "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
@@ -140,15 +141,14 @@ def write_triton_repository(manifest: Manifest, out: Path, backend: str = "onnxr
     cfg = manifest.config
     if not cfg.text:
         raise IPIQAError("the Triton ensemble is for models with the text branch (config text=True)")
-    engines = manifest.data.get("engines")
+    engines = manifest.engines
     if backend == "tensorrt":
-        if not engines:
+        if engines is None:
             raise IPIQAError(f"{manifest.root}: no TensorRT engines in the bundle; export without --onnx-only, "
                              "or use the onnxruntime Triton backend")
-        max_batch = min(max_batch, int(engines["batch"][2]))
-    preferred = min(max_batch, int(engines["batch"][1]) if engines else 32)
-    shapes = {k: [int(d) for d in v[1:]] for k, v in manifest.data["shapes"].items()}
-    shapes["scores"] = [cfg.num_outputs]
+        max_batch = min(max_batch, engines.batch[2])
+    preferred = min(max_batch, engines.batch[1] if engines else 32)
+    shapes = {k: [int(d) for d in shape[1:]] for k, (shape, _) in io_shapes(cfg).items()}  # per row: Triton batches
     out.mkdir(parents=True, exist_ok=True)
     _write_graphs(manifest, out, backend=backend, max_batch=max_batch, instances=instances, kind=kind,
                   preferred=preferred, shapes=shapes)

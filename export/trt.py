@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
+from ipiqa.manifest import check_batch_profile
 
 __all__ = ["EngineSpec", "PRECISIONS", "GRAPH_PRECISIONS", "input_profiles", "network_flags", "build_engine"]
 log = logging.getLogger(__name__)
@@ -42,9 +43,7 @@ class EngineSpec:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        lo, opt, hi = self.batch
-        if not 1 <= lo <= opt <= hi:
-            raise ValueError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {self.batch}")
+        object.__setattr__(self, "batch", check_batch_profile(self.batch))  # the one batch-profile rule
         if not 0 < self.workspace_gib <= 1024:
             raise ValueError(f"workspace must be in (0, 1024] GiB, got {self.workspace_gib}")
 

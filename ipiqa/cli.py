@@ -68,21 +68,20 @@ def import_official_cmd(finetuned: Path, clip_path: Path, output: Path, outputs:
 def bundle_summary(manifest: "Manifest") -> dict[str, Any]:
     """What a user asks of a bundle: which model, which precision, built where and with what, and how
     closely it matched the PyTorch reference when exported (the parity results exactly as stored)."""
-    data = manifest.data
-    engines = data.get("engines") or {}
-    onnx = data.get("onnx") or {}
+    engines, onnx = manifest.engines, manifest.onnx
     return {
         "bundle": str(manifest.root),
-        "format": data.get("format"),
-        "config": data.get("config"),
-        "precision": data.get("precision"),
-        "graphs": {name: {"onnx": graph.get("file"), "engine": engines.get("graphs", {}).get(name, {}).get("file")}
-                   for name, graph in onnx.get("graphs", {}).items()},
-        "onnx": {key: onnx.get(key) for key in ("opset", "precision", "pooling")},
-        "engines": {key: engines.get(key) for key in ("tensorrt", "gpu", "compute_capability", "precision", "batch")}
-        if engines else None,
-        "versions": data.get("versions", {}),
-        "parity": data.get("parity"),
+        "format": manifest.format,
+        "config": manifest.config.to_dict(),
+        "precision": manifest.precision,
+        "graphs": {name: {"onnx": graph.file, "engine": engines.graphs[name].file
+                          if engines and name in engines.graphs else None}
+                   for name, graph in onnx.graphs.items()},
+        "onnx": {"opset": onnx.opset, "precisions": list(onnx.precisions), "pooling": onnx.pooling},
+        "engines": {"tensorrt": engines.tensorrt, "gpu": engines.gpu, "compute_capability": engines.compute_capability,
+                    "precision": engines.precision, "batch": list(engines.batch)} if engines else None,
+        "versions": dict(manifest.versions),
+        "parity": manifest.to_dict()["parity"],
     }
 
 

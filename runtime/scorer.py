@@ -49,7 +49,7 @@ def _ort_gpu_provider() -> Optional[str]:
 def _tensorrt_usable(manifest: Manifest) -> bool:
     import importlib.util
 
-    return bool(manifest.data.get("engines")) and importlib.util.find_spec("tensorrt") is not None
+    return manifest.engines is not None and importlib.util.find_spec("tensorrt") is not None
 
 
 def _engine_precision_refused(manifest: Manifest, precision: str) -> IPIQAError:
@@ -120,8 +120,7 @@ class Scorer:
         if source.is_dir():
             self.manifest: Optional[Manifest] = read_bundle(source)
             self.cfg: IPIQAConfig = self.manifest.config
-            tok = self.manifest.data["tokenizer"]["files"]
-            self.tokenizer = ClipTokenizer(source / tok.get("json", tok["bpe"]), self.cfg.context_length)
+            self.tokenizer = ClipTokenizer(source / self.manifest.tokenizer.file, self.cfg.context_length)
             self.backend = select_backend(self.manifest, backend, device, precision)
         elif source.is_file():
             if backend not in ("auto", "torch"):

@@ -21,6 +21,7 @@ from ipiqa.export.gate import gate_inputs
 from ipiqa.export.parity import ParityResult
 from ipiqa.export.cli import main as export_cli
 from ipiqa.model import tokenize
+from ipiqa.preprocess import RESIZE_FILTER
 
 ONNX_ONLY = ExportOptions(onnx_only=True)
 VARIANTS = {
@@ -54,7 +55,7 @@ def exported_rn50(tmp_path_factory):
 def _sessions(bundle):
     manifest = read_bundle(bundle)
     return manifest, {g: ort.InferenceSession(str(manifest.graph_path(g)), providers=["CPUExecutionProvider"])
-                      for g in manifest.data["onnx"]["graphs"]}
+                      for g in manifest.onnx.graphs}
 
 
 @pytest.mark.parametrize("batch", [1, 7])
@@ -86,7 +87,7 @@ def test_recorded_parity_equals_a_fresh_gate_run_on_the_written_bundle(exported)
     """The manifest's figures describe the files it hashes: re-run on the read-back bundle, the gate agrees."""
     model, _, report = exported
     manifest = read_bundle(report.bundle)
-    recorded = [ParityResult.from_dict(r) for r in manifest.data["parity"]["onnx"]]
+    recorded = [ParityResult.from_dict(r) for r in manifest.parity.onnx]
     assert recorded == onnx_parity(model, manifest)
 
 
@@ -100,7 +101,7 @@ def test_bare_sessions_composed_match_the_model_within_the_recorded_tolerance(ex
     (scores,) = run["fusion"].run(["scores"], {"feature_map": fmap, "image_embedding": emb, "text_embedding": text})
     with torch.no_grad():
         ref = model(x.model_images, x.model_tokens).numpy()
-    (e2e,) = [r for r in manifest.data["parity"]["onnx"] if r["name"] == "end_to_end/scores"]
+    (e2e,) = [r for r in manifest.parity.onnx if r["name"] == "end_to_end/scores"]
     assert np.abs(scores - ref).max() <= e2e["tolerance"]
 
 
@@ -173,8 +174,9 @@ def test_reexport_of_unchanged_model_reuses_graphs(exported):
 def test_manifest_records_what_the_runtime_needs(exported):
     model, _, report = exported
     data = json.loads((report.bundle / "manifest.json").read_text())
-    assert IPIQAConfig.from_dict(data["config"]) == model.cfg and data["outputs"] == list(model.cfg.outputs)
-    assert data["preprocess"]["resolution"] == model.cfg.resolution and data["preprocess"]["resize"] == "bicubic"
+    # outputs and preprocessing are the config's (format 3 stores no copies); the resize rule is ipiqa.preprocess's
+    assert IPIQAConfig.from_dict(data["config"]) == model.cfg and data["config"]["outputs"] == list(model.cfg.outputs)
+    assert data["config"]["resolution"] == model.cfg.resolution and RESIZE_FILTER == "bicubic"
     assert data["onnx"]["opset"] >= 17 and data["precision"] == "fp32" and data["engines"] is None
     assert (report.bundle / data["tokenizer"]["files"]["bpe"]).is_file()
     assert {"ipiqa", "torch", "onnx", "onnxruntime"} <= set(data["versions"])
@@ -255,7 +257,7 @@ def test_image_only_model_exports_without_text_graph(tmp_path):
     model = demo_model(cfg)
     src = save_model(tmp_path / "m.safetensors", model.state_dict(), cfg)
     report = export_bundle(model, [src], tmp_path / "b", ONNX_ONLY, progress=lambda m: None)
-    assert all(report.parity) and set(read_bundle(tmp_path / "b").data["onnx"]["graphs"]) == {"image_encoder", "fusion"}
+    assert all(report.parity) and set(read_bundle(tmp_path / "b").onnx.graphs) == {"image_encoder", "fusion"}
 
 
 def test_official_checkpoint_exports_directly(authors_224_linear, tmp_path):
@@ -272,4 +274,4 @@ def test_export_leaves_the_callers_pooling_mode_alone(tmp_path):
     src = save_model(tmp_path / "m.safetensors", model.state_dict(), cfg)
     export_bundle(model, [src], tmp_path / "b", ExportOptions(onnx_only=True, single_query_pooling=False),
                   progress=lambda m: None)
-    assert model.single_query_pooling and read_bundle(tmp_path / "b").data["onnx"]["pooling"] == "straightforward"
+    assert model.single_query_pooling and read_bundle(tmp_path / "b").onnx.pooling == "straightforward"

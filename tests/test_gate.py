@@ -287,10 +287,11 @@ class _HandleBackend:
 
 
 def _as_engine_bundle(root, precision: str = "fp32"):
-    from ipiqa.bundle import Manifest, read_bundle
+    from ipiqa.bundle import read_bundle
+    from ipiqa.manifest import Engines
 
-    data = dict(read_bundle(root).data)
-    return Manifest(root, {**data, "precision": precision, "engines": {"precision": precision, "batch": [1, 4, 8]}})
+    engines = Engines("10", "gpu", "9.0", precision, (1, 4, 8), 1.0, "key", {})
+    return read_bundle(root).replace(precision=precision, engines=engines)
 
 
 @pytest.mark.parametrize("shift,passes", [(0.0, True), (0.01, False)], ids=["same", "scores-off-by-0.01"])

@@ -64,25 +64,25 @@ def precise_bundle(trained_model_file, images, tmp_path_factory) -> tuple[Path, 
 def test_fp16_graphs_are_written_gated_hashed_and_recorded(precise_bundle):
     out, res = precise_bundle
     manifest = read_bundle(out)  # every listed file hashed, fp16/ and int8/ included
-    fp16 = manifest.data["onnx"]["fp16"]
-    assert set(fp16["graphs"]) == {"image_encoder", "text_encoder", "fusion"}
-    assert all(f"fp16/{g}.onnx" in manifest.data["files"] and f"fp16/{g}.onnx.data" in manifest.data["files"]
-               for g in fp16["graphs"])
-    assert fp16["gate"] and all(r["passed"] for r in fp16["gate"]) and fp16["gate_images"] == 16
-    assert any(r["name"] == "fp16[end_to_end]/pooled" for r in fp16["gate"])
-    assert "fp32_layers" not in json.dumps(manifest.data)
+    fp16 = manifest.onnx.fp16
+    assert set(fp16.graphs) == {"image_encoder", "text_encoder", "fusion"}
+    assert all(f"fp16/{g}.onnx" in manifest.files and f"fp16/{g}.onnx.data" in manifest.files
+               for g in fp16.graphs)
+    assert fp16.gate and all(r["passed"] for r in fp16.gate) and fp16.gate_images == 16
+    assert any(r["name"] == "fp16[end_to_end]/pooled" for r in fp16.gate)
+    assert "fp32_layers" not in manifest.to_json()
     assert "FP16 graphs (fp16/image_encoder.onnx" in res.output and manifest.onnx_precisions == ("fp32", "fp16", "int8")
 
 
 def test_int8_cpu_graph_is_recorded_with_settings_gate_and_criterion(precise_bundle):
     out, res = precise_bundle
-    entry = read_bundle(out).data["onnx"]["int8"]["cpu"]
-    assert entry["file"] == "int8/image_encoder.cpu.onnx" and set(read_bundle(out).data["onnx"]["int8"]) == {"cpu"}
-    assert entry["settings"]["activation_type"] == "uint8" and entry["settings"]["reduce_range"]
-    assert entry["calibration"]["images"] == 16 and entry["calibration"]["held_out"] == 6
-    assert entry["calibration"]["held_out_prompts"] == "the CSV's prompt column"
-    assert entry["gate"]["passed"] and entry["attempts"] and entry["excluded_nodes"] == []
-    assert entry["criterion"] == entry["gate"]["criterion"]
+    entry = read_bundle(out).onnx.int8["cpu"]
+    assert entry.file == "int8/image_encoder.cpu.onnx" and set(read_bundle(out).onnx.int8) == {"cpu"}
+    assert entry.settings["activation_type"] == "uint8" and entry.settings["reduce_range"]
+    assert entry.calibration.images == 16 and entry.calibration.held_out == 6
+    assert entry.calibration.held_out_prompts == "the CSV's prompt column"
+    assert entry.gate["passed"] and entry.attempts and entry.excluded_nodes == ()
+    assert entry.criterion == entry.gate["criterion"]
     assert "INT8 [cpu] int8/image_encoder.cpu.onnx" in res.output
 
 
@@ -90,12 +90,12 @@ def test_an_untrained_model_says_the_embedding_criterion_decided(tiny_model_file
     res = CliRunner().invoke(export_cli, [str(tiny_model_file), "-o", str(tmp_path / "b"), "--onnx-only", "--int8",
                                           "--calibration", str(images / "imgs"), "--calibration-size", "8"])
     assert res.exit_code == 0, res.output
-    entry = read_bundle(tmp_path / "b").data["onnx"]["int8"]["cpu"]
-    assert entry["criterion"].startswith("image-embedding cosine only: the held-out scores barely spread")
-    assert entry["calibration"]["held_out_prompts"] == "the gate's prompts (PARITY_PROMPTS)"
-    ranks = [r for r in entry["gate"]["results"] if "spearman" in r]
+    entry = read_bundle(tmp_path / "b").onnx.int8["cpu"]
+    assert entry.criterion.startswith("image-embedding cosine only: the held-out scores barely spread")
+    assert entry.calibration.held_out_prompts == "the gate's prompts (PARITY_PROMPTS)"
+    ranks = [r for r in entry.gate["results"] if "spearman" in r]
     assert ranks and all(r["spearman"] is None and "embedding criterion decides" in r["note"] for r in ranks)
-    assert "fp16" not in read_bundle(tmp_path / "b").data["onnx"]  # FP16 graphs only on request without engines
+    assert read_bundle(tmp_path / "b").onnx.fp16 is None  # FP16 graphs only on request without engines
 
 
 def test_held_out_images_are_never_calibrated_on(images):
@@ -165,7 +165,7 @@ def test_int8_settings_are_parsed_per_target_and_recorded(tiny_model_file, image
                                           "--int8-setting", "cpu.calibrate_method=percentile",
                                           "--int8-setting", "per_channel=false"])
     assert res.exit_code == 0, res.output
-    settings = read_bundle(tmp_path / "b").data["onnx"]["int8"]["cpu"]["settings"]
+    settings = read_bundle(tmp_path / "b").onnx.int8["cpu"].settings
     assert settings["calibrate_method"] == "percentile" and settings["per_channel"] is False
 
 
@@ -176,7 +176,7 @@ def test_reexport_reuses_fp16_and_int8_stages(trained_model_file, images, precis
                                           "--calibration-size", "16"])
     assert res.exit_code == 0, res.output
     assert "FP16 graphs unchanged: reused" in res.output and "INT8 image graph for cpu unchanged: reused" in res.output
-    assert read_bundle(out).data["onnx"]["int8"] == read_bundle(precise_bundle[0]).data["onnx"]["int8"]
+    assert read_bundle(out).onnx.int8 == read_bundle(precise_bundle[0]).onnx.int8
 
 
 # ---------------------------------------------------------------- runtime
@@ -235,10 +235,10 @@ def test_device_auto_serves_int8_on_the_cpu_when_there_are_no_int8_engines(preci
 
 
 def test_engines_of_another_precision_are_refused_naming_the_rebuild(tiny_bundle):
-    from ipiqa.bundle import Manifest
+    from ipiqa.manifest import Engines
 
-    data = dict(read_bundle(tiny_bundle).data)
-    manifest = Manifest(tiny_bundle, {**data, "engines": {"precision": "fp16", "batch": [1, 4, 8], "graphs": {}}})
+    engines = Engines("10", "gpu", "9.0", "fp16", (1, 4, 8), 1.0, "key", {})
+    manifest = read_bundle(tiny_bundle).replace(precision="fp16", engines=engines)
     with pytest.raises(IPIQAError, match="engines are fp16, not int8; rebuild them with: ipiqa-export "
                                          "MODEL.safetensors -o BUNDLE --int8 --calibration"):
         select_backend(manifest, "tensorrt", "cuda", "int8")

@@ -318,8 +318,21 @@ def test_a_missing_graph_file_says_to_export_first(tmp_path, monkeypatch):
         build_engine(tmp_path / "g.onnx", PROFILES, EngineSpec("fp32", (1, 2, 4)))
 
 
-def _manifest(engines):
-    return Manifest(root=Path("/b"), data={"engines": engines})
+def _manifest(engines, root=Path("/b")):
+    """A minimal valid manifest around ``engines`` (a partial ``engines`` entry, or None)."""
+    from ipiqa.bundle import BUNDLE_FORMAT, GRAPHS
+    from ipiqa.config import IPIQAConfig
+
+    if engines is not None:
+        engines = {"tensorrt": "10.3.0", "gpu": "gpu", "compute_capability": "9.0", "precision": "fp16",
+                   "batch": [1, 4, 8], "workspace_gib": 1.0, "key": "k", "graphs": {}, **engines}
+    return Manifest.from_dict({
+        "format": BUNDLE_FORMAT, "config": IPIQAConfig().to_dict(), "engines": engines,
+        "precision": engines["precision"] if engines else "fp32",
+        "onnx": {"opset": 18, "pooling": "single_query",
+                 "graphs": {g: {"file": f"{g}.onnx", "inputs": [], "outputs": []} for g in GRAPHS}},
+        "tokenizer": {"files": {"json": "tokenizer/tokenizer.json"}}, "versions": {"ipiqa": "0.1.0"},
+        "source": {"files": [], "key": "k"}, "parity": {"rule": {}}, "files": {}}, root)
 
 
 def test_engines_from_another_gpu_are_refused():
@@ -535,12 +548,12 @@ def fake_trt_backend(tmp_path, monkeypatch):
     for name, io in ENGINE_IO.items():
         engines[name] = _FakeEngine(io)
         (tmp_path / f"{name}.plan").write_bytes(name.encode())
-        graphs[name] = {"file": f"{name}.plan"}
+        graphs[name] = {"file": f"{name}.plan", "onnx": f"{name}.onnx"}
     cudart = _FakeCudart()
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     monkeypatch.setattr(backend_module, "_cudart", lambda: cudart)
-    manifest = Manifest(tmp_path, {"engines": {"tensorrt": "11.4.0", "gpu": "NVIDIA H100", "compute_capability": "9.0",
-                                               "precision": "fp16", "batch": [1, 4, 8], "graphs": graphs}})
+    manifest = _manifest({"tensorrt": "11.4.0", "gpu": "NVIDIA H100", "compute_capability": "9.0",
+                          "precision": "fp16", "batch": [1, 4, 8], "graphs": graphs}, tmp_path)
     return backend_module.TrtBackend(manifest), engines, cudart
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ipiqa.bundle import read_bundle
 from ipiqa.errors import BundleError
+from ipiqa.manifest import io_shapes
 from ipiqa.model import normalize_pixels
 from ipiqa.preprocess import normalize
 
@@ -23,7 +24,7 @@ def test_device_normalization_equals_the_host_reference_bit_for_bit_for_every_va
 def test_the_bundle_records_a_uint8_nhwc_image_input(tiny_bundle):
     manifest = read_bundle(tiny_bundle)
     r = manifest.config.resolution
-    assert manifest.data["shapes"]["image"] == [None, r, r, 3] and manifest.data["preprocess"]["dtype"] == "uint8"
+    assert io_shapes(manifest.config)["image"] == ((None, r, r, 3), "uint8")  # shapes follow from the config
 
 
 def test_a_bundle_of_the_float_input_format_is_refused_with_the_rebuild_command(tiny_bundle, tmp_path):

@@ -48,7 +48,7 @@ class OrtBackend:
         if PROVIDERS[provider] not in available:
             raise IPIQAError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
                              "install onnxruntime-gpu (pip install 'ipiqa[gpu]') for cuda/tensorrt")
-        paths = {name: manifest.graph_path(name, precision) for name in manifest.data["onnx"]["graphs"]}  # refuses
+        paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}  # refuses
         self.gpu = provider != "cpu"
         self.device_id = device_id
         self.precision = precision

@@ -54,13 +54,14 @@ class TrtBackend:
         props = _ok(cudart.cudaGetDeviceProperties(device_id))
         gpu = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
         check_engine_compat(manifest, trt.__version__, gpu, f"{props.major}.{props.minor}")
-        self.precision = str(manifest.data["engines"]["precision"])
+        engines = manifest.engines
+        assert engines is not None  # check_engine_compat refused a bundle without engines
+        self.precision = engines.precision
         self.name = f"tensorrt-{self.precision}"
-        self.max_batch = int(manifest.data["engines"]["batch"][2])
-        self.min_batch = int(manifest.data["engines"]["batch"][0])
+        self.min_batch, _, self.max_batch = engines.batch
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engines, self.contexts = {}, {}
-        for name in manifest.data["engines"]["graphs"]:
+        for name in engines.graphs:
             engine = runtime.deserialize_cuda_engine(manifest.engine_path(name).read_bytes())
             if engine is None:
                 raise IPIQAError(f"{manifest.engine_path(name)}: TensorRT could not load the engine; rebuild the bundle")

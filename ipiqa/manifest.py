@@ -1,0 +1,401 @@
+"""The bundle manifest as frozen dataclasses: what ``manifest.json`` holds, typed and validated.
+
+Done the way ``IPIQAConfig`` is: each class validates itself in ``__post_init__``; ``from_dict`` rejects
+unknown keys and names missing ones by their path in the file (``onnx.graphs.fusion.file``), so a manifest
+from another ipiqa is refused with the key that differs rather than misread. ``to_json`` writes the same
+nested layout, indented, keys sorted: the file stays the one a person reads.
+
+Only what something reads is stored. I/O shapes are not: they follow from the config (``io_shapes``). The
+tokenizer entry lists its files only: the context length is the config's, the special token ids live in
+``runtime/tokenizer.py``. Parity records are kept exactly as ``export.parity.ParityResult.to_dict()`` (and
+the INT8 gate's ``to_dict()``) write them, so ``ipiqa info`` shows what the export measured.
+Torch-free: the runtime reads this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import abc
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from .config import IPIQAConfig
+
+__all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "ManifestError", "GraphEntry", "Fp16Graph", "Fp16Graphs",
+           "Int8Calibration", "Int8Graph", "OnnxGraphs", "EngineGraph", "Engines", "Tokenizer", "Source",
+           "Parity", "Manifest", "io_shapes", "check_batch_profile", "to_plain"]
+
+# 3: the manifest is the typed ``Manifest`` below: ``shapes`` (derived from the config), ``preprocess`` and
+# ``outputs`` (copies of the config), the tokenizer's context length and token ids, ``onnx.precision(s)``
+# (derived) are gone, and ``source.onnx_key`` is ``source.key``, a hash of the traced weights.
+# 2: the image graph takes uint8 (B, R, R, 3) and normalizes inside (format 1: float32 NCHW input).
+BUNDLE_FORMAT = "ipiqa-bundle/3"
+FORMAT_CHANGES = {
+    "ipiqa-bundle/1": "format 2 feeds the image graph uint8 (B, R, R, 3) and normalizes inside it",
+    "ipiqa-bundle/2": "format 3 types the manifest: shapes come from the config, and 'shapes', 'preprocess', "
+                      "'outputs' and the tokenizer's ids are no longer stored",
+}
+GRAPHS = ("image_encoder", "text_encoder", "fusion")
+PRECISIONS = ("fp32", "fp16", "int8")
+INT8_TARGETS = ("cpu", "tensorrt")
+
+Shape = tuple[Optional[int], ...]
+
+
+class ManifestError(ValueError):
+    """A manifest value is missing, unknown or invalid; ``key`` is its dotted path in ``manifest.json``."""
+
+    def __init__(self, key: str, problem: str):
+        self.key, self.problem = key, problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+def check_batch_profile(batch: Any) -> tuple[int, int, int]:
+    """(min, opt, max) of a TensorRT optimization profile: three integers, 1 <= MIN <= OPT <= MAX.
+
+    The one check behind ``--batch`` (``ipiqa.bundle.parse_batch_profile``), ``export.trt.EngineSpec`` and the
+    manifest's ``engines.batch``."""
+    values = tuple(batch)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"batch profile must be three integers MIN,OPT,MAX, got {list(values)}")
+    lo, opt, hi = values
+    if not 1 <= lo <= opt <= hi:
+        raise ValueError(f"batch profile needs 1 <= MIN <= OPT <= MAX, got {list(values)}")
+    return lo, opt, hi
+
+
+def io_shapes(cfg: IPIQAConfig) -> dict[str, tuple[Shape, str]]:
+    """Every graph tensor's shape (batch axis ``None``) and numpy dtype name, from the config alone.
+
+    The one place shapes are written down: the exporter's engine profiles, ``TrtBackend``'s check of the
+    engines, Triton's configs and the tests read it; the manifest does not store them.
+    """
+    r, g = cfg.resolution, cfg.grid
+    shapes: dict[str, tuple[Shape, str]] = {
+        "image": ((None, r, r, 3), "uint8"),
+        "feature_map": ((None, cfg.feature_dim, g, g), "float32"),
+        "image_embedding": ((None, cfg.embed_dim), "float32"),
+        "scores": ((None, cfg.num_outputs), "float32"),
+    }
+    if cfg.text:
+        shapes.update({"tokens": ((None, cfg.context_length), "int64"),
+                       "text_embedding": ((None, cfg.embed_dim), "float32"),
+                       "pooled": ((None, cfg.embed_dim), "float32")})  # fusion's gate-only output
+    return shapes
+
+
+def _need(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ManifestError(key, problem)
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One FP32 ONNX graph (``onnx.graphs.<name>``)."""
+
+    file: str  # relative to the bundle; weights beside it in FILE.data
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # what scoring reads (and engines produce)
+    gate_outputs: tuple[str, ...] = ()  # graph outputs only the parity gate reads (fusion's ``pooled``)
+
+
+@dataclass(frozen=True)
+class Fp16Graph:
+    """One ``fp16/`` graph and how much of it runs in FP16."""
+
+    file: str
+    fp16_nodes: int
+    fp32_nodes: int  # the FP32 islands (export.fp16.FP32_OPS)
+    casts: int
+
+
+@dataclass(frozen=True)
+class Fp16Graphs:
+    """``onnx.fp16``: the converted graphs and the FP16 gate that admitted them."""
+
+    key: str  # reuse key: FP32 graphs + gate size
+    gate_images: int
+    graphs: Mapping[str, Fp16Graph]
+    gate: tuple[dict[str, Any], ...]  # ParityResult / CosineResult records, one per check
+    islands: str = ""  # which ops stay FP32, in words
+    seconds: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Int8Calibration:
+    source: str  # the folder or CSV given to --calibration
+    images: int  # used to calibrate
+    held_out: int  # gated on
+    held_out_prompts: str  # where the held-out prompts came from
+
+
+@dataclass(frozen=True)
+class Int8Graph:
+    """``onnx.int8.<target>``: the INT8 image graph quantized for one target, its settings and gate."""
+
+    file: str
+    target: str  # "cpu" (ONNX Runtime) | "tensorrt" (engines)
+    key: str
+    settings: Mapping[str, Any]  # export.int8.QuantSettings.to_dict()
+    gate: Mapping[str, Any]  # export.int8.Int8Gate.to_dict()
+    criterion: str  # which rule decided the gate
+    calibration: Int8Calibration
+    serves: str = ""
+    excluded_nodes: tuple[str, ...] = ()
+    attempts: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        _need(self.target in INT8_TARGETS, "target", f"must be one of {', '.join(INT8_TARGETS)}, got {self.target!r}")
+
+
+@dataclass(frozen=True)
+class OnnxGraphs:
+    """``onnx``: the FP32 graphs (always), the ``fp16/`` graphs and the INT8 image graphs (when exported)."""
+
+    opset: int
+    pooling: str  # "single_query" | "straightforward": which exact form of the pools was traced
+    graphs: Mapping[str, GraphEntry]
+    fp16: Optional[Fp16Graphs] = None
+    int8: Mapping[str, Int8Graph] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _need(self.pooling in ("single_query", "straightforward"), "pooling",
+              f"must be single_query or straightforward, got {self.pooling!r}")
+        unknown = sorted(set(self.graphs) - set(GRAPHS))
+        _need(not unknown, "graphs", f"unknown graphs {unknown}; ipiqa writes {', '.join(GRAPHS)}")
+        if self.fp16 is not None:
+            _need(set(self.fp16.graphs) == set(self.graphs), "fp16.graphs",
+                  f"lists {sorted(self.fp16.graphs)}, the FP32 graphs are {sorted(self.graphs)}")
+        for target, entry in self.int8.items():
+            _need(entry.target == target, f"int8.{target}.target", f"is {entry.target!r}")
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """fp32 always; fp16 (``fp16/``) and int8 (the CPU INT8 image graph, served with the FP32 text and
+        fusion graphs) when exported: what ``--precision`` can ask of ONNX Runtime."""
+        return ("fp32", *(("fp16",) if self.fp16 else ()), *(("int8",) if "cpu" in self.int8 else ()))
+
+
+@dataclass(frozen=True)
+class EngineGraph:
+    file: str  # engines/<graph>.<precision>.plan
+    onnx: str  # the graph it was built from
+
+
+@dataclass(frozen=True)
+class Engines:
+    """``engines``: TensorRT engines run only with the TensorRT version and GPU architecture that built them."""
+
+    tensorrt: str
+    gpu: str
+    compute_capability: str  # "8.9"
+    precision: str
+    batch: tuple[int, int, int]  # the optimization profile: min, opt, max
+    workspace_gib: float
+    key: str
+    graphs: Mapping[str, EngineGraph]
+
+    def __post_init__(self) -> None:
+        _need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        try:
+            check_batch_profile(self.batch)
+        except ValueError as exc:
+            raise ManifestError("batch", str(exc)) from None
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    files: Mapping[str, str]  # "bpe": open_clip's vocabulary, "json": the HF tokenizers file the runtime loads
+
+    def __post_init__(self) -> None:
+        _need(bool(self.files), "files", "lists no tokenizer file")
+
+    @property
+    def file(self) -> str:
+        """The file the runtime loads: the ready ``tokenizers`` JSON, else the BPE vocabulary."""
+        return self.files.get("json") or next(iter(self.files.values()))
+
+
+@dataclass(frozen=True)
+class Source:
+    files: tuple[str, ...]  # the model file(s) exported, for the reader; not part of the key
+    key: str  # reuse key of the FP32 graphs: traced weights + config + options + versions
+
+
+@dataclass(frozen=True)
+class Parity:
+    """The parity gate's rule and its results, as ``export.parity`` writes them (``ParityResult.to_dict()``)."""
+
+    rule: Mapping[str, Any]
+    onnx: tuple[dict[str, Any], ...] = ()
+    engines: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for where, records in (("onnx", self.onnx), ("engines", self.engines)):
+            for i, r in enumerate(records):
+                _need("name" in r and "passed" in r, f"{where}[{i}]", "a parity record needs 'name' and 'passed'")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``, typed. ``root``: the bundle folder (not stored; paths in the file are relative to it)."""
+
+    root: Path = field(compare=False)
+    format: str
+    config: IPIQAConfig
+    precision: str  # what the bundle serves by default: the engines' precision, else fp32
+    onnx: OnnxGraphs
+    tokenizer: Tokenizer
+    versions: Mapping[str, str]  # ipiqa, python, torch, onnx... that wrote the bundle
+    source: Source
+    parity: Parity
+    files: Mapping[str, str]  # every file of the bundle -> SHA-256
+    engines: Optional[Engines] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        _need(self.format == BUNDLE_FORMAT, "format", f"is {self.format!r}, this ipiqa reads {BUNDLE_FORMAT!r}")
+        _need(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _need(self.precision == (self.engines.precision if self.engines else "fp32"), "precision",
+              f"is {self.precision!r} but the engines are {self.engines.precision if self.engines else 'absent'}")
+        _need("ipiqa" in self.versions, "versions.ipiqa", "missing: which ipiqa wrote the bundle")
+        needed = GRAPHS if self.config.text else ("image_encoder", "fusion")
+        missing = [g for g in needed if g not in self.onnx.graphs]
+        _need(not missing, "onnx.graphs", f"graphs {missing} not listed")
+
+    # ---- what the runtime asks
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.config.outputs
+
+    @property
+    def onnx_precisions(self) -> tuple[str, ...]:
+        return self.onnx.precisions
+
+    @property
+    def engine_precision(self) -> Optional[str]:
+        return self.engines.precision if self.engines else None
+
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph, FP32 otherwise)."""
+        from .bundle import rebuild_command  # the command text lives with the bundle checks
+        from .errors import BundleError
+
+        if precision not in self.onnx_precisions:
+            raise BundleError(f"{self.root}: this bundle has no {precision} ONNX graphs (it has "
+                              f"{', '.join(self.onnx_precisions)}); rebuild it with: {rebuild_command(precision)}")
+        if precision == "fp16":
+            return self.root / self.onnx.fp16.graphs[name].file  # type: ignore[union-attr]
+        if precision == "int8" and name == "image_encoder":
+            return self.root / self.onnx.int8["cpu"].file
+        return self.root / self.onnx.graphs[name].file
+
+    def engine_path(self, name: str) -> Optional[Path]:
+        engine = self.engines.graphs.get(name) if self.engines else None
+        return self.root / engine.file if engine else None
+
+    def listed_files(self) -> list[str]:
+        """Every file the manifest names (graphs, engines, tokenizer), without the ONNX ``.data`` files."""
+        files = [g.file for g in self.onnx.graphs.values()]
+        files += [g.file for g in self.onnx.fp16.graphs.values()] if self.onnx.fp16 else []
+        files += [e.file for e in self.onnx.int8.values()]
+        files += list(self.tokenizer.files.values())
+        files += [g.file for g in self.engines.graphs.values()] if self.engines else []
+        return files
+
+    # ---- (de)serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: to_plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "root"}
+
+    def to_json(self) -> str:
+        """Indented, keys sorted: ``manifest.json`` is read by people too."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], root: Union[str, Path] = ".") -> "Manifest":
+        """Strict: raises ``ManifestError`` naming the key (dotted path) that is unknown, missing or invalid."""
+        if not isinstance(data, Mapping):
+            raise ManifestError("", f"a manifest is a JSON object, got {type(data).__name__}")
+        return _load(cls, {**data, "root": root}, "")
+
+    @classmethod
+    def from_json(cls, text: str, root: Union[str, Path] = ".") -> "Manifest":
+        return cls.from_dict(json.loads(text), root)
+
+    def replace(self, **changes: Any) -> "Manifest":
+        return dataclasses.replace(self, **changes)
+
+
+def to_plain(value: Any) -> Any:
+    """Dataclasses, mappings and tuples -> JSON-ready dicts and lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def _join(key: str, name: Any) -> str:
+    return f"{key}.{name}" if key else str(name)
+
+
+def _load(tp: Any, value: Any, key: str) -> Any:
+    """``value`` (parsed JSON) as type ``tp``, checked; every error names ``key``, the path in the file."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        return _load(next(a for a in args if a is not type(None)), value, key)
+    if tp is IPIQAConfig:
+        _need(isinstance(value, Mapping), key, "must be an object")
+        try:
+            return IPIQAConfig.from_dict(value)
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(key, str(exc)) from None
+    if dataclasses.is_dataclass(tp):
+        _need(isinstance(value, Mapping), key, f"must be an object, got {type(value).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        _need(not unknown, _join(key, unknown[0]) if unknown else key,
+              "unknown key: the manifest was written by another ipiqa version")
+        hints = typing.get_type_hints(tp)
+        kwargs = {}
+        for name, f in fields.items():
+            if name not in value:
+                required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                _need(not required, _join(key, name), "missing (required)")
+                continue
+            kwargs[name] = value[name] if name == "root" else _load(hints[name], value[name], _join(key, name))
+        try:
+            return tp(**kwargs)
+        except ManifestError as exc:
+            raise ManifestError(_join(key, exc.key), exc.problem) from None
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(key, str(exc)) from None
+    if origin in (abc.Mapping, dict) or tp in (dict, Mapping):
+        _need(isinstance(value, Mapping), key, f"must be an object, got {type(value).__name__}")
+        item = args[1] if len(args) == 2 else Any
+        return {k: _load(item, v, _join(key, k)) for k, v in value.items()}
+    if origin is tuple:
+        _need(isinstance(value, (list, tuple)), key, f"must be a list, got {type(value).__name__}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_load(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        _need(len(value) == len(args), key, f"must have {len(args)} items, got {len(value)}")
+        return tuple(_load(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is float:
+        _need(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp in (int, str, bool):
+        ok = isinstance(value, tp) and (tp is bool or not isinstance(value, bool))
+        _need(ok, key, f"must be {tp.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"manifest loader has no rule for {tp!r} at {key}")  # a programming error, not user input
