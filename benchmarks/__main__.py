@@ -81,15 +81,20 @@ def _setup(args, cuda: bool):
     from ipiqa.checkpoint import save_model
     from ipiqa.config import IPIQAConfig
     from ipiqa.demo import demo_model
-    from ipiqa.export.bundle_export import ExportOptions, export_bundle
+    from ipiqa.export.bundle_export import ExportOptions, Int8Options, export_bundle
+
+    from .host import make_jpegs
 
     cfg = IPIQAConfig(resolution=args.resolution, **(SMOKE_ARCH if args.smoke else {}))
     work = args.workdir / f"{'smoke' if args.smoke else 'rn50'}-{args.resolution}"
     model = demo_model(cfg)
     model_path = save_model(work / "model.safetensors", model.state_dict(), cfg)
+    calibration = work / "calibration"
+    make_jpegs(calibration, 512, 16 if args.smoke else 48, seed=11)  # smooth generated images, never the timed ones
+    int8 = Int8Options(calibration, size=8 if args.smoke else 32)
     bundles = {}
     for name, single in (("single_query", True), ("straightforward", False)):
-        options = ExportOptions(onnx_only=True, single_query_pooling=single)
+        options = ExportOptions(onnx_only=True, single_query_pooling=single, int8=int8 if single else None)
         export_bundle(model, [model_path], work / f"bundle-{name}", options, progress=lambda m: print(f"  {m}", file=sys.stderr))
         bundles[name] = work / f"bundle-{name}"
     return cfg, model, model_path, bundles
@@ -138,6 +143,9 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
                   backend="torch", device=device)
     scorer_runner("onnxruntime-cpu", bundles["single_query"], "single-query pools, prompt cache",
                   backend="onnxruntime", device="cpu")
+    scorer_runner("onnxruntime-cpu-int8", bundles["single_query"], "INT8 image graph (QDQ U8S8 per-channel, "
+                  "reduce_range, calibrated and gated at export), FP32 text and fusion, prompt cache",
+                  backend="onnxruntime", device="cpu", precision="int8")
     scorer_runner("onnxruntime-cpu-straightforward-pools", bundles["straightforward"], "pools as written (before issue 9), prompt cache",
                   backend="onnxruntime", device="cpu")
     if cuda:
@@ -184,7 +192,7 @@ def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
         paths.append(p)
     rows = [Row(str(p), f"a generated image, prompt #{i // IMAGES_PER_PROMPT}") for i, p in enumerate(paths)]
     results = []
-    for name in ("onnxruntime-cpu", "onnxruntime-gpu", "tensorrt", "torch-fp16"):
+    for name in ("onnxruntime-cpu", "onnxruntime-cpu-int8", "onnxruntime-gpu", "tensorrt", "torch-fp16"):
         fn, _, scorer = runners.get(name, (None, "", None))
         if fn is None:
             continue

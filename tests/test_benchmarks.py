@@ -24,7 +24,8 @@ def smoke(tmp_path_factory):
 def test_smoke_report_has_every_backend_at_every_batch(smoke):
     results, _ = smoke
     names = {r["backend"] for r in results["runs"]}
-    assert {"reference-eager-fp32", "onnxruntime-cpu", "onnxruntime-cpu-straightforward-pools", "tensorrt", "torch-fp16"} <= names
+    assert {"reference-eager-fp32", "onnxruntime-cpu", "onnxruntime-cpu-int8", "onnxruntime-cpu-straightforward-pools",
+            "tensorrt", "torch-fp16"} <= names
     assert {r["batch"] for r in results["runs"]} == {1, 2}
 
 
