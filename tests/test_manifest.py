@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import onnx
 import pytest
@@ -18,7 +19,7 @@ def _data(bundle) -> dict:
     return json.loads((bundle / "manifest.json").read_text())
 
 
-def _rewrite(bundle, tmp_path, change) -> "Path":  # noqa: F821 - pathlib.Path
+def _rewrite(bundle, tmp_path, change) -> Path:
     out = shutil.copytree(bundle, tmp_path / "copy")
     data = _data(out)
     change(data)
