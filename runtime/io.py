@@ -317,7 +317,11 @@ class OutputLock:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fh = open(self.path, "a+", encoding="utf-8")
+            try:
+                fh = open(self.path, "a+", encoding="utf-8")
+            except OSError as exc:
+                raise OutputError(f"{self.path}: cannot create the output's lock file ({exc.strerror}); choose "
+                                  "an --output in a writable folder") from None
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:

@@ -157,9 +157,8 @@ def _text_activation(model: IPIQA, act: Callable[[], nn.Module] = nn.GELU) -> It
 
 
 @contextmanager
-def _text_positions_shifted(model: IPIQA) -> Iterator[None]:
-    """The text position table one row off inside the block."""
-    table = model.text.positional_embedding
+def _rolled(table: torch.Tensor) -> Iterator[None]:
+    """A position table one row off inside the block, restored after."""
     saved = table.detach().clone()
     with torch.no_grad():
         table.copy_(saved.roll(1, dims=0))
@@ -170,18 +169,14 @@ def _text_positions_shifted(model: IPIQA) -> Iterator[None]:
             table.copy_(saved)
 
 
-@contextmanager
-def _cross_positions_rolled(model: IPIQA) -> Iterator[None]:
+def _text_positions_shifted(model: IPIQA):
+    """The text position table one row off."""
+    return _rolled(model.text.positional_embedding)
+
+
+def _cross_positions_rolled(model: IPIQA):
     """The cross-modality pool's position table one row off: the scores of an untrained head barely move."""
-    table = model.txt_attnpool.positional_embedding
-    saved = table.detach().clone()
-    with torch.no_grad():
-        table.copy_(saved.roll(1, dims=0))
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            table.copy_(saved)
+    return _rolled(model.txt_attnpool.positional_embedding)
 
 
 def _export_with(mutation: Callable[[IPIQA], ContextManager], model: IPIQA, tmp_path, monkeypatch) -> None:
