@@ -18,7 +18,7 @@ import numpy as np
 from ipiqa.device import parse_device
 from ipiqa.errors import IPIQAError
 
-from .io import OutputLock, ResultWriter, RowSource
+from .io import OutputLock, ResultWriter, RowSource, refuse_same_file, writable_rows
 from .pipeline import RunSummary, decode_row
 from .rows import Row, check_prompt_source, finish, scoring_failed
 
@@ -125,6 +125,7 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[R
     from ipiqa.bundle import read_bundle
 
     manifest = read_bundle(bundle)  # refuse a bad bundle before any cluster work
+    refuse_same_file(source, output)
     cfg = manifest.config
     if isinstance(source, (str, Path)):
         stream = RowSource(source, prompt)  # checks columns before any cluster work
@@ -136,7 +137,7 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[R
     if isinstance(source, (str, Path)):
         ds = ray.data.read_datasource(_datasource(source, prompt), override_num_blocks=1, num_cpus=0)  # light I/O: never starve the actors
     else:
-        ds = ray.data.from_arrow(list(_blocks(source)))
+        ds = ray.data.from_arrow(list(_blocks(writable_rows(source))))
     dev = parse_device(device)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if dev.index:

@@ -22,7 +22,7 @@ from ipiqa.errors import IPIQAError
 
 from .rows import Result, Row, resolve_prompt
 
-__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "RowSource", "read_rows", "output_columns", "output_format",
+__all__ = ["Row", "Result", "IMAGE_SUFFIXES", "RowSource", "read_rows", "writable_rows", "refuse_same_file", "output_columns", "output_format",
            "ResultWriter", "OutputError", "OutputLock", "resume_point"]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -56,16 +56,18 @@ class RowSource:
         if self.kind == "csv":
             self._check_columns(self._csv_columns())
         elif self.kind == "jsonl":
-            self._check_columns(self._jsonl_columns())
+            self.has_prompt_column = True  # any record may carry a prompt key; an absent one is a missing prompt
         elif self.kind == "folder" and not any(True for _ in self._folder_files()):
             raise IPIQAError(f"{self.path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
 
     def __iter__(self) -> Iterator[Row]:
         if self.kind == "folder":
-            return (Row(str(p), resolve_prompt(None, self.prompt)) for p in sorted(self._folder_files()))
-        if self.kind == "image":
-            return iter([Row(str(self.path), resolve_prompt(None, self.prompt))])
-        return self._jsonl_rows() if self.kind == "jsonl" else self._csv_rows()
+            rows: Iterator[Row] = (Row(str(p), resolve_prompt(None, self.prompt)) for p in sorted(self._folder_files()))
+        elif self.kind == "image":
+            rows = iter([Row(str(self.path), resolve_prompt(None, self.prompt))])
+        else:
+            rows = self._jsonl_rows() if self.kind == "jsonl" else self._csv_rows()
+        return writable_rows(rows)
 
     # -- folders
     def _folder_files(self) -> Iterator[Path]:
@@ -118,7 +120,7 @@ class RowSource:
                 if not _utf8(row.image) or not _utf8(row.prompt or ""):
                     at = f"{self.path}:{reader.line_num}"
                     row = Row(at, None, error=f"{at}: unreadable manifest line (not UTF-8 text)")
-                yield row
+                yield row  # (writable_rows re-checks; this names the line)
         except (UnicodeDecodeError, csv.Error) as exc:
             raise IPIQAError(f"{self.path}:{reader.line_num + 1}: unreadable manifest line ({exc}); fix it, then "
                              f"{RESUME_HINT}") from None
@@ -135,13 +137,6 @@ class RowSource:
                 except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                     yield n, exc
 
-    def _jsonl_columns(self) -> set[str]:
-        for n, record in self._jsonl_lines():
-            if not isinstance(record, dict):
-                raise IPIQAError(f"{self.path}:{n}: not a JSON object; each line must be {{\"image\": ..., \"prompt\": ...}}")
-            return set(record)
-        return {"image", "prompt"}  # an empty manifest: nothing to score, nothing missing
-
     def _jsonl_rows(self) -> Iterator[Row]:
         for n, record in self._jsonl_lines():
             if isinstance(record, dict):
@@ -157,6 +152,18 @@ def _utf8(text: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def writable_rows(rows: Iterable[Row]) -> Iterator[Row]:
+    """Rows whose text cannot be written as UTF-8 (a file name with undecodable bytes, a lone surrogate in a
+    JSON string) become error rows with an escaped name, so the output stays UTF-8 and resumable."""
+    for row in rows:
+        if _utf8(row.image) and _utf8(row.prompt or "") and _utf8(row.error or ""):
+            yield row
+        else:
+            name = row.image.encode("utf-8", "backslashreplace").decode("utf-8")
+            yield Row(name, None, error=f"{name}: path or prompt is not valid UTF-8 text; rename the file or fix "
+                                        "the manifest")
 
 
 def read_rows(source: Union[str, Path], prompt: Optional[str] = None) -> list[Row]:
@@ -299,6 +306,15 @@ class _ParquetSink:
         self.writer.close()
 
 
+def refuse_same_file(source: object, output: object) -> None:
+    """Writing the output over the manifest being read would destroy it before any row is read."""
+    if not isinstance(source, (str, Path)) or output is None or str(output) == "-":
+        return
+    src, out = Path(source), Path(str(output))
+    if src.is_file() and out.exists() and os.path.samefile(src, out):
+        raise OutputError(f"{out}: the output is the input manifest; choose another --output")
+
+
 class OutputLock:
     """An advisory lock on ``<output>.lock`` for the length of a run: a second run on the same output refuses,
     naming the first (pid, host, start time). POSIX only (``fcntl``); elsewhere it does nothing."""
@@ -315,7 +331,11 @@ class OutputLock:
             return self
         if self.path is None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.path.parent}: cannot create the output's folder ({exc.strerror}); choose "
+                              "another --output") from None
         while True:
             try:
                 fh = open(self.path, "a+", encoding="utf-8")
@@ -406,6 +426,9 @@ def resume_point(path: Path, rows: Iterator[Row], outputs: Sequence[str], fmt: O
     if not path.is_file() or path.stat().st_size == 0:
         return 0
     fmt = fmt or output_format(path)
+    if fmt == "parquet":
+        raise OutputError(f"{path}: a Parquet output cannot be resumed (it is complete only once closed); use a .csv "
+                          "or .jsonl output for --resume")
     keep = done = 0
     with open(path, "rb") as fh:
         records = _jsonl_records(fh) if fmt == "jsonl" else _csv_records(fh, output_columns(outputs), path)

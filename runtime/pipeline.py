@@ -72,8 +72,14 @@ def _score_batch(scorer: BatchScorer, rows: list[Row], decoded: list,
                  device_decode: Optional[DeviceDecode] = None) -> list[Result]:
     if device_decode is not None:  # rows still open are decoded together on the device
         todo = [i for i, (_, err) in enumerate(decoded) if err is None]
+        try:
+            pixels, errors = device_decode([rows[i].image for i in todo]) if todo else (None, [])
+        except Exception as exc:  # noqa: BLE001 - a device failure marks this batch's rows, the run goes on
+            log.error("device decode failed: %s", exc)
+            for i in todo:
+                decoded[i] = (None, scoring_failed(exc))
+            todo = []
         if todo:
-            pixels, errors = device_decode([rows[i].image for i in todo])
             keep = [k for k, e in enumerate(errors) if e is None]
             for k, e in enumerate(errors):
                 if e is not None:

@@ -23,7 +23,7 @@ from ipiqa.preprocess import resized
 
 from .backends import Backend
 from .cache import PromptCache
-from .io import OutputLock, ResultWriter, RowSource, resume_point
+from .io import OutputLock, ResultWriter, RowSource, refuse_same_file, resume_point, writable_rows
 from .pipeline import RunSummary, load_input, score_rows
 from .rows import Result, Row, check_prompt_source, clean_prompt, finish, load_pixels, scoring_failed
 from .tokenizer import ClipTokenizer
@@ -235,7 +235,8 @@ class Scorer:
             check_prompt_source(self.needs_prompt, stream.has_prompt_column, prompt, source)
             rows: Iterator[Row] = iter(stream)
         else:
-            rows = iter(source)
+            rows = writable_rows(source)
+        refuse_same_file(source, output)
         out_path = None if str(output) == "-" else Path(output)
         if resume and out_path is None:
             raise IPIQAError("--resume needs an --output file")

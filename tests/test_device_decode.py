@@ -82,3 +82,11 @@ def test_fast_decode_is_opt_in_and_close_to_the_exact_path(tiny_bundle, tmp_path
     exact, fast = _csv(tmp_path / "exact.csv")[0], _csv(tmp_path / "fast.csv")[0]
     assert exact["quality"] != fast["quality"]  # really another path: the default is the exact one
     assert abs(float(exact["quality"]) - float(fast["quality"])) < 1e-2
+
+
+def test_a_path_the_os_refuses_is_an_error_row_on_the_device_path_too(tiny_model_file, rows, tmp_path):
+    odd = [Row(str(tmp_path / "nul\x00.jpg"), "a"), rows[0]]
+    with Scorer(tiny_model_file, backend="torch", device="cpu") as scorer:
+        summary = scorer.score_files(odd, tmp_path / "o.csv", decode="device")
+    got = _csv(tmp_path / "o.csv")
+    assert summary.rows == 2 and "ValueError" in got[0]["error"] and not got[1]["error"]

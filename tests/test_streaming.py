@@ -91,3 +91,44 @@ def test_a_full_disk_gives_one_clear_message_naming_the_file_rows_and_resume(tin
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "/dev/full" in line and "No space left on device" in line and "0 complete rows" in line and "--resume" in line
+
+
+def test_resume_of_a_parquet_output_is_refused_and_leaves_it_intact(tmp_path):
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "o.parquet"
+    _write(out, [Row(f"img{i}.png", "x") for i in range(50)])
+    before = out.read_bytes()
+    with pytest.raises(OutputError, match="cannot be resumed"):
+        resume_point(out, iter([Row("img0.png", "x")]), ("quality",))
+    assert out.read_bytes() == before
+
+
+def test_an_output_that_is_the_input_manifest_is_refused_before_it_is_touched(scorer, image, tmp_path):
+    m = tmp_path / "m.csv"
+    m.write_text(f"image,prompt\n{image},a\n", encoding="utf-8")
+    before = m.read_bytes()
+    with pytest.raises(OutputError, match="the output is the input manifest"):
+        scorer.score_files(m, m)
+    assert m.read_bytes() == before
+
+
+def test_an_output_folder_that_cannot_be_created_is_a_clear_error(scorer, image, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot create the output's folder"):
+        scorer.score_files([Row(str(image), "a")], tmp_path / "file" / "o.csv")
+
+
+def test_a_jsonl_record_without_a_prompt_key_is_one_error_row_even_first(scorer, image, tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"image": "%s"}\nnot json\n{"image": "%s", "prompt": "a"}\n' % (image, image))
+    summary = scorer.score_files(m, tmp_path / "o.csv")
+    got = _csv(tmp_path / "o.csv")
+    assert summary.rows == 3 and got[0]["error"].startswith("missing prompt") and not got[2]["error"]
+
+
+def test_text_that_cannot_be_written_as_utf8_is_an_error_row_and_the_output_stays_utf8(scorer, image, tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"image": "bad\\udc80.png", "prompt": "a"}\n{"image": "%s", "prompt": "b"}\n' % image)
+    scorer.score_files(m, tmp_path / "o.jsonl")
+    lines = (tmp_path / "o.jsonl").read_bytes().decode("utf-8").splitlines()  # strict: would raise on bad bytes
+    assert "not valid UTF-8" in lines[0] and '"error": null' in lines[1]

@@ -142,6 +142,8 @@ def decode_jpegs(sources: Sequence[Source], device: Any = None) -> list:
             blobs[i] = _read(src)
         except ImageError as exc:
             results[i] = exc
+        except (OSError, ValueError) as exc:  # e.g. a NUL byte in the path: this row's error, not the batch's
+            results[i] = ImageError(f"{_name(src, i)}: {type(exc).__name__}: {exc}")
     gpu = [i for i, data in blobs.items() if device.type == "cuda" and _jpeg_for_gpu(data)]
     if gpu:
         tvio = require("torchvision.io", extra="torch")
@@ -203,4 +205,6 @@ def _decode_resize_cpu(sources: Sequence[Source], resolution: int, device: Any) 
             out[i] = _pillow(_read(src), _name(src, i), resolution)
         except ImageError as exc:
             errors[i] = exc
+        except (OSError, ValueError) as exc:  # e.g. a NUL byte in the path: this row's error, not the batch's
+            errors[i] = ImageError(f"{_name(src, i)}: {type(exc).__name__}: {exc}")
     return out.to(device), errors
