@@ -131,8 +131,9 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
 @click.option("--images", "--image", "source", required=True, type=click.Path(exists=True, path_type=Path),
               help="A folder of images, one image, or a CSV/TSV/JSONL manifest with columns image,prompt.")
 @click.option("--prompt", default=None, help="Prompt for images without one (a folder, one image, empty cells).")
-@click.option("-o", "--output", default="-", show_default=True, help="Output file (.csv or .jsonl), '-' for stdout.")
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
+@click.option("-o", "--output", default="-", show_default=True, help="Output file (.csv, .jsonl or .parquet; Parquet needs ipiqa[parquet] "
+              "and cannot be resumed), '-' for stdout.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None,
               help="Output format (default: from the file suffix, else csv).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True, help="auto: TensorRT engines > onnxruntime GPU > onnxruntime CPU (torch for MODEL files).")
@@ -146,8 +147,8 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
                    "differ from libjpeg's by a few levels (the benchmark measures the score difference).")
 @click.option("--fast-decode", is_flag=True,
               help="Opt-in, NOT exact: JPEGs decoded at a reduced DCT scale plus Pillow's reducing_gap. Measured on "
-                   "the 2-core CI machine: 3.4x the exact path per core on 1024 px JPEGs (max 13, mean 1.1 levels "
-                   "of pixel difference), 3.6x on 2048 px (max 7, mean 0.9); no change below 2x the resolution. "
+                   "the 2-core CI machine: 3.5x the exact path per core on 1024 and 2048 px JPEGs (max 13 and 7, "
+                   "mean 1.1 and 0.9 levels of pixel difference); no change below 2x the resolution. "
                    "Score deviation: README 'Speed'.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
               help="Which of the bundle's graphs run. auto: FP32 on CPU, the FP16 graphs on onnxruntime GPU when the "
