@@ -20,7 +20,7 @@ from ipiqa.preprocess import load_resized
 
 from .rows import Result, Row, finish, load_pixels, row_error, scoring_failed
 
-__all__ = ["BatchScorer", "DeviceDecode", "RunSummary", "score_rows", "load_input", "decode_row"]
+__all__ = ["BatchScorer", "DeviceDecode", "score_batch", "RunSummary", "score_rows", "load_input", "decode_row"]
 log = logging.getLogger(__name__)
 
 # What ``BatchScorer.score_arrays`` takes for one image file, the one place that decides it: uint8 (R, R, 3),
@@ -68,8 +68,10 @@ def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
         yield chunk
 
 
-def _score_batch(scorer: BatchScorer, rows: list[Row], decoded: list,
-                 device_decode: Optional[DeviceDecode] = None) -> list[Result]:
+def score_batch(scorer: BatchScorer, rows: list[Row], decoded: list,
+                device_decode: Optional[DeviceDecode] = None) -> list[Result]:
+    """One batch's results, in row order: rows whose ``decoded`` (pixels, error) pair has pixels are scored
+    together; a backend failure becomes every such row's error. Shared by file runs and ``Scorer.score``."""
     if device_decode is not None:  # rows still open are decoded together on the device
         todo = [i for i, (_, err) in enumerate(decoded) if err is None]
         try:
@@ -146,7 +148,7 @@ def score_rows(
 
         def drain() -> list[Result]:
             chunk, jobs = pending.popleft()
-            return _score_batch(scorer, chunk, [j.result() if isinstance(j, Future) else j for j in jobs], device_decode)
+            return score_batch(scorer, chunk, [j.result() if isinstance(j, Future) else j for j in jobs], device_decode)
 
         chunks = _chunks(rows, batch_size)
         for chunk in chunks:

@@ -24,8 +24,8 @@ from ipiqa.preprocess import resized
 from .backends import Backend
 from .cache import PromptCache
 from .io import OutputLock, ResultWriter, RowSource, refuse_same_file, resume_point, writable_rows
-from .pipeline import RunSummary, load_input, score_rows
-from .rows import Result, Row, check_prompt_source, clean_prompt, finish, load_pixels, scoring_failed
+from .pipeline import RunSummary, load_input, score_batch, score_rows
+from .rows import Result, Row, check_prompt_source, clean_prompt, load_pixels
 from .tokenizer import ClipTokenizer
 
 __all__ = ["Scorer", "BACKENDS", "SCORER_PRECISIONS", "select_backend"]
@@ -194,18 +194,8 @@ class Scorer:
                 for img, p in zip(images, prompts)]
         decoded = [load_pixels(row, self.resolution, self.needs_prompt, lambda _p, _r, img=img: self._pixels(img))
                    for row, img in zip(rows, images)]
-        ok = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
-        scores: dict[int, np.ndarray] = {}
-        batch_error = None
-        if ok:
-            try:
-                out = self.score_arrays(np.stack([decoded[i][0] for i in ok]), [rows[i].prompt or "" for i in ok])
-                scores = dict(zip(ok, out))
-            except Exception as exc:  # noqa: BLE001 - the same per-row record as a batch run
-                batch_error = scoring_failed(exc)
         records = []
-        for i, row in enumerate(rows):
-            result = finish(row, scores.get(i), decoded[i][1] if decoded[i][1] is not None else batch_error)
+        for result in score_batch(self, rows, decoded):  # the same per-row results as a file run
             values = result.scores if result.scores is not None else (None,) * len(self.outputs)
             records.append({**dict(zip(self.outputs, values)), "error": result.error})
         return records
