@@ -37,6 +37,7 @@ from ipiqa._optional import require
 from ipiqa.bundle import METADATA_PRECISION_KEY
 from ipiqa.errors import IPIQAError
 
+from .checks import BOUNDS
 from .parity import FP16_ATOL, ParityResult, compare
 from .to_onnx import save_checked
 
@@ -67,7 +68,7 @@ _F32, _F16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
 SPREAD_MIN = 25 * FP16_ATOL
 # Intermediate tensors (feature map, embeddings): per-row cosine to FP32. FP16 rounding alone gives
 # > 0.99999 on RN50-512; a saturated or NaN tensor gives far less.
-FP16_COSINE = 0.999
+FP16_COSINE = BOUNDS["fp16"].cosine_min
 # Embeddings whose mean cosine to their own mean over the gate inputs is above 1 - this barely depend on
 # the input (the untrained demo model: 1 - 7.8e-6 on RN50-512). Any output near that mean then has a
 # cosine near 1, a broken graph's included, and the result says so.

@@ -36,6 +36,7 @@ from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.pipeline import load_input
 
+from .checks import BOUNDS
 from .fp16 import PRECISION_KEY, CosineResult, cosine_result, ort_session, run_graphs, scores_spread, with_spread_note
 
 __all__ = ["QuantSettings", "TARGETS", "settings_for", "image_input", "image_rows", "image_files", "calibration_batches",
@@ -44,8 +45,8 @@ __all__ = ["QuantSettings", "TARGETS", "settings_for", "image_input", "image_row
            "Int8Result", "INT8_COSINE", "INT8_SPEARMAN", "SETTINGS_KEY"]
 log = logging.getLogger(__name__)
 
-INT8_COSINE = 0.995
-INT8_SPEARMAN = 0.99
+INT8_COSINE = BOUNDS["int8"].cosine_min
+INT8_SPEARMAN = BOUNDS["int8"].spearman_min
 SETTINGS_KEY = "ipiqa.int8"  # graph metadata: the QuantSettings as JSON
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 

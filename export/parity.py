@@ -19,15 +19,16 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from .checks import BOUNDS
 from ipiqa.metrics import srcc as spearman  # one rank implementation (below export and training), checked against scipy
 
 __all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "FP32_TOL", "FP16_ATOL",
            "FP16_SPEARMAN", "FLOOR_MULTIPLE", "rule_record"]
 
-FP32_TOL = 1e-4
-FP16_ATOL = 2e-2
-FP16_SPEARMAN = 0.999
-FLOOR_MULTIPLE = 4.0
+FP32_TOL = BOUNDS["fp32"].rtol
+FP16_ATOL = BOUNDS["fp16"].atol
+FP16_SPEARMAN = BOUNDS["fp16"].spearman_min
+FLOOR_MULTIPLE = BOUNDS["fp32"].floor_multiple
 """k in ``tolerance = max(fixed, k x floor)``.
 
 Two FP32 implementations that are each within ``floor`` of the float64 result differ from each other by
