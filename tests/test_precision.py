@@ -183,19 +183,38 @@ def test_reexport_reuses_fp16_and_int8_stages(trained_model_file, images, precis
 
 
 def test_int8_scores_on_cpu_through_the_scorer_are_close_to_fp32(precise_bundle, images):
+    """The scorer serves the gated INT8 graph, held to what the gate guarantees, never to a figure tuned on one CPU.
+
+    INT8 kernels round differently from one CPU to another (u8 x s8 with or without VNNI's saturation-free
+    products), so no bound measured on one machine is asserted. What holds everywhere: the gate passed on this
+    machine's held-out images (image-embedding cosine >= the table's INT8 bound, on embeddings that depend on the
+    image), and the scorer, given those images and prompts, reproduces the gate's own max |d| per score column:
+    the same graphs on the same CPU, where only FP32 summation order (batching) can differ, which the FP32 rule's
+    fixed part bounds. The spec gates Spearman only where held-out scores spread; this model's do not, and the
+    gate says so (that criterion is checked in test_an_untrained_model_says_the_embedding_criterion_decided).
+    """
+    from ipiqa.export.checks import bounds_for
+    from ipiqa.export.parity import check_tolerance
+
     out, _ = precise_bundle
+    gate = read_bundle(out).onnx.int8["cpu"].gate
+    assert gate["passed"]
+    (embedding,) = [r for r in gate["results"] if r["name"] == "int8/image_embedding"]
+    assert embedding["min_cosine"] >= bounds_for("int8").cosine_min and not embedding["note"]
     files = sorted((images / "imgs").iterdir())
-    prompts = [f"a photo number {i}" for i in range(len(files))]
+    prompts = [f"a photo number {i}" for i in range(len(files))]  # the CSV's prompts: the gate's held-out pairs
     with Scorer(out, device="cpu", precision="int8") as int8, Scorer(out, device="cpu") as fp32:
         assert int8.backend.name == "onnxruntime-cpu-int8" and fp32.backend.name == "onnxruntime-cpu"
-        a = np.array([[r[k] for k in int8.outputs] for r in int8.score(files, prompts)])
-        b = np.array([[r[k] for k in fp32.outputs] for r in fp32.score(files, prompts)])
-    from ipiqa.training.metrics import srcc
-
-    # Measured: max|d| 7.9e-3 / 6.1e-3 against score ranges 0.089 / 0.043, Spearman 0.988 / 0.944 over 30 images
-    # (a 16-image calibration of an 8-channel-wide trunk; the gate held the embedding cosine >= 0.995).
-    assert np.abs(a - b).max() < 1.25e-2
-    assert all(srcc(a[:, j], b[:, j]) > 0.9 for j in range(a.shape[1]))
+        columns = int8.outputs
+        a = np.array([[r[k] for k in columns] for r in int8.score(files, prompts)])
+        b = np.array([[r[k] for k in columns] for r in fp32.score(files, prompts)])
+    assert np.isfinite(a).all() and not np.array_equal(a, b)  # the INT8 image graph really ran
+    held = [files.index(p) for p in split_calibration(images / "images.csv").held_out]
+    for j, name in enumerate(columns):
+        (recorded,) = [r["max_abs"] for r in gate["results"] if r["name"] == f"int8/scores/{name}"]
+        seen = float(np.abs(a[held, j] - b[held, j]).max())
+        fixed = check_tolerance(float(np.ptp(b[held, j])), None)[1]
+        assert abs(seen - recorded) <= fixed, f"{name}: max |d| {seen:.3e} through the scorer, {recorded:.3e} gated"
 
 
 def test_fp16_on_cpu_is_refused_with_the_reason(precise_bundle):
