@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ def onnx_parity(model: IPIQA, manifest: Manifest, n: int = 4,
     ref = _references(model, _float64_copy(model), x, "cpu")
     backend = OrtBackend(manifest, "cpu")
     try:
-        image_side = backend.encode_image(x.image)
+        image_side = backend.image_outputs(x.image)
         results = [compare("image_encoder/feature_map", ref["feature_map"].fp32, image_side["feature_map"],
                            ref64=ref["feature_map"].fp64, override=override),
                    compare("image_encoder/image_embedding", ref["image_embedding"].fp32, image_side["image_embedding"],
@@ -160,57 +160,87 @@ def onnx_parity(model: IPIQA, manifest: Manifest, n: int = 4,
             results.append(_relative("fusion/pooled", ref["pooled"], fused["pooled"], override))
         results.append(compare("fusion/scores", ref["fusion"].fp32, fused["scores"], scores=True,
                                ref64=ref["fusion"].fp64, override=override))
-        results.append(compare("end_to_end/scores", ref["end_to_end"].fp32, backend.fuse(image_side, text),
+        results.append(compare("end_to_end/scores", ref["end_to_end"].fp32, backend.score(x.image, text),
                                scores=True, ref64=ref["end_to_end"].fp64, override=override))
     finally:
         backend.close()
     return results
 
 
+def _engine_spans(n: int, batch: int) -> list[tuple[int, int]]:
+    """The gate's chunks: one single row first (below the engines' MIN whenever MIN > 1, so the backend's
+    padding is what the gate checks), then chunks of ``batch`` (above MAX they are split by the backend)."""
+    spans, start = [(0, min(1, n))], min(1, n)
+    while start < n:
+        spans.append((start, min(start + batch, n)))
+        start += batch
+    return [s for s in spans if s[1] > s[0]]
+
+
 def engine_parity(model: IPIQA, manifest: Manifest, n: int = 64, batch: int = 16,
                   override: Optional[ToleranceOverride] = None, backend: Optional["Backend"] = None,
-                  device: str = "cuda") -> list[ParityResult]:
-    """The engines through the runtime's ``TrtBackend``: text embedding and end-to-end scores over about ``n``
-    generated inputs, against the FP32 reference on ``device`` (TF32 off). ``encode_image`` keeps the image
-    side on the device, so the image encoder is checked through the scores it feeds.
+                  device: str = "cuda", held_out: Optional[tuple[np.ndarray, Optional[np.ndarray]]] = None,
+                  columns: Sequence[str] = ()) -> list:
+    """The engines through the runtime's ``TrtBackend`` (``encode_text``, ``score``: the calls users run, padding
+    and splitting included), against the FP32 reference on ``device`` (TF32 off).
 
-    ``backend``: an already open runtime backend to check instead (it is closed here).
+    FP32 and FP16 engines: text embedding and end-to-end scores over about ``n`` generated inputs, held to the
+    FP32 rule or the FP16 bounds. INT8 engines are judged like the CPU INT8 graph, by the INT8 bounds of
+    ``export.checks``: on ``held_out`` (uint8 images, tokens) calibration images never calibrated on, the image
+    embedding's cosine and each spread score column's Spearman (max |d| reported); the text engine (FP16)
+    keeps the FP16 bounds. ``backend``: an already open runtime backend to check instead (it is closed here).
     """
     if manifest.engines is None:
         raise IPIQAError(f"{manifest.root}: the engine gate needs TensorRT engines; the manifest lists none")
     precision = manifest.engines.precision
-    lo, _, hi = manifest.engines.batch
-    batch = min(max(batch, lo), hi)  # every chunk inside the engines' profile
-    n = batch * -(-n // batch)
     model = model.eval().to(device)
     model64 = _float64_copy(model)
-    x = gate_inputs(model.cfg, n, seed=1)
+    if precision == "int8":
+        if held_out is None:
+            raise IPIQAError("the INT8 engine gate runs on held-out calibration images (held_out=(images, tokens))")
+        images, tokens = held_out
+        if tokens is None:
+            tokens = tokenize([""] * len(images), model.cfg.context_length).numpy()
+        x = GateInputs(images, tokens, normalize_pixels(torch.from_numpy(images)))
+        n = len(images)
+    else:
+        x = gate_inputs(model.cfg, n, seed=1)
     if backend is None:
         from ipiqa.runtime.backends.trt import TrtBackend
 
         backend = TrtBackend(manifest)
-    fp16 = precision != "fp32"  # reduced precision (fp16, int8) is held to the FP16 bounds and ranking
-    refs: dict[str, list[_Reference]] = {"end_to_end": [], "text_embedding": []}
-    outs: dict[str, list[np.ndarray]] = {"end_to_end": [], "text_embedding": []}
+    keys = ("text_embedding", "end_to_end", "image_embedding")
+    refs: dict[str, list[_Reference]] = {k: [] for k in keys}
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     try:
-        for i in range(0, n, batch):
-            chunk = x.slice(i, i + batch)
+        for start, stop in _engine_spans(n, batch):
+            chunk = x.slice(start, stop)
             ref = _references(model, model64, chunk, device)
             text = backend.encode_text(chunk.tokens) if model.cfg.text else None
             if text is not None:
                 refs["text_embedding"].append(ref["text_embedding"])
                 outs["text_embedding"].append(text)
-            handle = backend.encode_image(chunk.image)
             refs["end_to_end"].append(ref["end_to_end"])
-            outs["end_to_end"].append(backend.fuse(handle, text))
+            outs["end_to_end"].append(backend.score(chunk.image, text))
+            if precision == "int8":
+                refs["image_embedding"].append(ref["image_embedding"])
+                outs["image_embedding"].append(backend.embed_images(chunk.image))
     finally:
         backend.close()
-    results = []
-    for key, label, scores in (("text_embedding", "text_embedding", False), ("end_to_end", "scores", True)):
-        if not refs[key]:
-            continue
-        ref32 = np.concatenate([r.fp32 for r in refs[key]])
-        ref64 = np.concatenate([r.fp64 for r in refs[key]])
-        results.append(compare(f"engines[{precision}]/{label}", ref32, np.concatenate(outs[key]), scores=scores,
-                               fp16=fp16, ref64=ref64, override=override))
+    joined = {k: (np.concatenate([r.fp32 for r in refs[k]]), np.concatenate([r.fp64 for r in refs[k]]),
+                  np.concatenate(outs[k])) for k in keys if refs[k]}
+    results: list = []
+    if "text_embedding" in joined:
+        ref32, ref64, out = joined["text_embedding"]
+        results.append(compare(f"engines[{precision}]/text_embedding", ref32, out, fp16=precision != "fp32",
+                               ref64=ref64, override=override))
+    ref32, ref64, out = joined["end_to_end"]
+    if precision == "int8":
+        from .int8 import int8_checks
+
+        results += int8_checks(f"engines[{precision}]", joined["image_embedding"][0], joined["image_embedding"][2],
+                               ref32, out, columns)
+    else:
+        results.append(compare(f"engines[{precision}]/scores", ref32, out, scores=True, fp16=precision != "fp32",
+                               ref64=ref64, override=override))
     return results

@@ -146,6 +146,11 @@ def write_triton_repository(manifest: Manifest, out: Path, backend: str = "onnxr
         if engines is None:
             raise IPIQAError(f"{manifest.root}: no TensorRT engines in the bundle; export without --onnx-only, "
                              "or use the onnxruntime Triton backend")
+        if engines.batch[0] > 1:  # Triton's dynamic batcher forms batches of 1 whenever one request waits alone
+            raise IPIQAError(f"{manifest.root}: the engines' batch profile starts at {engines.batch[0]}, but Triton "
+                             "sends batches as small as 1, which such an engine refuses; rebuild the engines with "
+                             f"--batch 1,{engines.batch[1]},{engines.batch[2]} for Triton (ipiqa's own runtime pads "
+                             "short batches), or write the repository with --triton-backend onnxruntime")
         max_batch = min(max_batch, engines.batch[2])
     preferred = min(max_batch, engines.batch[1] if engines else 32)
     shapes = {k: [int(d) for d in shape[1:]] for k, (shape, _) in io_shapes(cfg).items()}  # per row: Triton batches

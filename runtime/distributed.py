@@ -19,8 +19,8 @@ from ipiqa.device import parse_device
 from ipiqa.errors import IPIQAError
 
 from .io import OutputLock, ResultWriter, RowSource, refuse_same_file, writable_rows
-from .pipeline import RunSummary, decode_row
-from .rows import Row, check_prompt_source, finish, scoring_failed
+from .pipeline import RunSummary, decode_row, score_batch
+from .rows import Row, check_prompt_source, finish
 
 __all__ = ["score_with_ray"]
 
@@ -100,15 +100,14 @@ class _ScoreActor:
         if self.fail_once and not os.path.exists(self.fail_once):  # test hook: die once, mid-run
             Path(self.fail_once).touch()
             os._exit(1)
-        errors = list(batch["error"])
-        ok = [i for i, e in enumerate(errors) if not e]
-        scores = np.full((len(errors), len(self.outputs)), np.nan, dtype=np.float64)
-        if ok:
-            try:
-                scores[ok] = self.scorer.score_arrays(batch["pixels"][ok], [str(batch["prompt"][i]) for i in ok])
-            except Exception as exc:  # noqa: BLE001 - recorded per row like the runtime does
-                for i in ok:
-                    errors[i] = scoring_failed(exc)
+        rows = [_row(batch, i) for i in range(len(batch["index"]))]
+        decoded = [(None, e) if e else (batch["pixels"][i], None) for i, e in enumerate(batch["error"])]
+        scores = np.full((len(rows), len(self.outputs)), np.nan, dtype=np.float64)
+        errors = []
+        for i, result in enumerate(score_batch(self.scorer, rows, decoded)):  # the runtime's own batch rules
+            if result.scores is not None:
+                scores[i] = result.scores
+            errors.append(result.error or "")
         result = {k: v for k, v in batch.items() if k != "pixels"}
         result["error"] = np.array(errors, dtype=object)
         result["scores"] = scores

@@ -20,7 +20,7 @@ from typing import IO, Iterable, Iterator, Optional, Sequence, Union
 
 from ipiqa.errors import IPIQAError
 
-from .rows import Result, Row, resolve_prompt
+from .rows import Result, Row, check_prompt_source, resolve_prompt
 
 __all__ = ["Row", "Result", "IMAGE_SUFFIXES", "RowSource", "read_rows", "writable_rows", "refuse_same_file", "output_columns", "output_format",
            "ResultWriter", "OutputError", "OutputLock", "resume_point"]
@@ -78,13 +78,12 @@ class RowSource:
 
     # -- manifests
     def _check_columns(self, columns: set[str]) -> None:
+        """Only ``image`` is required here: whether rows need a prompt column is the model's to say
+        (``rows.check_prompt_source``, called by every entry point once it knows the model)."""
         self.has_prompt_column = "prompt" in columns
-        needed = {"image"} | (set() if self.prompt is not None else {"prompt"})
-        missing = sorted(needed - columns)
-        if missing:
-            raise IPIQAError(
-                f"{self.path}: missing column(s) {missing}; found {sorted(columns)}. A manifest needs 'image' and "
-                "'prompt' columns (or pass --prompt to use one prompt for every image)")
+        if "image" not in columns:
+            raise IPIQAError(f"{self.path}: missing column(s) ['image']; found {sorted(columns)}. A manifest names each image "
+                             "file in an 'image' column (and, for a model with a text branch, its prompt in 'prompt')")
 
     def _row(self, image: object, prompt: object) -> Row:
         text = "" if image is None else str(image).strip()
@@ -166,9 +165,13 @@ def writable_rows(rows: Iterable[Row]) -> Iterator[Row]:
                                         "the manifest")
 
 
-def read_rows(source: Union[str, Path], prompt: Optional[str] = None) -> list[Row]:
-    """All rows of a folder or manifest in a list (small inputs; runs stream ``RowSource`` instead)."""
-    return list(RowSource(source, prompt))
+def read_rows(source: Union[str, Path], prompt: Optional[str] = None, needs_prompt: bool = True) -> list[Row]:
+    """All rows of a folder or manifest in a list (small inputs; runs stream ``RowSource`` instead).
+
+    ``needs_prompt``: the rows are for a model with a text branch (refused without any prompt source)."""
+    rows = RowSource(source, prompt)
+    check_prompt_source(needs_prompt, rows.has_prompt_column, prompt, source)
+    return list(rows)
 
 
 def output_columns(outputs: Sequence[str]) -> list[str]:

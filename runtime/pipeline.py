@@ -14,13 +14,15 @@ from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
+from PIL import Image
 
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import load_resized
+from ipiqa.preprocess import load_resized, resized
 
 from .rows import Result, Row, finish, load_pixels, row_error, scoring_failed
 
-__all__ = ["BatchScorer", "DeviceDecode", "score_batch", "RunSummary", "score_rows", "load_input", "decode_row"]
+__all__ = ["BatchScorer", "DeviceDecode", "score_batch", "RunSummary", "score_rows", "iter_results", "load_input",
+           "decode_row", "input_pixels"]
 log = logging.getLogger(__name__)
 
 # What ``BatchScorer.score_arrays`` takes for one image file, the one place that decides it: uint8 (R, R, 3),
@@ -107,27 +109,24 @@ def score_batch(scorer: BatchScorer, rows: list[Row], decoded: list,
             for i, (row, (_, err)) in enumerate(zip(rows, decoded))]
 
 
-def score_rows(
+def iter_results(
     rows: Iterable[Row],
     scorer: BatchScorer,
     batch_size: int = 8,
     workers: int = 4,
-    on_results: Callable[[list[Result]], None] = lambda results: None,
-    fail_fast: bool = False,
     depth: int = 2,
     device_decode: Optional[DeviceDecode] = None,
     fast: bool = False,
-) -> RunSummary:
-    """Score every row in order; ``on_results`` gets each batch's results (in input order) as they finish.
+) -> Iterator[list[Result]]:
+    """Each batch's results, in input order, as they finish: the loop every run (files, ``Scorer.score``) uses.
 
     ``workers`` threads decode up to ``depth`` batches ahead of inference (Pillow releases the GIL while
-    decoding and resizing). ``fail_fast`` stops after the first batch with an error row. ``device_decode``:
-    the host only applies the row rules and the device decodes each batch (one call per batch).
+    decoding and resizing), so memory is bounded by ``batch_size x depth`` rows whatever the input's length.
+    ``device_decode``: the host only applies the row rules and the device decodes each batch. Closing the
+    iterator early (fail-fast, a consumer that stops) drops the decoded-ahead rows.
     """
     if batch_size < 1:
         raise IPIQAError(f"batch size must be >= 1, got {batch_size}")
-    n = errors = 0
-    stopped = False
     resolution, needs_prompt = scorer.resolution, scorer.needs_prompt
 
     def decode(row: Row):
@@ -150,25 +149,45 @@ def score_rows(
             chunk, jobs = pending.popleft()
             return score_batch(scorer, chunk, [j.result() if isinstance(j, Future) else j for j in jobs], device_decode)
 
-        chunks = _chunks(rows, batch_size)
-        for chunk in chunks:
-            submit(chunk)
-            if len(pending) <= depth:
-                continue
-            results = drain()
+        try:
+            for chunk in _chunks(rows, batch_size):
+                submit(chunk)
+                if len(pending) > depth:
+                    yield drain()
+            while pending:
+                yield drain()
+        finally:
+            for _, jobs in pending:  # stopped early: decoded-ahead rows are dropped, not written
+                for j in jobs:
+                    if isinstance(j, Future):
+                        j.cancel()
+
+
+def score_rows(
+    rows: Iterable[Row],
+    scorer: BatchScorer,
+    batch_size: int = 8,
+    workers: int = 4,
+    on_results: Callable[[list[Result]], None] = lambda results: None,
+    fail_fast: bool = False,
+    depth: int = 2,
+    device_decode: Optional[DeviceDecode] = None,
+    fast: bool = False,
+) -> RunSummary:
+    """Score every row in order (``iter_results``); ``on_results`` gets each batch's results as they finish.
+
+    ``fail_fast`` stops after the first batch with an error row.
+    """
+    n = errors = 0
+    stopped = False
+    batches = iter_results(rows, scorer, batch_size, workers, depth, device_decode, fast)
+    try:
+        for results in batches:
             n, errors = n + len(results), errors + sum(r.error is not None for r in results)
             on_results(results)
             if fail_fast and errors:
                 stopped = True
                 break
-        while pending and not stopped:
-            results = drain()
-            n, errors = n + len(results), errors + sum(r.error is not None for r in results)
-            on_results(results)
-            if fail_fast and errors:
-                stopped = True
-        for _, jobs in pending:  # fail-fast: decoded-ahead rows are dropped, not written
-            for j in jobs:
-                if isinstance(j, Future):
-                    j.cancel()
+    finally:
+        batches.close()
     return RunSummary(rows=n, errors=errors, stopped=stopped)

@@ -19,8 +19,8 @@ The rules (README "Row rules" repeats them for users):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -40,6 +40,9 @@ class Row:
     image: str
     prompt: Optional[str]  # None: missing (see clean_prompt)
     error: Optional[str] = None  # a manifest line that could not be read: kept as an error row
+    # The image itself when it is not a file (Python API: a PIL image or decoded array); ``image`` then only
+    # labels the row. Never written, never compared.
+    source: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import logging
 import time
 from pathlib import Path
 from dataclasses import replace
+from collections.abc import Sized
+from itertools import repeat
 from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -19,13 +21,12 @@ from ipiqa.bundle import Manifest, read_bundle, rebuild_command
 from ipiqa.config import IPIQAConfig
 from ipiqa.device import Device, parse_device
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import resized
 
 from .backends import Backend
 from .cache import PromptCache
 from .io import OutputLock, ResultWriter, RowSource, refuse_same_file, resume_point, writable_rows
-from .pipeline import RunSummary, load_input, score_batch, score_rows
-from .rows import Result, Row, check_prompt_source, clean_prompt, load_pixels
+from .pipeline import RunSummary, iter_results, score_rows
+from .rows import Result, Row, check_prompt_source, clean_prompt
 from .tokenizer import ClipTokenizer
 
 __all__ = ["Scorer", "BACKENDS", "SCORER_PRECISIONS", "select_backend"]
@@ -107,6 +108,33 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
     return OrtBackend(manifest, provider, index, precision=precision)
 
 
+_END = object()
+
+
+def _api_rows(images: Iterable[ImageInput], prompts: Iterable[object]) -> Iterator[Row]:
+    """Python API inputs as rows: a path is read like a manifest's; a PIL image or array rides in ``source``."""
+    images, prompts = iter(images), iter(prompts)
+    while True:
+        image, prompt = next(images, _END), next(prompts, _END)
+        if image is _END and prompt is _END:
+            return
+        if image is _END or prompt is _END:
+            raise IPIQAError("images and prompts differ in length")
+        if isinstance(image, (str, Path)):
+            yield Row(str(image), clean_prompt(prompt))
+        else:
+            yield Row(f"<{type(image).__name__}>", clean_prompt(prompt), source=image)
+
+
+def model_file_precision(precision: str, fp16: bool) -> str:
+    """The one reading of ``fp16=True`` / ``--fp16``: an alias of precision ``fp16``, refused beside another."""
+    if precision not in SCORER_PRECISIONS:
+        raise IPIQAError(f"unknown precision {precision!r}; choose from {', '.join(SCORER_PRECISIONS)}")
+    if fp16 and precision not in ("auto", "fp16"):
+        raise IPIQAError(f"--fp16 means --precision fp16; it contradicts --precision {precision}: pass one of them")
+    return "fp16" if fp16 else precision
+
+
 class Scorer:
     """Scores (image, prompt) pairs with a bundle or a ``.safetensors`` model; text embeddings are cached."""
 
@@ -115,8 +143,7 @@ class Scorer:
         """``precision``: ``auto`` | ``fp32`` | ``fp16`` | ``int8`` (see ``select_backend``); ``self.backend.name``
         says what runs, e.g. ``onnxruntime-cpu-int8``. For a model file, ``fp16`` equals ``fp16=True``."""
         source = Path(source)
-        if precision not in SCORER_PRECISIONS:
-            raise IPIQAError(f"unknown precision {precision!r}; choose from {', '.join(SCORER_PRECISIONS)}")
+        precision = model_file_precision(precision, fp16)
         if source.is_dir():
             self.manifest: Optional[Manifest] = read_bundle(source)
             self.cfg: IPIQAConfig = self.manifest.config
@@ -129,7 +156,7 @@ class Scorer:
             if precision == "int8":
                 raise IPIQAError(f"{source}: INT8 runs from a bundle; export one with: "
                                  f"{rebuild_command('int8').replace('MODEL.safetensors', str(source))}")
-            fp16 = fp16 or precision == "fp16"
+            fp16 = precision == "fp16"
             from ipiqa._optional import require
 
             default_bpe = require("open_clip.tokenizer", extra="torch").default_bpe
@@ -158,47 +185,32 @@ class Scorer:
         return self.cfg.outputs
 
     def score_arrays(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """uint8 (B, R, R, 3) images + B prompts -> (B, N); split to the engine's max batch."""
-        step = self.backend.max_batch or len(images) or 1
-        out = []
-        for i in range(0, len(images), step):
-            x = images[i:i + step]
-            if isinstance(x, np.ndarray):  # else pixels already on the backend's device (decode="device")
-                x = np.ascontiguousarray(x, dtype=np.uint8)
-            side = self.backend.encode_image(x)
-            text = self.cache.lookup(self.tokenizer(prompts[i:i + step]), self.backend.encode_text) if self.cfg.text else None
-            out.append(np.asarray(self.backend.fuse(side, text), dtype=np.float32))
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.num_outputs), np.float32)
+        """uint8 (B, R, R, 3) images + B prompts -> (B, N); the backend splits and pads to its engines' range."""
+        text = self.cache.lookup(self.tokenizer(list(prompts)), self.backend.encode_text) if self.cfg.text else None
+        return self.backend.score(images, text)
 
     # -- public API
-    def _pixels(self, image: ImageInput) -> np.ndarray:
-        if isinstance(image, np.ndarray):
-            expected = (self.resolution, self.resolution, 3)
-            if image.shape != expected or image.dtype != np.uint8:
-                raise IPIQAError(f"array of shape {image.shape} {image.dtype}, expected uint8 {expected} (decoded and "
-                                 "resized, as ipiqa.preprocess.load_resized returns)")
-            return image
-        if isinstance(image, Image.Image):
-            return resized(image, self.resolution)
-        return load_input(str(image), self.resolution)
+    def iter_score(self, images: Iterable[ImageInput], prompts: Optional[Iterable[Optional[str]]] = None,
+                   batch_size: int = 8, workers: int = 4) -> Iterator[dict]:
+        """``score`` as a stream: records come out batch by batch, so an input of any length (a generator
+        included) runs in memory bounded by ``batch_size``; images are decoded a bounded distance ahead."""
+        if prompts is None:
+            prompts = repeat(None)
+        elif isinstance(images, Sized) and isinstance(prompts, Sized) and len(images) != len(prompts):
+            raise IPIQAError(f"{len(images)} images but {len(prompts)} prompts")
+        for results in iter_results(_api_rows(images, prompts), self, batch_size, workers):
+            for result in results:  # the same per-row results as a file run
+                values = result.scores if result.scores is not None else (None,) * len(self.outputs)
+                yield {**dict(zip(self.outputs, values)), "error": result.error}
 
-    def score(self, images: Sequence[ImageInput], prompts: Optional[Sequence[Optional[str]]] = None) -> list[dict]:
+    def score(self, images: Iterable[ImageInput], prompts: Optional[Iterable[Optional[str]]] = None,
+              batch_size: int = 8, workers: int = 4) -> list[dict]:
         """One record per image: ``{output: score, ...}`` plus ``error`` (None, or why it was not scored).
 
-        The row rules are ``runtime.rows``'s, the same as ``score_files`` and ``ipiqa score``.
+        Runs in batches of ``batch_size`` (the CLI's default), exactly as ``score_files`` does: the row rules
+        are ``runtime.rows``'s, and a batch whose backend call fails marks only its own rows.
         """
-        prompts = list(prompts) if prompts is not None else [None] * len(images)
-        if len(prompts) != len(images):
-            raise IPIQAError(f"{len(images)} images but {len(prompts)} prompts")
-        rows = [Row(str(img) if isinstance(img, (str, Path)) else "<array>", clean_prompt(p))
-                for img, p in zip(images, prompts)]
-        decoded = [load_pixels(row, self.resolution, self.needs_prompt, lambda _p, _r, img=img: self._pixels(img))
-                   for row, img in zip(rows, images)]
-        records = []
-        for result in score_batch(self, rows, decoded):  # the same per-row results as a file run
-            values = result.scores if result.scores is not None else (None,) * len(self.outputs)
-            records.append({**dict(zip(self.outputs, values)), "error": result.error})
-        return records
+        return list(self.iter_score(images, prompts, batch_size, workers))
 
     def score_files(self, source: Union[str, Path, Iterable[Row]], output: Union[str, Path] = "-",
                     prompt: Optional[str] = None, fmt: Optional[str] = None, batch_size: int = 8, workers: int = 4,

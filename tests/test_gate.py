@@ -29,6 +29,7 @@ from ipiqa.export.gate import gate_inputs
 from ipiqa.export.parity import (FLOOR_MULTIPLE, FP32_TOL, ParityResult, ToleranceOverride, check_tolerance,
                                  compare)
 from ipiqa.model import IPIQA, straightforward_pooling
+from ipiqa.runtime.backends import Backend
 
 ONNX_ONLY = ExportOptions(onnx_only=True)
 FEATURE_OFFSET = 1e4  # common offset of the head's input features; the head cancels it (see _steep)
@@ -228,11 +229,11 @@ def test_the_runtime_reads_scores_only_while_the_gate_checks_the_pool(tiny_bundl
 
     backend = OrtBackend(read_bundle(tiny_bundle), "cpu")
     x = gate_inputs(read_bundle(tiny_bundle).config, 2)
-    side = backend.encode_image(x.image)
+    side = backend.image_outputs(x.image)
     text = backend.encode_text(x.tokens)
     fused = backend.fusion_outputs(side, text)
     assert set(fused) == {"scores", "pooled"} and fused["pooled"].shape == (2, read_bundle(tiny_bundle).config.embed_dim)
-    np.testing.assert_array_equal(backend.fuse(side, text), fused["scores"])
+    np.testing.assert_array_equal(backend.score(x.image, text), fused["scores"])
 
 
 # ---------------------------------------------------------------- the override
@@ -264,25 +265,38 @@ def test_changing_the_override_reruns_the_gate(tiny_model_file, tmp_path):
 # ---------------------------------------------------------------- engines: the backend contract, checked on CPU
 
 
-class _HandleBackend:
-    """ONNX Runtime behind TrtBackend's contract (``encode_image`` returns a handle only ``fuse`` reads), so the
-    engine gate's own logic runs where no GPU is; ``shift`` makes its scores wrong on purpose."""
+class _HandleBackend(Backend):
+    """ONNX Runtime behind TrtBackend's contract (``_encode_image`` returns a handle only ``_fuse`` reads, and the
+    engine calls refuse batches outside the profile), so the engine gate's own logic runs where no GPU is;
+    ``shift`` makes its scores wrong on purpose."""
 
     def __init__(self, manifest, shift: float = 0.0):
         from ipiqa.runtime.backends.ort import OrtBackend
 
         self.inner, self.shift, self.image_side = OrtBackend(manifest, "cpu"), shift, {}
+        self.cfg, self.name = manifest.config, "handle"
+        self.min_batch, _, self.max_batch = manifest.engines.batch
+        self.batches: list[int] = []
 
-    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
-        return self.inner.encode_text(tokens)
+    def _in_profile(self, n: int) -> None:
+        assert self.min_batch <= n <= self.max_batch, f"batch {n} outside the profile"
+        self.batches.append(n)
 
-    def encode_image(self, images: np.ndarray) -> int:
-        self.image_side = self.inner.encode_image(images)
+    def _encode_text(self, tokens: np.ndarray) -> np.ndarray:
+        self._in_profile(len(tokens))
+        return self.inner._encode_text(tokens)
+
+    def _encode_image(self, images: np.ndarray) -> int:
+        self._in_profile(len(images))
+        self.image_side = self.inner._encode_image(images)
         return len(images)
 
-    def fuse(self, handle: int, text_embedding) -> np.ndarray:
+    def _fuse(self, handle: int, text_embedding) -> np.ndarray:
         assert handle == len(self.image_side["image_embedding"])
-        return self.inner.fuse(self.image_side, text_embedding) + self.shift
+        return self.inner._fuse(self.image_side, text_embedding) + self.shift
+
+    def _image_embedding(self, handle: int) -> np.ndarray:
+        return self.inner._image_embedding(self.image_side)
 
     def close(self) -> None:
         self.inner.close()

@@ -578,7 +578,7 @@ def test_trt_backend_close_frees_everything_and_destroys_its_stream_once(fake_tr
 
 def test_trt_backend_runs_the_profile_batch_and_refuses_others(fake_trt_backend):
     backend, engines, _ = fake_trt_backend
-    backend.encode_image(np.zeros((3, 8, 8, 3), np.uint8))
+    backend._encode_image(np.zeros((3, 8, 8, 3), np.uint8))
     assert engines["image_encoder"].contexts[0].shapes == {"image": (3, 8, 8, 3)}
     with pytest.raises(IPIQAError, match="batch 9 is outside the engines' profile \\[1, 8\\]"):
         backend._run("fusion", 9)

@@ -16,6 +16,8 @@ import numpy as np
 from ipiqa.bundle import PRECISIONS, Manifest, check_graph_metadata, rebuild_command
 from ipiqa.errors import IPIQAError
 
+from .base import Backend
+
 __all__ = ["OrtBackend", "PROVIDERS", "CPU_FP16_REFUSED", "GPU_INT8_REFUSED"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -25,12 +27,11 @@ GPU_INT8_REFUSED = ("the bundle's INT8 ONNX graph is quantized for CPUs (asymmet
                     "TensorRT engines ({rebuild}, then --backend tensorrt); or score on --device cpu")
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     """The bundle's graphs on one ONNX Runtime provider; ``name`` says provider and precision, e.g.
     ``onnxruntime-cpu`` (FP32), ``onnxruntime-cpu-int8``, ``onnxruntime-cuda-fp16``."""
 
     name = "onnxruntime"
-    max_batch: Optional[int] = None
 
     def __init__(self, manifest: Manifest, provider: str = "cpu", device_id: int = 0, threads: Optional[int] = None,
                  precision: str = "fp32"):
@@ -49,6 +50,7 @@ class OrtBackend:
             raise IPIQAError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
                              "install onnxruntime-gpu (pip install 'ipiqa[gpu]') for cuda/tensorrt")
         paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}  # refuses
+        self.cfg = manifest.config
         self.gpu = provider != "cpu"
         self.device_id = device_id
         self.precision = precision
@@ -77,20 +79,31 @@ class OrtBackend:
             check_graph_metadata(manifest, name, sess.get_modelmeta().custom_metadata_map,
                                  {i.name: i.shape for i in sess.get_inputs()}, precision)
             self.sessions[name] = sess
-        self.image_outputs = [o.name for o in self.sessions["image_encoder"].get_outputs()]
+        self._image_names = [o.name for o in self.sessions["image_encoder"].get_outputs()]
 
-    def encode_image(self, images: np.ndarray) -> dict[str, Any]:
+    def _encode_image(self, images: np.ndarray) -> dict[str, Any]:
         sess = self.sessions["image_encoder"]
         if not self.gpu:
-            return dict(zip(self.image_outputs, sess.run(None, {"image": images})))
+            return dict(zip(self._image_names, sess.run(None, {"image": images})))
         binding = sess.io_binding()  # outputs stay on the GPU as OrtValues; fusion binds them directly
         binding.bind_cpu_input("image", np.ascontiguousarray(images))
-        for name in self.image_outputs:
+        for name in self._image_names:
             binding.bind_output(name, "cuda", self.device_id)
         sess.run_with_iobinding(binding)
-        return dict(zip(self.image_outputs, binding.get_outputs()))
+        return dict(zip(self._image_names, binding.get_outputs()))
 
-    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
+    def _image_embedding(self, image_side: dict[str, Any]) -> np.ndarray:
+        value = image_side["image_embedding"]
+        return value if isinstance(value, np.ndarray) else value.numpy()  # an OrtValue on the GPU
+
+    def image_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the image graph for a batch (the parity gate checks the feature map); CPU only."""
+        if self.gpu:
+            raise IPIQAError("image_outputs runs on the CPU provider (the parity gate's backend)")
+        self._check("image", images)
+        return self._encode_image(np.ascontiguousarray(images))
+
+    def _encode_text(self, tokens: np.ndarray) -> np.ndarray:
         return self.sessions["text_encoder"].run(None, {"tokens": tokens})[0]
 
     def _fusion_feeds(self, image_side: dict[str, Any], text_embedding: Optional[np.ndarray]) -> dict[str, Any]:
@@ -108,7 +121,7 @@ class OrtBackend:
         names = [o.name for o in sess.get_outputs()]
         return dict(zip(names, sess.run(names, self._fusion_feeds(image_side, text_embedding))))
 
-    def fuse(self, image_side: dict[str, Any], text_embedding: Optional[np.ndarray]) -> np.ndarray:
+    def _fuse(self, image_side: dict[str, Any], text_embedding: Optional[np.ndarray]) -> np.ndarray:
         sess = self.sessions["fusion"]
         feeds = self._fusion_feeds(image_side, text_embedding)
         if not self.gpu:

@@ -16,12 +16,14 @@ from ipiqa._optional import require
 from ipiqa.device import Device, parse_device
 from ipiqa.errors import IPIQAError
 
+from .base import Backend
+
 __all__ = ["TorchBackend"]
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     name = "torch"
-    max_batch: Optional[int] = None
+    device_pixels = True  # ``decode_on_device`` hands over pixels already on the GPU
 
     def __init__(self, model_path: Union[str, Path], device: Union[str, Device] = "cpu", fp16: bool = False,
                  compile: bool = False):
@@ -37,6 +39,7 @@ class TorchBackend:
         if fp16 and self.device.type != "cuda":
             raise IPIQAError("--fp16 needs --device cuda (half precision on CPU is slow and inexact)")
         self.dtype = torch.float16 if fp16 else torch.float32
+        self.precision = "fp16" if fp16 else "fp32"
         self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.model = load_model(model_path).to(self.device, self.dtype, memory_format=self.memory_format).eval()
         self.cfg = self.model.cfg
@@ -46,7 +49,7 @@ class TorchBackend:
             self._encode_pixels = torch.compile(self.model.encode_pixels, mode=mode, dynamic=False)
         self.name = f"torch-{self.device.type}{'-fp16' if fp16 else ''}{'-compiled' if compile else ''}"
 
-    def encode_image(self, images: np.ndarray) -> Any:
+    def _encode_image(self, images: np.ndarray) -> Any:
         # uint8 NHWC up (4x fewer bytes than float32); normalized on the device, channels-last by construction.
         # A tensor already on the device (``decode_on_device``) goes straight in.
         if isinstance(images, np.ndarray):
@@ -67,11 +70,14 @@ class TorchBackend:
         # NHWC contiguous: the layout the host path hands over, so the convolutions see the same memory format
         return pixels.permute(0, 2, 3, 1).contiguous(), [None if e is None else str(e) for e in errors]
 
-    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
+    def _image_embedding(self, image_side: Any) -> np.ndarray:
+        return image_side[1].float().cpu().numpy()
+
+    def _encode_text(self, tokens: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
             return self.model.encode_text(self.torch.from_numpy(tokens).to(self.device)).float().cpu().numpy()
 
-    def fuse(self, image_side: Any, text_embedding: Optional[np.ndarray]) -> np.ndarray:
+    def _fuse(self, image_side: Any, text_embedding: Optional[np.ndarray]) -> np.ndarray:
         feature_map, image_embedding = image_side
         text = None if text_embedding is None else self.torch.from_numpy(text_embedding).to(self.device, self.dtype)
         with self.torch.inference_mode():

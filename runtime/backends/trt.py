@@ -19,6 +19,8 @@ from ipiqa._optional import require
 from ipiqa.bundle import Manifest, check_engine_compat
 from ipiqa.errors import IPIQAError
 
+from .base import Backend
+
 __all__ = ["TrtBackend", "HOST_TENSORS"]
 
 HOST_TENSORS = ("image", "tokens", "text_embedding", "scores")  # uploaded or downloaded; the rest stay on the GPU
@@ -41,7 +43,7 @@ def _ok(result: Any) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, manifest: Manifest, device_id: int = 0):
@@ -56,6 +58,7 @@ class TrtBackend:
         check_engine_compat(manifest, trt.__version__, gpu, f"{props.major}.{props.minor}")
         engines = manifest.engines
         assert engines is not None  # check_engine_compat refused a bundle without engines
+        self.cfg = manifest.config
         self.precision = engines.precision
         self.name = f"tensorrt-{self.precision}"
         self.min_batch, _, self.max_batch = engines.batch
@@ -117,7 +120,7 @@ class TrtBackend:
         return host[:batch].copy()
 
     def _run(self, name: str, batch: int) -> None:
-        if not self.min_batch <= batch <= self.max_batch:
+        if not self.min_batch <= batch <= self.max_batch:  # Backend.score pads and splits: never reached from there
             raise IPIQAError(f"batch {batch} is outside the engines' profile [{self.min_batch}, {self.max_batch}]")
         engine, ctx = self.engines[name], self.contexts[name]
         for i in range(engine.num_io_tensors):
@@ -127,17 +130,24 @@ class TrtBackend:
         if not ctx.execute_async_v3(self.stream):
             raise IPIQAError(f"TensorRT execution of {name} failed")
 
-    def encode_image(self, images: np.ndarray) -> int:
+    def _encode_image(self, images: np.ndarray) -> int:
         self._upload("image", images)
         self._run("image_encoder", len(images))
-        return len(images)  # the outputs stay in the shared device buffers until the next encode_image
+        return len(images)  # the outputs stay in the shared device buffers until the next _encode_image
 
-    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
+    def _image_embedding(self, image_side: int) -> np.ndarray:
+        """The image engine's embedding, copied down from its device buffer (gates only: not pinned)."""
+        out = np.empty((image_side, *self.shapes["image_embedding"]), self.dtypes["image_embedding"])
+        _ok(self.cudart.cudaStreamSynchronize(self.stream))
+        _ok(self.cudart.cudaMemcpy(out.ctypes.data, self.device["image_embedding"], out.nbytes, self._d2h))
+        return out
+
+    def _encode_text(self, tokens: np.ndarray) -> np.ndarray:
         self._upload("tokens", tokens)
         self._run("text_encoder", len(tokens))
         return self._download("text_embedding", len(tokens))
 
-    def fuse(self, image_side: int, text_embedding: Optional[np.ndarray]) -> np.ndarray:
+    def _fuse(self, image_side: int, text_embedding: Optional[np.ndarray]) -> np.ndarray:
         if text_embedding is not None:
             self._upload("text_embedding", text_embedding.astype(np.float32))
         self._run("fusion", image_side)

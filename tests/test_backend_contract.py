@@ -1,0 +1,233 @@
+"""The backend contract (runtime/backends/base.py): every backend pads below MIN, splits above MAX, trims the
+padding and checks its inputs, so an engine profile such as [8, 32] serves any batch. Checked on CPU through a
+stand-in runner that enforces the profile around the real ONNX Runtime engine calls."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import TINY, make_image
+from ipiqa.bundle import read_bundle
+from ipiqa.errors import IPIQAError
+from ipiqa.export.checks import BOUNDS
+from ipiqa.runtime.backends import Backend, batch_spans
+from ipiqa.runtime.backends.ort import OrtBackend
+from ipiqa.runtime.scorer import Scorer, model_file_precision
+
+
+class ProfileRunner(Backend):
+    """ONNX Runtime's engine calls behind an engine profile [lo, hi] that refuses any other batch, as TensorRT
+    does; every engine call's batch is recorded."""
+
+    def __init__(self, manifest, lo: int = 8, hi: int = 32):
+        self.inner = OrtBackend(manifest, "cpu")
+        self.cfg, self.min_batch, self.max_batch, self.name = manifest.config, lo, hi, f"profile[{lo},{hi}]"
+        self.calls: list[tuple[str, int]] = []
+
+    def _enforce(self, call: str, n: int) -> None:
+        if not self.min_batch <= n <= self.max_batch:
+            raise IPIQAError(f"batch {n} is outside the engines' profile [{self.min_batch}, {self.max_batch}]")
+        self.calls.append((call, n))
+
+    def _encode_image(self, images):
+        self._enforce("image", len(images))
+        return self.inner._encode_image(images)
+
+    def _encode_text(self, tokens):
+        self._enforce("text", len(tokens))
+        return self.inner._encode_text(tokens)
+
+    def _fuse(self, image_side, text):
+        self._enforce("fusion", len(image_side["image_embedding"]))
+        return self.inner._fuse(image_side, text)
+
+    def _image_embedding(self, image_side):
+        return self.inner._image_embedding(image_side)
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_bundle):
+    return read_bundle(tiny_bundle)
+
+
+@pytest.fixture(scope="module")
+def plain(manifest):
+    with OrtBackend(manifest, "cpu") as b:
+        yield b
+
+
+def _inputs(cfg, n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
+    text = rng.standard_normal((n, cfg.embed_dim)).astype(np.float32)
+    return images, text
+
+
+def _fp32_bound(ref: np.ndarray) -> float:
+    """The spec's FP32 rule for scores (batch size may change a GEMM's blocking, never more than this)."""
+    return BOUNDS["fp32"].rtol * max(1.0, float(np.ptp(ref)))
+
+
+# ---------------------------------------------------------------- the split/pad rule, pure
+
+
+@pytest.mark.parametrize("n,lo,hi,spans", [
+    (1, 8, 32, [(0, 1, 8)]),
+    (8, 8, 32, [(0, 8, 8)]),
+    (70, 8, 32, [(0, 32, 32), (32, 64, 32), (64, 70, 8)]),
+    (33, 1, 32, [(0, 32, 32), (32, 33, 1)]),
+    (5, 1, None, [(0, 5, 5)]),
+    (0, 8, 32, []),
+])
+def test_rows_become_engine_calls_within_the_profile(n, lo, hi, spans):
+    assert batch_spans(n, lo, hi) == spans
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 8), (9, 8)])
+def test_an_invalid_batch_range_is_refused(lo, hi):
+    with pytest.raises(IPIQAError, match="invalid batch range"):
+        batch_spans(4, lo, hi)
+
+
+# ---------------------------------------------------------------- padding and splitting through a profile
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 33, 70])
+def test_any_batch_is_scored_through_a_profile_of_8_to_32(manifest, plain, n):
+    runner = ProfileRunner(manifest)
+    images, text = _inputs(manifest.config, n, seed=n)
+    ref = plain.score(images, text)
+    out = runner.score(images, text)
+    assert out.shape == (n, manifest.config.num_outputs)
+    assert np.abs(out - ref).max() <= _fp32_bound(ref)
+    assert all(8 <= size <= 32 for _, size in runner.calls)
+
+
+def test_padding_repeats_a_real_row_and_is_trimmed(manifest, plain):
+    runner = ProfileRunner(manifest)
+    images, text = _inputs(manifest.config, 3)
+    out = runner.score(images, text)
+    assert runner.calls == [("image", 8), ("fusion", 8)] and len(out) == 3
+    ref = plain.score(images, text)
+    assert np.abs(out - ref).max() <= _fp32_bound(ref)
+
+
+def test_one_uncached_prompt_is_encoded_through_the_profile(manifest, plain):
+    runner = ProfileRunner(manifest)
+    from ipiqa.model import tokenize
+
+    tokens = tokenize(["a red fox"], manifest.config.context_length).numpy()
+    emb = runner.encode_text(tokens)
+    assert emb.shape == (1, manifest.config.embed_dim) and runner.calls == [("text", 8)]
+    ref = plain.encode_text(tokens)
+    assert np.abs(emb - ref).max() <= BOUNDS["fp32"].rtol * max(1.0, float(np.abs(ref).max()))
+
+
+def test_the_stand_in_refuses_what_the_contract_never_sends(manifest):
+    """The runner enforces its profile: without the base class's padding a single image is refused."""
+    runner = ProfileRunner(manifest)
+    images, _ = _inputs(manifest.config, 1)
+    with pytest.raises(IPIQAError, match="outside the engines' profile"):
+        runner._encode_image(images)
+
+
+def test_a_scorer_on_a_profile_of_8_to_32_scores_a_short_last_batch(tiny_bundle, manifest, tmp_path):
+    files = [make_image(tmp_path / f"{i}.png", seed=i) for i in range(3)]
+    with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as scorer:
+        ref = scorer.score(files, ["a cat", "a dog", "a cat"])
+        scorer.backend = ProfileRunner(manifest)
+        scorer.cache = type(scorer.cache)(16)  # every prompt uncached again: encoded through the profile
+        records = scorer.score(files, ["a cat", "a dog", "a cat"], batch_size=2)
+    assert [r["error"] for r in records] == [None] * 3
+    bound = _fp32_bound(np.array([r["quality"] for r in ref]))
+    assert max(abs(a["quality"] - b["quality"]) for a, b in zip(records, ref)) <= bound
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def test_float_pixels_are_refused_naming_the_dtype(plain, manifest):
+    images, text = _inputs(manifest.config, 2)
+    with pytest.raises(IPIQAError, match="image must be uint8 .* got float32"):
+        plain.score(images.astype(np.float32), text)
+
+
+def test_pixels_of_another_resolution_are_refused(plain, manifest):
+    _, text = _inputs(manifest.config, 2)
+    with pytest.raises(IPIQAError, match=f"image must be uint8 \\(B, {TINY['resolution']}, "):
+        plain.score(np.zeros((2, 32, 32, 3), np.uint8), text)
+
+
+def test_text_embeddings_for_another_number_of_images_are_refused(plain, manifest):
+    images, text = _inputs(manifest.config, 3)
+    with pytest.raises(IPIQAError, match="text_embedding has 2 rows for 3 images"):
+        plain.score(images, text[:2])
+
+
+def test_a_text_model_without_text_embeddings_is_refused(plain, manifest):
+    images, _ = _inputs(manifest.config, 1)
+    with pytest.raises(IPIQAError, match="pass its text embeddings"):
+        plain.score(images)
+
+
+def test_an_engine_returning_the_wrong_shape_is_an_error(manifest):
+    class Short(ProfileRunner):
+        def _fuse(self, image_side, text):
+            return super()._fuse(image_side, text)[:-1]
+
+    images, text = _inputs(manifest.config, 8)
+    with pytest.raises(IPIQAError, match="returned scores of shape"):
+        Short(manifest).score(images, text)
+
+
+def test_image_embeddings_come_through_the_same_calls(manifest, plain):
+    runner = ProfileRunner(manifest)
+    images, _ = _inputs(manifest.config, 3)
+    emb = runner.embed_images(images)
+    ref = plain.image_outputs(images)["image_embedding"]
+    assert emb.shape == ref.shape and runner.calls == [("image", 8)]
+    assert np.abs(emb - ref).max() <= BOUNDS["fp32"].rtol * max(1.0, float(np.abs(ref).max()))
+
+
+# ---------------------------------------------------------------- one precision option for model files
+
+
+def test_fp16_flag_is_precision_fp16():
+    assert model_file_precision("auto", True) == "fp16" and model_file_precision("fp16", True) == "fp16"
+    assert model_file_precision("fp32", False) == "fp32"
+
+
+def test_fp16_flag_with_another_precision_is_refused(tiny_model_file):
+    with pytest.raises(IPIQAError, match="--fp16 means --precision fp16; it contradicts --precision fp32"):
+        Scorer(tiny_model_file, fp16=True, precision="fp32")
+
+
+# ---------------------------------------------------------------- Triton honours the engines' MIN
+
+
+def _with_engines(manifest, batch=(8, 16, 32), precision="fp32"):
+    from ipiqa.manifest import Engines
+
+    return manifest.replace(precision=precision, engines=Engines("10", "gpu", "9.0", precision, batch, 1.0, "key", {}))
+
+
+def test_a_triton_tensorrt_repository_refuses_engines_that_cannot_take_a_batch_of_1(manifest, tmp_path):
+    from ipiqa.export.triton import write_triton_repository
+
+    with pytest.raises(IPIQAError, match="starts at 8.*rebuild the engines with --batch 1,16,32"):
+        write_triton_repository(_with_engines(manifest), tmp_path / "repo", "tensorrt")
+    assert not (tmp_path / "repo").exists()
+
+
+# ---------------------------------------------------------------- the engine gate pads like the runtime
+
+
+def test_the_engine_gate_runs_a_batch_below_the_profile_through_the_padding(tiny_model_file, manifest):
+    from ipiqa.checkpoint import load_model
+    from ipiqa.export.gate import engine_parity
+
+    engines = _with_engines(manifest, batch=(4, 8, 8))
+    runner = ProfileRunner(engines, lo=4, hi=8)
+    results = engine_parity(load_model(tiny_model_file), engines, n=10, batch=8, backend=runner, device="cpu")
+    assert all(results), [r.line() for r in results]
+    assert ("image", 4) in runner.calls  # the gate's single-row chunk, padded to the profile's MIN
