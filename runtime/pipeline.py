@@ -58,9 +58,25 @@ def _fast_input(path: str, resolution: int) -> np.ndarray:
     return load_resized(path, resolution, fast=True)
 
 
+def input_pixels(image: Any, resolution: int) -> np.ndarray:
+    """A Python API image (PIL image, decoded uint8 array, or path) as ``score_arrays`` takes it."""
+    if isinstance(image, np.ndarray):
+        expected = (resolution, resolution, 3)
+        if image.shape != expected or image.dtype != np.uint8:
+            raise IPIQAError(f"array of shape {image.shape} {image.dtype}, expected uint8 {expected} (decoded and "
+                             "resized, as ipiqa.preprocess.load_resized returns)")
+        return image
+    if isinstance(image, Image.Image):
+        return resized(image, resolution)
+    return load_input(str(image), resolution)
+
+
 def decode_row(row: Row, resolution: int, needs_prompt: bool,
                fast: bool = False) -> tuple[Optional[np.ndarray], Optional[str]]:
-    """(pixels, None) or (None, error) for one row, by the row rules; ``fast``: the opt-in inexact decode."""
+    """(pixels, None) or (None, error) for one row, by the row rules; ``fast``: the opt-in inexact decode.
+    A row carrying its image in ``source`` (Python API) is read from there."""
+    if row.source is not None:
+        return load_pixels(row, resolution, needs_prompt, lambda _path, r: input_pixels(row.source, r))
     return load_pixels(row, resolution, needs_prompt, _fast_input if fast else load_input)
 
 
