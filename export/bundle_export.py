@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import platform
@@ -18,9 +19,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from ipiqa import __version__
 from ipiqa._optional import require
@@ -29,13 +28,57 @@ from ipiqa.config import IPIQAConfig
 from ipiqa.errors import BundleError, IPIQAError
 from ipiqa.manifest import (BUNDLE_FORMAT, EngineGraph, Engines, Fp16Graph, Fp16Graphs, GraphEntry, Int8Calibration,
                             Int8Graph, Manifest, OnnxGraphs, Parity, Source, Tokenizer, io_shapes, to_plain)
-from ipiqa.model import IPIQA, pooling_mode, tokenize
 
-from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
-from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
 from .parity import ParityResult, ToleranceOverride, rule_record
-from .to_onnx import DEFAULT_OPSET, export_onnx
 from .trt import EngineSpec, build_engine, input_profiles
+
+if TYPE_CHECKING:  # bound at run time by _torch_side(), from the modules named in _TORCH_SIDE
+    import torch
+
+    from ipiqa.model import IPIQA, pooling_mode, tokenize
+
+    from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
+    from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
+    from .to_onnx import DEFAULT_OPSET, export_onnx
+
+# torch and the modules built on it load when an export runs (``_torch_side``), so that the options and errors
+# here import on a base install: ``ipiqa-export`` checks every option before it requires torch.
+_TORCH_SIDE = {
+    "torch": ("torch", None),
+    "IPIQA": ("ipiqa.model", "IPIQA"), "pooling_mode": ("ipiqa.model", "pooling_mode"),
+    "tokenize": ("ipiqa.model", "tokenize"),
+    "PARITY_PROMPTS": (".gate", "PARITY_PROMPTS"), "engine_parity": (".gate", "engine_parity"),
+    "gate_inputs": (".gate", "gate_inputs"), "onnx_parity": (".gate", "onnx_parity"),
+    "GATE_OUTPUTS": (".graphs", "GATE_OUTPUTS"), "GraphSpec": (".graphs", "GraphSpec"),
+    "build_graphs": (".graphs", "build_graphs"), "graph_specs": (".graphs", "graph_specs"),
+    "DEFAULT_OPSET": (".to_onnx", "DEFAULT_OPSET"), "export_onnx": (".to_onnx", "export_onnx"),
+}
+
+
+def _torch_side() -> None:
+    """Bind the names of ``_TORCH_SIDE`` in this module on first use; a name already bound (or patched) stays."""
+    g = globals()
+    if all(name in g for name in _TORCH_SIDE):
+        return
+    require("torch", extra="export")
+    require("open_clip", extra="export")
+    for name, (module, attr) in _TORCH_SIDE.items():
+        if name not in g:
+            mod = importlib.import_module(module, __package__)
+            g[name] = mod if attr is None else getattr(mod, attr)
+
+
+def __getattr__(name: str) -> Any:
+    """``bundle_export.onnx_parity`` and the other torch-side names, as before they were loaded lazily (PEP 562)."""
+    if name in _TORCH_SIDE:
+        _torch_side()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _default_opset() -> int:
+    _torch_side()
+    return DEFAULT_OPSET
 
 __all__ = ["ExportOptions", "Int8Options", "ExportReport", "ParityGateError", "Fp16GateError", "export_bundle",
            "weights_digest", "onnx_key",
@@ -76,7 +119,7 @@ class Int8Options:
 class ExportOptions:
     onnx_only: bool = False
     engine: EngineSpec = field(default_factory=lambda: EngineSpec("fp16", (1, 32, 128)))
-    opset: int = DEFAULT_OPSET
+    opset: int = field(default_factory=_default_opset)  # export.to_onnx.DEFAULT_OPSET
     parity_images: int = 4  # FP32 gate inputs; the engine gate uses 64
     single_query_pooling: bool = True  # the exact rewrite of both pools (issue 9); False exports the plain form
     tolerance_override: Optional[ToleranceOverride] = None  # --atol/--rtol: replaces the gate's rule; recorded
@@ -169,6 +212,7 @@ def _key(*parts: object) -> str:
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over every state_dict tensor (name, dtype, shape, bytes): what the graphs are traced from,
     whichever file (or none) the weights came from."""
+    _torch_side()
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -222,10 +266,12 @@ def _with_data_files(files: Sequence[str], root: Path) -> list[str]:
     return out
 
 
-def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options: ExportOptions = ExportOptions(),
+def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options: Optional[ExportOptions] = None,
                   progress: Callable[[str], None] = log.info) -> ExportReport:
-    """Write (or refresh) the bundle in ``out``; raises ParityGateError (FP32, FP16, engines) or
-    ``export.int8.Int8GateError`` without writing a manifest on failure."""
+    """Write (or refresh) the bundle in ``out`` (default options: ``ExportOptions()``); raises ParityGateError
+    (FP32, FP16, engines) or ``export.int8.Int8GateError`` without writing a manifest on failure."""
+    _torch_side()
+    options = ExportOptions() if options is None else options
     model = model.eval().float()
     if not options.onnx_only:  # fail before minutes of ONNX work, not after
         try:

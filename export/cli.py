@@ -11,10 +11,14 @@ from typing import Optional
 import click
 
 from ipiqa.bundle import parse_batch_profile
-from ipiqa.console import friendly, format_table
+from ipiqa.console import InputPath, friendly, format_table, text_option
+
+# What an export imports, checked after the options and before any work; a base install gets the pip line.
+EXPORT_MODULES = ("torch", "open_clip", "onnx", "onnxscript")
 
 
 def _batch(ctx, param, value: str) -> tuple[int, int, int]:
+    text_option(ctx, param, value)
     try:
         return parse_batch_profile(value)
     except ValueError as exc:
@@ -38,6 +42,16 @@ def _record_table(records) -> str:
 
 
 def _int8_setting(ctx, param, values) -> dict:
+    text_option(ctx, param, values)
+    if not values:
+        return {}
+    from ipiqa._optional import require
+    from ipiqa.errors import IPIQAError
+
+    try:  # export.int8 imports torch (export.fp16 -> export.to_onnx); a base install gets the pip line
+        require("torch", extra="export")
+    except IPIQAError as exc:
+        raise click.ClickException(str(exc)) from None
     from .int8 import parse_setting
 
     out: dict = {}
@@ -63,11 +77,11 @@ def _parity_table(results) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("model", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("model", required=False, type=InputPath(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle folder.")
-@click.option("--official", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--official", type=InputPath(exists=True, dir_okay=False, path_type=Path),
               help="Export the authors' fine-tuned .pth directly (needs --clip) instead of MODEL.")
-@click.option("--clip", "clip_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--clip", "clip_path", type=InputPath(exists=True, dir_okay=False, path_type=Path),
               help="Base CLIP RN50 weights for --official.")
 @click.option("--onnx-only", is_flag=True, help="Write the ONNX graphs and manifest; build no TensorRT engines.")
 @click.option("--fp16/--fp32", "fp16", default=None,
@@ -78,7 +92,7 @@ def _parity_table(results) -> str:
 @click.option("--int8", is_flag=True,
               help="Quantize the image graph to INT8 on --calibration images and gate it on held-out ones: for the "
                    "CPU always; with engines, also an INT8 image engine (text and fusion engines FP16).")
-@click.option("--calibration", type=click.Path(exists=True, path_type=Path),
+@click.option("--calibration", type=InputPath(exists=True, path_type=Path),
               help="--int8: a folder of images, or a CSV with an 'image' column (and 'prompt', used by the gate), "
                    "like those you will score. 1 in 5 (4 to 32) is held out for the gate, never calibrated on.")
 @click.option("--calibration-size", default=64, show_default=True, type=click.IntRange(1),
@@ -132,20 +146,16 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
       ipiqa-export model.safetensors -o bundle/ --onnx-only --int8 --calibration images.csv
       ipiqa-export model.safetensors -o bundle/ --int8 --calibration photos/ --calibration-size 128
     """
-    import torch
-
-    from ipiqa.checkpoint import load_model
+    from ipiqa._optional import require
+    from ipiqa.checkpoint import read_config
     from ipiqa.errors import IPIQAError
-    from ipiqa.model import IPIQA
-    from ipiqa.official import import_official
 
+    # Torch-free up to the require() below: every option and the model file are checked first.
     from .bundle_export import ExportOptions, Int8Options, ParityGateError, export_bundle
-    from .int8 import Int8GateError
     from .parity import ToleranceOverride
     from .trt import EngineSpec
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(os.cpu_count() or 1)
     if (model is None) == (official is None):
         raise click.UsageError("give either MODEL (.safetensors) or --official FT.pth --clip RN50.pt")
     if official and not clip_path:
@@ -159,12 +169,37 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     try:
         spec = EngineSpec("int8" if int8 and not onnx_only else "fp16" if fp16 in (None, True) else "fp32",
                           batch, workspace)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    except ValueError as exc:  # the batch profile was checked by its callback: the workspace
+        raise click.BadParameter(str(exc), param_hint="'--workspace'") from None
     try:
         override = None if atol is None and rtol is None else ToleranceOverride(atol or 0.0, rtol or 0.0)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.BadParameter(str(exc), param_hint="'--atol' / '--rtol'") from None
+    try:
+        options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not straightforward_pooling,
+                                tolerance_override=override, fp16_onnx=fp16_onnx,
+                                int8=Int8Options(calibration, calibration_size, int8_settings) if int8 else None)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if model is not None:
+        read_config(model)  # not an ipiqa model file: one line, before torch loads
+    for module in EXPORT_MODULES:
+        require(module, extra="export")
+    import torch
+
+    from ipiqa.checkpoint import load_model
+    from ipiqa.model import IPIQA
+    from ipiqa.official import import_official
+
+    from .int8 import Int8GateError, settings_for
+
+    try:  # a value the quantizer refuses is refused now, not after the FP32 stage
+        for target in options.int8_targets:
+            settings_for(target, **{"calibration_size": calibration_size, **int8_settings.get(target, {})})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--int8-setting'") from None
+
+    torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
 
     def progress(msg: str) -> None:
@@ -178,9 +213,6 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     else:
         net, sources = load_model(model), [model]
     progress(f"model: {net.cfg.resolution}px, outputs={','.join(net.cfg.outputs)}, head={net.cfg.head}")
-    options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not straightforward_pooling,
-                            tolerance_override=override, fp16_onnx=fp16_onnx,
-                            int8=Int8Options(calibration, calibration_size, int8_settings) if int8 else None)
     try:
         report = export_bundle(net, sources, output, options, progress)
     except ParityGateError as exc:

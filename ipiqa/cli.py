@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import click
 
-from .console import EXIT_ROW_ERRORS, friendly, format_table
+from .console import EXIT_ROW_ERRORS, InputPath, device_option, friendly, format_table, text_option
 from ._optional import require, require_torch
+from .config import IPIQAConfig
 from .device import DEVICE_HELP
-from .errors import IPIQAError
+from .errors import ConfigError, IPIQAError
 
 if TYPE_CHECKING:
     from .bundle import Manifest
@@ -35,12 +36,13 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command("import-official")
-@click.argument("finetuned", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--clip", "clip_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("finetuned", type=InputPath(dir_okay=False, path_type=Path))
+@click.option("--clip", "clip_path", required=True, type=InputPath(dir_okay=False, path_type=Path),
               help="Base CLIP RN50 weights the model was trained from: OpenAI's RN50.pt (TorchScript) or a state_dict.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the model (.safetensors, config in its metadata).")
-@click.option("--outputs", default=None, help="Comma-separated score names (default: quality[,alignment]).")
+@click.option("--outputs", default=None, callback=text_option,
+              help="Comma-separated score names (default: quality[,alignment]).")
 @friendly
 def import_official_cmd(finetuned: Path, clip_path: Path, output: Path, outputs: Optional[str]) -> None:
     """Convert an authors' IP-IQA training checkpoint into ipiqa's model file.
@@ -54,11 +56,16 @@ def import_official_cmd(finetuned: Path, clip_path: Path, output: Path, outputs:
     Example:
       ipiqa import-official agiqa3k_best.pth --clip ~/.cache/clip/RN50.pt -o agiqa3k.safetensors
     """
+    names = None
+    if outputs is not None:
+        try:  # checked before torch loads or a file is read
+            names = IPIQAConfig.check_outputs([s.strip() for s in outputs.split(",")])
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--outputs'") from None
     require_torch()
     from .checkpoint import save_model
     from .official import import_official
 
-    names = [s.strip() for s in outputs.split(",")] if outputs else None
     cfg, sd = import_official(finetuned, clip_path, names)
     save_model(output, sd, cfg)
     click.echo(f"wrote {output}: {cfg.resolution}px, outputs={','.join(cfg.outputs)}, head={cfg.head}, "
@@ -86,7 +93,7 @@ def bundle_summary(manifest: "Manifest") -> dict[str, Any]:
 
 
 @cli.command("info")
-@click.argument("target", metavar="MODEL_OR_BUNDLE", type=click.Path(exists=True, path_type=Path))
+@click.argument("target", metavar="MODEL_OR_BUNDLE", type=InputPath(exists=True, path_type=Path))
 @friendly
 def info_cmd(target: Path) -> None:
     """Print a model file's config, or a bundle folder's summary, as JSON.
@@ -127,17 +134,18 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
 
 
 @click.command("score")
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--images", "--image", "source", required=True, type=click.Path(exists=True, path_type=Path),
+@click.argument("model", type=InputPath(exists=True, path_type=Path))
+@click.option("--images", "--image", "source", required=True, type=InputPath(exists=True, path_type=Path),
               help="A folder of images, one image, or a CSV/TSV/JSONL manifest with columns image,prompt.")
-@click.option("--prompt", default=None, help="Prompt for images without one (a folder, one image, empty cells).")
+@click.option("--prompt", default=None, callback=text_option,
+              help="Prompt for images without one (a folder, one image, empty cells).")
 @click.option("-o", "--output", default="-", show_default=True, help="Output file (.csv, .jsonl or .parquet; Parquet needs ipiqa[parquet] "
               "and cannot be resumed), '-' for stdout.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None,
               help="Output format (default: from the file suffix, else csv).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
               show_default=True, help="auto: TensorRT engines > onnxruntime GPU > onnxruntime CPU (torch for MODEL files).")
-@click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)
+@click.option("--device", default="auto", show_default=True, callback=device_option, help=DEVICE_HELP)
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
               help="Threads decoding images ahead of inference.")
@@ -229,6 +237,10 @@ def demo_cmd(out: Path, resolution: int) -> None:
     """
     import csv
 
+    try:  # the value first (torch-free), then what the demo needs
+        cfg = IPIQAConfig(resolution=resolution)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--resolution'") from None
     # Checked before any work: the demo runs the PyTorch reference, then exports (the [export] extra).
     torch = require("torch", extra="export")
     for module in ("open_clip", "onnx", "onnxscript"):
@@ -238,11 +250,9 @@ def demo_cmd(out: Path, resolution: int) -> None:
     from ipiqa.runtime.scorer import Scorer
 
     from .checkpoint import save_model
-    from .config import IPIQAConfig
     from .demo import demo_model, write_samples
 
     torch.set_num_threads(os.cpu_count() or 1)
-    cfg = IPIQAConfig(resolution=resolution)
     model = demo_model(cfg)
     model_path = save_model(out / "model.safetensors", model.state_dict(), cfg)
     manifest = write_samples(out / "images")

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["IPIQAConfig", "DEFAULT_OUTPUTS", "CLIP_MEAN", "CLIP_STD"]
+from .errors import ConfigError
+
+__all__ = ["IPIQAConfig", "ConfigError", "DEFAULT_OUTPUTS", "CLIP_MEAN", "CLIP_STD"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,30 +41,56 @@ class IPIQAConfig:
     vocab_size: int = 49408
 
     def __post_init__(self) -> None:
-        # Coerce JSON lists back to tuples so that configs compare equal after a round trip.
-        object.__setattr__(self, "outputs", tuple(self.outputs))
-        object.__setattr__(self, "vision_layers", tuple(int(n) for n in self.vision_layers))
+        # Coerce JSON lists back to tuples (and numpy integers to int) so that configs compare equal after a
+        # round trip; a value of the wrong type is reported with the others, never as a TypeError.
         problems = []
-        if self.resolution < 32 or self.resolution % 32:
-            problems.append(f"resolution must be a positive multiple of 32, got {self.resolution}")
-        if len(self.outputs) not in (1, 2):
-            problems.append(f"outputs must name 1 or 2 scores, got {list(self.outputs)}")
-        if len(set(self.outputs)) != len(self.outputs) or not all(
-            isinstance(o, str) and o.isidentifier() for o in self.outputs
-        ):
-            problems.append(f"output names must be distinct identifiers, got {list(self.outputs)}")
-        if self.head not in ("mlp", "linear"):
-            problems.append(f"head must be 'mlp' or 'linear', got {self.head!r}")
-        if self.context_length < 2:
-            problems.append(f"context_length must be >= 2, got {self.context_length}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if len(self.vision_layers) != 4:
-            problems.append(f"vision_layers must have 4 stages, got {self.vision_layers}")
-        if self.feature_dim % self.vision_heads or self.text_width % self.text_heads:
-            problems.append("widths must be divisible by their head counts")
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if _is_int(value):
+                object.__setattr__(self, name, int(value))
+            else:
+                problems.append(f"{name}={value!r}: must be an integer")
+        if isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, bool):
+            object.__setattr__(self, "dropout", float(self.dropout))
+        else:
+            problems.append(f"dropout={self.dropout!r}: must be a number in [0, 1)")
+        outputs_problem = _outputs_problem(self.outputs)
+        if outputs_problem is None:
+            object.__setattr__(self, "outputs", tuple(self.outputs))
+        else:
+            problems.append(outputs_problem)
+        layers = self.vision_layers
+        if isinstance(layers, (list, tuple)) and len(layers) == 4 and all(_is_int(n) and n >= 1 for n in layers):
+            object.__setattr__(self, "vision_layers", tuple(int(n) for n in layers))
+        else:
+            problems.append(f"vision_layers={layers!r}: must be 4 positive integers (bottlenecks per ResNet stage)")
+        if not isinstance(self.head, str) or self.head not in ("mlp", "linear"):
+            problems.append(f"head={self.head!r}: must be 'mlp' or 'linear'")
+        if not isinstance(self.text, bool):
+            problems.append(f"text={self.text!r}: must be true or false")
+        if type(self.resolution) is int and (self.resolution < 32 or self.resolution % 32):
+            problems.append(f"resolution={self.resolution}: must be a positive multiple of 32 (e.g. 224 or 512)")
+        if type(self.context_length) is int and self.context_length < 2:
+            problems.append(f"context_length={self.context_length}: must be >= 2")
+        if isinstance(self.dropout, float) and not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout}: must be in [0, 1)")
+        sizes = [n for n in _INT_FIELDS if n not in ("resolution", "context_length")]
+        small = [n for n in sizes if type(getattr(self, n)) is int and getattr(self, n) < 1]
+        problems += [f"{n}={getattr(self, n)}: must be >= 1" for n in small]
+        if not small and all(type(getattr(self, n)) is int for n in sizes) and (
+                self.feature_dim % self.vision_heads or self.text_width % self.text_heads):
+            problems.append(f"widths must be divisible by their head counts: vision_width*32={self.feature_dim} by "
+                            f"vision_heads={self.vision_heads}, text_width={self.text_width} by text_heads={self.text_heads}")
         if problems:
-            raise ValueError("invalid IPIQAConfig: " + "; ".join(problems))
+            raise ConfigError("invalid IPIQAConfig: " + "; ".join(problems))
+
+    @staticmethod
+    def check_outputs(names: Sequence[str]) -> tuple[str, ...]:
+        """``names`` as a config's ``outputs`` (1 or 2 distinct identifiers), or a ConfigError saying why not."""
+        problem = _outputs_problem(names)
+        if problem is not None:
+            raise ConfigError(problem)
+        return tuple(names)
 
     @property
     def num_outputs(self) -> int:
@@ -90,10 +119,12 @@ class IPIQAConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "IPIQAConfig":
         """Strict: an unknown key means the file came from a different (newer?) version; say so."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"an IPIQAConfig is a JSON object of its fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown IPIQAConfig keys {unknown}: the file was written by another ipiqa version; "
                 "upgrade ipiqa or re-export the model"
             )
@@ -101,6 +132,31 @@ class IPIQAConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "IPIQAConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ConfigError(f"an IPIQAConfig is JSON text; this is not JSON ({exc})") from None
+        return cls.from_dict(data)
+
+
+_INT_FIELDS = ("resolution", "context_length", "vision_width", "embed_dim", "vision_heads", "text_width",
+               "text_layers", "text_heads", "vocab_size")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _outputs_problem(outputs: Any) -> Optional[str]:
+    """Why ``outputs`` cannot be a config's score names, naming the value and what is allowed; None if it can."""
+    if isinstance(outputs, str) or not isinstance(outputs, (list, tuple)):
+        return f"outputs={outputs!r}: must be a list of 1 or 2 score names, e.g. ['quality', 'alignment']"
+    names = list(outputs)
+    if len(names) not in (1, 2):
+        return f"outputs={names}: must name 1 or 2 scores (the model's head has 1 or 2 outputs), got {len(names)}"
+    if len(set(names)) != len(names) or not all(isinstance(o, str) and o.isidentifier() for o in names):
+        return (f"outputs={names}: score names must be distinct identifiers (letters, digits and _, not starting "
+                "with a digit; no spaces), e.g. quality,alignment")
+    return None
 
 

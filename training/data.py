@@ -31,19 +31,58 @@ class Sample:
     targets: tuple[float, ...]
 
 
+def _regular(path: Path) -> None:
+    """Label files are read whole: a FIFO would block, a device must not be opened."""
+    import stat
+
+    if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+        raise IPIQAError(f"{path}: not a regular file; --labels takes the dataset's label file (or its folder)")
+
+
 def _csv_rows(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return [{(k or "").strip(): v for k, v in row.items()} for row in csv.DictReader(fh)]
+    _regular(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return [{(k or "").strip(): v for k, v in row.items()} for row in csv.DictReader(fh)]
+    except UnicodeDecodeError:
+        raise IPIQAError(f"{path}: not UTF-8 text; label CSVs are UTF-8 (re-save the file as UTF-8 CSV)") from None
+    except csv.Error as exc:
+        raise IPIQAError(f"{path}: not a readable CSV ({exc})") from None
 
 
 def _xlsx_rows(path: Path) -> list[dict]:
     from ipiqa._optional import require
 
     openpyxl = require("openpyxl", extra="train")
-    sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
-    rows = list(sheet.iter_rows(values_only=True))
+    _regular(path)
+    import zipfile
+
+    from openpyxl.utils.exceptions import InvalidFileException
+
+    try:
+        sheet = openpyxl.load_workbook(path, read_only=True, data_only=True).worksheets[0]
+        rows = list(sheet.iter_rows(values_only=True))
+    except (InvalidFileException, zipfile.BadZipFile, OSError, KeyError, ValueError, IndexError) as exc:
+        raise IPIQAError(f"{path}: not a readable .xlsx workbook ({exc}); agiqa-1k's labels are "
+                         "AIGC_MOS_Zscore.xlsx as published") from None
+    if not rows:
+        return []
     header = [str(h).strip() for h in rows[0]]
     return [dict(zip(header, r)) for r in rows[1:] if any(v is not None for v in r)]
+
+
+def _score(row: dict, column: str, path: Path, line: int) -> float:
+    """A label cell as a number; a blank or non-number is an error naming the file, row and column."""
+    import math
+
+    value = row.get(column)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise IPIQAError(f"{path}: row {line}: {column}={value!r} is not a number; every label row needs its score")
+    return number
 
 
 def _need(rows: list[dict], columns: Sequence[str], path: Path) -> None:
@@ -59,8 +98,8 @@ def load_samples(dataset: str, labels: Path) -> tuple[list[Sample], tuple[str, .
         rows = _csv_rows(labels)
         _need(rows, ("image", "prompt", "score"), labels)
         two = "score2" in rows[0]
-        return [Sample(r["image"], r["prompt"] or "", (float(r["score"]),) + ((float(r["score2"]),) if two else ()))
-                for r in rows], ("quality", "alignment") if two else ("quality",)
+        return [Sample(r["image"], r["prompt"] or "", (_score(r, "score", labels, i),) + ((_score(r, "score2", labels, i),)
+                       if two else ())) for i, r in enumerate(rows, 2)], ("quality", "alignment") if two else ("quality",)
     if dataset not in DATASETS:
         raise IPIQAError(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)} or 'csv'")
     file, outputs = DATASETS[dataset]
@@ -70,15 +109,17 @@ def load_samples(dataset: str, labels: Path) -> tuple[list[Sample], tuple[str, .
     if dataset == "agiqa-1k":
         rows = _xlsx_rows(path)
         _need(rows, ("Image", "Prompt", "MOS"), path)
-        samples = [Sample(str(r["Image"]), str(r["Prompt"] or ""), (float(r["MOS"]),)) for r in rows]
+        samples = [Sample(str(r["Image"]), str(r["Prompt"] or ""), (_score(r, "MOS", path, i),))
+                   for i, r in enumerate(rows, 2)]
     elif dataset == "agiqa-3k":
         rows = _csv_rows(path)
         _need(rows, ("name", "prompt", "mos_quality", "mos_align"), path)
-        samples = [Sample(r["name"], r["prompt"], (float(r["mos_quality"]), float(r["mos_align"]))) for r in rows]
+        samples = [Sample(r["name"], r["prompt"], (_score(r, "mos_quality", path, i), _score(r, "mos_align", path, i)))
+                   for i, r in enumerate(rows, 2)]
     else:
         rows = _csv_rows(path)
         _need(rows, ("name", "prompt", "mos"), path)
-        samples = [Sample(r["name"], r["prompt"], (float(r["mos"]),)) for r in rows]
+        samples = [Sample(r["name"], r["prompt"], (_score(r, "mos", path, i),)) for i, r in enumerate(rows, 2)]
     return samples, outputs
 
 
