@@ -49,12 +49,13 @@ def _args(argv) -> argparse.Namespace:
     p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
     p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
     p.add_argument("--jobs-rows", default="50000,200000", help="job sizes (rows) for the jobs section")
+    p.add_argument("--api-images", default="16,64,256", help="list lengths for Scorer.score in the jobs section")
     p.add_argument("--smoke", action="store_true", help="CI: reduced-width model, 224 px, batch 1-2, 2 iterations")
     args = p.parse_args(argv)
     if args.smoke:
         args.resolution, args.batches, args.warmup, args.iters, args.min_seconds = 224, "1,2", 1, 2, 0.0
         args.e2e_images, args.e2e_batch = 4, 2
-        args.host_sources, args.host_images, args.jobs_rows = "256,512", 2, "500,2000"
+        args.host_sources, args.host_images, args.jobs_rows, args.api_images = "256,512", 2, "500,2000", "8,32"
         args.skip = ",".join(filter(None, [args.skip, "torch-compile"]))
     return args
 
@@ -306,7 +307,7 @@ def _jobs_section(args) -> dict:
     from ipiqa.demo import demo_model
     from ipiqa.export.bundle_export import ExportOptions, export_bundle
 
-    from .jobs import jobs_table, measure_jobs
+    from .jobs import api_table, jobs_table, measure_api, measure_jobs
 
     cfg = IPIQAConfig(resolution=64, **SMOKE_ARCH)  # no image is decoded: the model's size does not matter
     work = args.workdir / "jobs"
@@ -314,7 +315,15 @@ def _jobs_section(args) -> dict:
     path = save_model(work / "model.safetensors", model.state_dict(), cfg)
     export_bundle(model, [path], work / "bundle", ExportOptions(onnx_only=True), progress=lambda m: None)
     results = measure_jobs(work / "bundle", [int(v) for v in args.jobs_rows.split(",")], work)
-    return {"rows": [asdict(r) for r in results], "markdown": jobs_table(results)}
+    # Scorer.score on lists of real images: a reduced-width model at the real resolution, so a whole-list forward
+    # (what the API did before it ran in batches) would show as memory growing with the list.
+    api_cfg = IPIQAConfig(resolution=args.resolution, **SMOKE_ARCH)
+    api_model = demo_model(api_cfg)
+    api_path = save_model(work / "api-model.safetensors", api_model.state_dict(), api_cfg)
+    export_bundle(api_model, [api_path], work / "api-bundle", ExportOptions(onnx_only=True), progress=lambda m: None)
+    api = measure_api(work / "api-bundle", api_cfg.resolution, [int(v) for v in args.api_images.split(",")], work)
+    return {"rows": [asdict(r) for r in results], "markdown": jobs_table(results),
+            "api": [asdict(r) for r in api], "api_markdown": api_table(api), "api_resolution": api_cfg.resolution}
 
 
 def main(argv=None) -> int:

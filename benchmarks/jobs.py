@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["JobResult", "measure_jobs", "jobs_table"]
+__all__ = ["JobResult", "ApiResult", "measure_jobs", "jobs_table", "measure_api", "api_table"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,61 @@ def _child(bundle: str, manifest: str, output: str) -> dict:
     assert again.skipped == summary.rows and again.rows == 0, "resume did not find every row"
     return {"rows": summary.rows, "seconds": summary.seconds, "resume_seconds": resume,
             "peak_rss_mib": _peak_rss_mib()}
+
+
+@dataclass(frozen=True)
+class ApiResult:
+    images: int  # length of the list given to Scorer.score
+    seconds: float
+    images_per_s: float
+    peak_rss_mib: float
+
+
+def _api_child(bundle: str, folder: str, n: str) -> dict:
+    """``Scorer.score`` on a list of ``n`` real image paths (the folder's files, cycled), batch 8."""
+    from ipiqa.runtime.scorer import Scorer
+
+    files = sorted(str(p) for p in Path(folder).iterdir())
+    paths = [files[i % len(files)] for i in range(int(n))]
+    with Scorer(bundle, backend="onnxruntime", device="cpu") as scorer:
+        start = time.perf_counter()
+        records = scorer.score(paths, [f"prompt {i // 10}" for i in range(len(paths))], batch_size=8, workers=2)
+        seconds = time.perf_counter() - start
+    assert len(records) == len(paths) and all(r["error"] is None for r in records), "API run lost or failed rows"
+    return {"images": len(records), "seconds": seconds, "peak_rss_mib": _peak_rss_mib()}
+
+
+def measure_api(bundle: Path, resolution: int, sizes: Sequence[int], workdir: Path) -> list[ApiResult]:
+    """One fresh process per list length: peak RSS of ``Scorer.score`` must not grow with the list."""
+    import numpy as np
+    from PIL import Image
+
+    folder = workdir / "api-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = []
+    for n in sizes:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.jobs", "api", str(bundle), str(folder), str(n)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"API run of {n} images failed: {proc.stderr[-2000:]}")
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        out.append(ApiResult(r["images"], r["seconds"], r["images"] / r["seconds"], r["peak_rss_mib"]))
+        print(f"  Scorer.score of {n} images: {out[-1].images_per_s:.1f} img/s, peak {out[-1].peak_rss_mib:.0f} MiB",
+              file=sys.stderr)
+    return out
+
+
+def api_table(results: Sequence[ApiResult]) -> str:
+    base = results[0]
+    lines = ["| images in the list | run (s) | img/s | peak RSS (MiB) | list ratio | peak RSS ratio |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in results:
+        lines.append(f"| {r.images:,} | {r.seconds:.1f} | {r.images_per_s:.1f} | {r.peak_rss_mib:.0f} | "
+                     f"{r.images / base.images:.1f}x | {r.peak_rss_mib / base.peak_rss_mib:.2f}x |")
+    return "\n".join(lines)
 
 
 def _peak_rss_mib() -> float:
@@ -99,4 +154,4 @@ def as_dicts(results: Sequence[JobResult]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(*sys.argv[1:4])))
+    print(json.dumps(_api_child(*sys.argv[2:5]) if sys.argv[1] == "api" else _child(*sys.argv[1:4])))

@@ -60,6 +60,12 @@ def markdown(results: dict) -> str:
                   results["jobs"]["markdown"], "",
                   "Peak RSS is per job, in a fresh process; flat memory and a resume time ratio close to the rows "
                   "ratio mean constant memory and linear time."]
+        if results["jobs"].get("api_markdown"):
+            lines += ["", f"### Python API: `Scorer.score(list)` on real images ({results['jobs']['api_resolution']} px, "
+                      "reduced-width model, batch 8, one fresh process per length)", "",
+                      results["jobs"]["api_markdown"], "",
+                      "A peak RSS ratio near 1.0 while the list grows: the list runs in batches, memory does not grow "
+                      "with its length; time grows linearly."]
     lines += ["", f"Command: `{results.get('command', 'python -m benchmarks')}`"]
     return "\n".join(lines) + "\n"
 
