@@ -45,17 +45,25 @@ def _args(argv) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".work", help="exported bundles are cached here")
     p.add_argument("--sections", default="engine,host,jobs",
                    help="comma list: engine (every backend engine-only, then end to end), host (decode + resize per "
-                        "core, thread vs process pools, the fast path), jobs (memory and resume time against rows)")
+                        "core, thread vs process pools, the fast path), jobs (memory and resume time against rows), "
+                        "export (INT8 export peak memory against calibration images; opt-in)")
     p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
     p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
     p.add_argument("--jobs-rows", default="50000,200000", help="job sizes (rows) for the jobs section")
     p.add_argument("--api-images", default="16,64,256", help="list lengths for Scorer.score in the jobs section")
+    p.add_argument("--export-sizes", default="8,16,32,64",
+                   help="calibration sizes for the export section (INT8 export peak RSS; ~8 min at RN50-512 on 2 "
+                        "cores, so not a default section): quantize at each, the exclusion path at the smallest and "
+                        "largest, the whole export with its gate forced to fail at the largest")
+    p.add_argument("--export-bundle", type=Path, default=None,
+                   help="FP32 bundle for the export section (default: the seeded model exported at --resolution)")
     p.add_argument("--smoke", action="store_true", help="CI: reduced-width model, 224 px, batch 1-2, 2 iterations")
     args = p.parse_args(argv)
     if args.smoke:
         args.resolution, args.batches, args.warmup, args.iters, args.min_seconds = 224, "1,2", 1, 2, 0.0
         args.e2e_images, args.e2e_batch = 4, 2
         args.host_sources, args.host_images, args.jobs_rows, args.api_images = "256,512", 2, "500,2000", "8,32"
+        args.export_sizes = "2,4"
         args.skip = ",".join(filter(None, [args.skip, "torch-compile"]))
     return args
 
@@ -326,14 +334,35 @@ def _jobs_section(args) -> dict:
             "api": [asdict(r) for r in api], "api_markdown": api_table(api), "api_resolution": api_cfg.resolution}
 
 
+def _export_section(args) -> dict:
+    from .export_memory import runs_for, section
+
+    sizes = sorted(int(v) for v in args.export_sizes.split(","))
+    work = args.workdir / f"export-{'smoke' if args.smoke else 'rn50'}-{args.resolution}"
+    bundle = args.export_bundle
+    if bundle is None:
+        from ipiqa.checkpoint import save_model
+        from ipiqa.config import IPIQAConfig
+        from ipiqa.demo import demo_model
+        from ipiqa.export.bundle_export import ExportOptions, export_bundle
+
+        cfg = IPIQAConfig(resolution=args.resolution, **(SMOKE_ARCH if args.smoke else {}))
+        model = demo_model(cfg)
+        path = save_model(work / "model.safetensors", model.state_dict(), cfg)
+        bundle = work / "bundle"
+        export_bundle(model, [path], bundle, ExportOptions(onnx_only=True), progress=lambda m: None)
+    runs = runs_for(sizes, sorted({sizes[0], sizes[-1]}), [sizes[-1]])
+    return section(bundle, runs, work, held_out=4 if args.smoke else 16)
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     import torch
 
     sections = set(filter(None, args.sections.split(",")))
-    unknown = sections - {"engine", "host", "jobs"}
+    unknown = sections - {"engine", "host", "jobs", "export"}
     if unknown:
-        raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from engine, host, jobs")
+        raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from engine, host, jobs, export")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     torch.set_num_threads(os.cpu_count() or 1)
     info = machine_info()
@@ -346,6 +375,8 @@ def main(argv=None) -> int:
         results["host"] = _host_section(args, results.get("best_engine_images_per_s"))
     if "jobs" in sections:
         results["jobs"] = _jobs_section(args)
+    if "export" in sections:
+        results["export"] = _export_section(args)
     info["slug"] = slug = machine_slug(info) + ("-smoke" if args.smoke else "")
     results.update(slug=slug, machine=info, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    smoke=args.smoke, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
