@@ -29,6 +29,7 @@ from ipiqa.errors import BundleError, IPIQAError
 from ipiqa.manifest import (BUNDLE_FORMAT, EngineGraph, Engines, Fp16Graph, Fp16Graphs, GraphEntry, Int8Calibration,
                             Int8Graph, Manifest, OnnxGraphs, Parity, Source, Tokenizer, io_shapes, to_plain)
 
+from .checks import check_from_dict
 from .parity import ParityResult, ToleranceOverride, rule_record
 from .trt import EngineSpec, build_engine, input_profiles
 
@@ -375,7 +376,7 @@ def _fp16_stage(ctx: _Export) -> None:
 def _int8_stage(ctx: _Export) -> None:
     """The image graph quantized per target on the user's images and gated on held-out ones (Int8GateError
     below the bar); text and fusion stay FP32 on the CPU and come from ``fp16/`` for engines."""
-    from .int8 import calibration_batches, held_out_images, quantize_and_gate, split_calibration
+    from .int8 import calibration_batches, quantize_and_gate, split_calibration
 
     opts, cfg = ctx.options.int8, ctx.cfg
     if opts is None:
@@ -396,11 +397,7 @@ def _int8_stage(ctx: _Export) -> None:
         ctx.invalidate()
         start = time.perf_counter()
         batches = list(calibration_batches(list(split.calibration), cfg.resolution, opts.size))
-        held, prompts = held_out_images(split, cfg.resolution)
-        source = "the CSV's prompt column" if prompts is not None else "the gate's prompts (PARITY_PROMPTS)"
-        if prompts is None:
-            prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(len(held))]
-        tokens = tokenize(prompts, cfg.context_length).numpy() if cfg.text else None
+        held, tokens, source = _int8_held_out(ctx, split)
         ctx.progress(f"INT8: {sum(len(b) for b in batches)} calibration images, {len(held)} held out "
                      f"(prompts: {source}) ({time.perf_counter() - start:.1f}s)")
         for target, key in pending:
@@ -425,6 +422,21 @@ def _int8_stage(ctx: _Export) -> None:
         ctx.report.reused_int8 = True
     ctx.with_onnx(int8=entries)
     ctx.report.int8 = {target: to_plain(e) for target, e in entries.items()}
+
+
+def _int8_held_out(ctx: _Export, split=None) -> tuple:
+    """(uint8 images, tokens or None, where the prompts came from): the held-out calibration images both INT8
+    gates judge (the CPU graph's and the engines'), never calibrated on."""
+    from .int8 import held_out_images, split_calibration
+
+    assert ctx.options.int8 is not None, "INT8 gates need --int8 --calibration"  # ExportOptions refuses otherwise
+    split = split or split_calibration(ctx.options.int8.calibration)
+    held, prompts = held_out_images(split, ctx.cfg.resolution)
+    source = "the CSV's prompt column" if prompts is not None else "the gate's prompts (PARITY_PROMPTS)"
+    if prompts is None:
+        prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(len(held))]
+    tokens = tokenize(prompts, ctx.cfg.context_length).numpy() if ctx.cfg.text else None
+    return held, tokens, source
 
 
 def _engine_sources(ctx: _Export) -> dict[str, str]:
@@ -456,7 +468,7 @@ def _engine_stage(ctx: _Export) -> None:
     if old is not None and old.key == engine_key:
         ctx.progress("TensorRT engines unchanged: reused")
         ctx.report.reused_engines = True
-        ctx.report.parity += [ParityResult.from_dict(r) for r in ctx.previous.parity.engines]
+        ctx.report.parity += [check_from_dict(r) for r in ctx.previous.parity.engines]
         ctx.manifest = ctx.built.replace(engines=old, precision=spec.precision)
         return
     ctx.invalidate()
@@ -476,8 +488,9 @@ def _engine_stage(ctx: _Export) -> None:
     engines = Engines(tensorrt=trt.__version__, gpu=gpu, compute_capability=cc, precision=spec.precision,
                       batch=spec.batch, workspace_gib=spec.workspace_gib, key=engine_key, graphs=built)
     ctx.manifest = ctx.built.replace(engines=engines, precision=spec.precision)
-    ctx.report.parity += _gate(engine_parity(ctx.model, ctx.manifest, override=ctx.options.tolerance_override),
-                               ctx.progress)
+    held_out = _int8_held_out(ctx)[:2] if spec.precision == "int8" else None
+    ctx.report.parity += _gate(engine_parity(ctx.model, ctx.manifest, override=ctx.options.tolerance_override,
+                                             held_out=held_out, columns=ctx.cfg.outputs), ctx.progress)
 
 
 def _write(ctx: _Export) -> None:

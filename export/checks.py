@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["Bounds", "BOUNDS", "bounds_for"]
+__all__ = ["Bounds", "BOUNDS", "bounds_for", "check_from_dict"]
 
 
 @dataclass(frozen=True)
@@ -46,3 +46,18 @@ def bounds_for(precision: str) -> Bounds:
         return BOUNDS[precision]
     except KeyError:
         raise ValueError(f"no gate bounds for precision {precision!r}; known: {', '.join(BOUNDS)}") from None
+
+
+def check_from_dict(record: dict):
+    """A stored gate record (the manifest's ``parity.onnx``/``parity.engines``, the FP16/INT8 gate lists) as
+    the check object that wrote it; ``passed`` is recomputed from the numbers, never trusted."""
+    from .fp16 import CosineResult
+    from .int8 import RankResult
+    from .parity import ParityResult
+
+    kind = record.get("kind") or ("cosine" if "min_cosine" in record else
+                                  "tolerance" if "tolerance" in record else "rank")
+    if kind == "tolerance":
+        return ParityResult.from_dict(record)
+    cls = CosineResult if kind == "cosine" else RankResult
+    return cls(**{k: v for k, v in record.items() if k in cls.__dataclass_fields__})

@@ -44,15 +44,16 @@ import numpy as np
 
 from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
+from ipiqa.metrics import srcc
 from ipiqa.runtime.pipeline import load_input
 
-from .checks import BOUNDS
+from .checks import BOUNDS, bounds_for
 from .fp16 import PRECISION_KEY, CosineResult, cosine_result, ort_session, run_graphs, scores_spread, with_spread_note
 
 __all__ = ["QuantSettings", "TARGETS", "settings_for", "image_input", "image_rows", "image_files", "calibration_batches",
            "CalibrationSplit", "split_calibration", "held_out_images", "parse_setting",
            "quantize_image_graph", "int8_gate", "Int8Gate", "Int8GateError", "RankResult", "quantize_and_gate",
-           "Int8Result", "INT8_COSINE", "INT8_SPEARMAN", "SETTINGS_KEY"]
+           "Int8Result", "INT8_COSINE", "INT8_SPEARMAN", "SETTINGS_KEY", "int8_checks"]
 log = logging.getLogger(__name__)
 
 INT8_COSINE = BOUNDS["int8"].cosine_min
@@ -429,8 +430,6 @@ def _int8_session(path: Path, target: str):
 def int8_gate(fp32: Mapping[str, Path], int8_image: Path, settings: QuantSettings, images: np.ndarray,
               tokens: Optional[np.ndarray] = None, columns: Sequence[str] = ()) -> Int8Gate:
     """The INT8 image graph composed with the FP32 text and fusion graphs, against all-FP32, on ``images``."""
-    from ipiqa.training.metrics import srcc
-
     ref = run_graphs(fp32, images, tokens)
     session = _int8_session(Path(int8_image), settings.target)
     fusion = ort_session(fp32["fusion"])
@@ -441,17 +440,27 @@ def int8_gate(fp32: Mapping[str, Path], int8_image: Path, settings: QuantSetting
                  **({"text_embedding": ref["text_embedding"][i:i + 8]} if "text_embedding" in ref else {})}
         scores.append(fusion.run(["scores"], {x.name: feeds[x.name] for x in fusion.get_inputs()})[0])
         emb.append(emb_i)
-    out_scores = np.concatenate(scores).reshape(len(images), -1)
-    ref_scores = ref["scores"].reshape(len(images), -1)
-    embedding = cosine_result("int8/image_embedding", ref["image_embedding"], np.concatenate(emb), INT8_COSINE)
-    results: list = [with_spread_note(embedding, ref["image_embedding"])]
+    results = int8_checks("int8", ref["image_embedding"], np.concatenate(emb), ref["scores"], np.concatenate(scores),
+                          columns)
+    return Int8Gate(settings, tuple(results), len(images))
+
+
+def int8_checks(label: str, ref_embedding: np.ndarray, embedding: np.ndarray, ref_scores: np.ndarray,
+                scores: np.ndarray, columns: Sequence[str] = ()) -> list[Union[CosineResult, RankResult]]:
+    """The INT8 criterion, for the CPU graph and the TensorRT engines alike (bounds: ``checks.BOUNDS["int8"]``):
+    image-embedding cosine for every held-out image, and Spearman of each score column where the reference
+    spreads; max |d| reported."""
+    bounds = bounds_for("int8")
+    ref_scores, scores = ref_scores.reshape(len(ref_scores), -1), np.asarray(scores).reshape(len(scores), -1)
+    results: list = [with_spread_note(cosine_result(f"{label}/image_embedding", ref_embedding, embedding,
+                                                    bounds.cosine_min), ref_embedding)]
     names = list(columns) or [str(j) for j in range(ref_scores.shape[1])]
     for j, spread in enumerate(scores_spread(ref_scores)):
-        d = np.abs(out_scores[:, j] - ref_scores[:, j])
-        max_abs = float(d.max()) if np.all(np.isfinite(out_scores[:, j])) else float("inf")
-        rho = float(srcc(out_scores[:, j], ref_scores[:, j])) if spread else None
-        results.append(RankResult(f"int8/scores/{names[j]}", max_abs, rho, INT8_SPEARMAN))
-    return Int8Gate(settings, tuple(results), len(images))
+        finite = scores.shape == ref_scores.shape and bool(np.all(np.isfinite(scores[:, j])))
+        max_abs = float(np.abs(scores[:, j] - ref_scores[:, j]).max()) if finite else float("inf")
+        rho = float(srcc(scores[:, j], ref_scores[:, j])) if spread and finite else None
+        results.append(RankResult(f"{label}/scores/{names[j]}", max_abs, rho, bounds.spearman_min))
+    return results
 
 
 def _qdq_pairs(model, activations: Iterable[str]) -> dict[str, tuple[str, str]]:

@@ -231,3 +231,60 @@ def test_the_engine_gate_runs_a_batch_below_the_profile_through_the_padding(tiny
     results = engine_parity(load_model(tiny_model_file), engines, n=10, batch=8, backend=runner, device="cpu")
     assert all(results), [r.line() for r in results]
     assert ("image", 4) in runner.calls  # the gate's single-row chunk, padded to the profile's MIN
+
+
+# ---------------------------------------------------------------- INT8 engines: held-out images, INT8 bounds
+
+
+def _held_out(cfg, n: int = 6):
+    from ipiqa.model import tokenize
+
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (n, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
+    return images, tokenize([f"held-out prompt {i}" for i in range(n)], cfg.context_length).numpy()
+
+
+class Flipped(ProfileRunner):
+    """An image engine whose embedding points the other way: what a broken INT8 engine may do."""
+
+    def _encode_image(self, images):
+        side = dict(super()._encode_image(images))
+        side["image_embedding"] = -side["image_embedding"]
+        return side
+
+
+@pytest.mark.parametrize("runner,passes", [(ProfileRunner, True), (Flipped, False)], ids=["same", "flipped"])
+def test_int8_engines_are_judged_by_the_int8_bounds_on_held_out_images(tiny_model_file, manifest, runner, passes):
+    from ipiqa.checkpoint import load_model
+    from ipiqa.export.gate import engine_parity
+
+    engines = _with_engines(manifest, batch=(4, 8, 8), precision="int8")
+    results = engine_parity(load_model(tiny_model_file), engines, backend=runner(engines, lo=4, hi=8), device="cpu",
+                            held_out=_held_out(manifest.config), columns=manifest.config.outputs)
+    by_name = {r.name: r for r in results}
+    assert list(by_name) == ["engines[int8]/text_embedding", "engines[int8]/image_embedding",
+                             *(f"engines[int8]/scores/{c}" for c in manifest.config.outputs)]
+    embedding = by_name["engines[int8]/image_embedding"]
+    assert embedding.bound == BOUNDS["int8"].cosine_min and embedding.passed is passes
+    assert by_name["engines[int8]/text_embedding"].passed  # the text engine is untouched (FP16 bounds)
+
+
+def test_the_int8_engine_gate_needs_held_out_images(tiny_model_file, manifest):
+    from ipiqa.checkpoint import load_model
+    from ipiqa.export.gate import engine_parity
+
+    engines = _with_engines(manifest, batch=(1, 8, 8), precision="int8")
+    with pytest.raises(IPIQAError, match="held-out calibration images"):
+        engine_parity(load_model(tiny_model_file), engines, backend=ProfileRunner(engines, 1, 8), device="cpu")
+
+
+def test_stored_gate_records_read_back_as_the_checks_that_wrote_them(tiny_model_file, manifest):
+    from ipiqa.checkpoint import load_model
+    from ipiqa.export.checks import check_from_dict
+    from ipiqa.export.gate import engine_parity
+
+    engines = _with_engines(manifest, batch=(4, 8, 8), precision="int8")
+    results = engine_parity(load_model(tiny_model_file), engines, backend=ProfileRunner(engines, 4, 8), device="cpu",
+                            held_out=_held_out(manifest.config), columns=manifest.config.outputs)
+    again = [check_from_dict(r.to_dict()) for r in results]
+    assert again == results and [r.passed for r in again] == [r.passed for r in results]
