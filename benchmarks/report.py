@@ -66,6 +66,9 @@ def markdown(results: dict) -> str:
                       results["jobs"]["api_markdown"], "",
                       "A peak RSS ratio near 1.0 while the list grows: the list runs in batches, memory does not grow "
                       "with its length; time grows linearly."]
+    if results.get("export"):
+        lines += ["", f"## INT8 export: peak RSS against calibration images ({results['export']['resolution']} px, "
+                  "one fresh process per run)", "", results["export"]["markdown"]]
     lines += ["", f"Command: `{results.get('command', 'python -m benchmarks')}`"]
     return "\n".join(lines) + "\n"
 
