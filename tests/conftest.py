@@ -112,3 +112,46 @@ def read_csv(path) -> list[dict]:
 
     with open(path, newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+# ---------------------------------------------------------------- score bounds from the spec's FP32 rule and the floor
+
+
+def reference_scores(model_file, images, prompts) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's scores on these files in FP32 and in float64: the model in ``model_file`` with the
+    straightforward pooling (as the parity gate runs it), each file decoded and resized as the runtime does."""
+    import copy
+
+    from ipiqa.checkpoint import load_model
+    from ipiqa.model import straightforward_pooling, tokenize
+    from ipiqa.runtime.pipeline import load_input
+
+    model = load_model(model_file).eval()
+    model64 = copy.deepcopy(model).double()
+    pixels = torch.from_numpy(np.stack([load_input(str(p), model.cfg.resolution) for p in images]))
+    tokens = tokenize(list(prompts), model.cfg.context_length) if model.cfg.text else None
+    with torch.no_grad(), straightforward_pooling(model), straightforward_pooling(model64):
+        out = [m.fuse(*m.encode_pixels(pixels), None if tokens is None else m.encode_text(tokens)).numpy()
+               for m in (model, model64)]
+    return out[0], out[1]
+
+
+def fp32_rule_tolerance(model_file, images, prompts) -> float:
+    """The parity gate's FP32 rule on these inputs (``export.parity.check_tolerance``): how far a runtime backend's
+    scores may be from the reference's, ``max(1e-4 x max(1, score range), k x floor)``, the floor measured here."""
+    from ipiqa.export.parity import check_tolerance
+
+    ref, ref64 = reference_scores(model_file, images, prompts)
+    return check_tolerance(float(np.ptp(ref)), float(np.abs(ref - ref64).max()))[0]
+
+
+def same_model_tolerance(model_file, images, prompts) -> float:
+    """How far two FP32 evaluations of one model (one backend batching differently, resuming at another row,
+    running in another process) may differ on these inputs: each within k x the reference's own FP32 error (the
+    floor, float32 against float64 on this machine's kernels; k the gate's FLOOR_MULTIPLE), so 2k x floor between
+    them. It follows the machine's rounding, never a figure measured on one CPU; on the tiny model it is ~400x
+    below the FP32 rule's fixed part, so a row scored with its neighbour's image fails it (the fixed part would not)."""
+    from ipiqa.export.parity import FLOOR_MULTIPLE
+
+    ref, ref64 = reference_scores(model_file, images, prompts)
+    return 2 * FLOOR_MULTIPLE * float(np.abs(ref - ref64).max())
