@@ -122,10 +122,17 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
     """Shared by ``score`` and ``demo``: progress bar with img/s, incremental writing, summary on stderr."""
     from tqdm import tqdm
 
-    with tqdm(unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+    # Drawn after half a second, and wiped if the run fails: a bad manifest or output ends in its one error line.
+    bar = tqdm(unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5)
+    try:
         summary = scorer.score_files(source, output, prompt, fmt, batch, workers, resume, fail_fast,
                                      on_results=lambda results: bar.update(len(results)), decode=decode,
                                      fast_decode=fast_decode)
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
     click.echo(f"{summary.rows} rows scored ({summary.errors} errors{resumed}) in {summary.seconds:.1f}s, "
                f"{summary.rows / max(summary.seconds, 1e-9):.1f} img/s, backend {scorer.backend.name}, "

@@ -206,6 +206,8 @@ def finetune_cmd(dataset, labels, out, splits, only_split, init, skip_missing, r
     require_torch(extra="train")
     from tqdm import tqdm
 
+    from ipiqa.checkpoint import read_config
+
     from .data import check_images, load_samples
     from .loop import config_dict, finetune_split, resolve_device
     from .splits import make_splits, write_split
@@ -216,6 +218,8 @@ def finetune_cmd(dataset, labels, out, splits, only_split, init, skip_missing, r
                                  param_hint="'--only-split'")
     cfg = _config(config_path, _overrides(**kw))
     resolve_device(cfg.device)  # a GPU torch cannot see is refused before any data is read
+    if init is not None:
+        read_config(init)  # metadata only: a file that is not an ipiqa model or pretrain file, refused now
     samples, outputs = load_samples(dataset, labels)
     samples = check_images(samples, images, skip_missing)
     out.mkdir(parents=True, exist_ok=True)
