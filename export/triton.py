@@ -7,7 +7,7 @@
     ipiqa                ensemble: IMAGE (bytes), PROMPT (string) -> SCORES
 
 A client sends the raw image file and its prompt and gets the scores. The python model's code is
-``ipiqa.export.triton_model`` and the client's is ``ipiqa.export.triton_client``; the repository holds
+``ipiqa.runtime.triton_model`` and the client's is ``ipiqa.runtime.triton_client``; the repository holds
 two-line shims that import them (see ``PREPROCESS_SHIM``). Triton cannot run on this project's machines:
 the repository is validated structurally (configs parsed into Triton's ModelConfig message, names and
 shapes checked against the ONNX graphs), and the python model and client are run against stand-ins.
@@ -21,8 +21,7 @@ from typing import Sequence
 from ipiqa.bundle import Manifest
 from ipiqa.errors import IPIQAError
 from ipiqa.manifest import io_shapes
-
-from . import triton_client, triton_model
+from ipiqa.runtime import triton_client, triton_model  # torch-free: they run beside the runtime, not the exporter
 
 __all__ = ["write_triton_repository", "MODEL_NAMES", "SERVED_OUTPUTS", "PREPROCESS_SHIM", "CLIENT_SHIM"]
 

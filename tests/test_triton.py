@@ -16,7 +16,7 @@ from PIL import Image
 
 from ipiqa.bundle import read_bundle
 from ipiqa.errors import IPIQAError, MissingDependencyError
-from ipiqa.export import triton_client, triton_model
+from ipiqa.runtime import triton_client, triton_model
 from ipiqa.export.triton import MODEL_NAMES, SERVED_OUTPUTS, write_triton_repository
 from ipiqa.runtime.pipeline import load_input
 from ipiqa.runtime.rows import MISSING_PROMPT

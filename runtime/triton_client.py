@@ -1,6 +1,6 @@
 """Score one image with the ``ipiqa`` ensemble on a running Triton server.
 
-    python -m ipiqa.export.triton_client IMAGE "PROMPT" [--url localhost:8001] [--outputs quality,alignment]
+    python -m ipiqa.runtime.triton_client IMAGE "PROMPT" [--url localhost:8001] [--outputs quality,alignment]
 
 (``client.py`` beside a written repository runs this with the bundle's output names.) It speaks gRPC through
 ``tritonclient.grpc``, the client the ``triton`` extra installs (``pip install 'ipiqa[triton]'``).
@@ -78,7 +78,7 @@ def _infer(url: str, model: str, image: bytes, prompt: str) -> tuple[Optional[li
 
 def main(argv: Optional[Sequence[str]] = None, outputs: Sequence[str] = DEFAULT_OUTPUTS) -> int:
     """Print the record as JSON; exit status 1 when the row has an error."""
-    p = argparse.ArgumentParser(prog="python -m ipiqa.export.triton_client", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ipiqa.runtime.triton_client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
     p.add_argument("prompt")
