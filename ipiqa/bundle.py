@@ -16,26 +16,13 @@ from .config import IPIQAConfig
 from .errors import BundleError
 from .manifest import (BUNDLE_FORMAT, FORMAT_CHANGES, GRAPHS, PRECISIONS, Manifest, ManifestError,
                        check_batch_profile, io_shapes)
+from .rebuild import REBUILD, rebuild_command
 
 __all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "Manifest", "sha256_file", "read_bundle", "write_manifest",
            "check_graph_metadata", "check_engine_compat", "parse_batch_profile", "rebuild_command"]
 
 METADATA_CONFIG_KEY = "ipiqa.config"
 METADATA_PRECISION_KEY = "ipiqa.precision"  # written into FP16 and INT8 graphs (export.fp16, export.int8)
-REBUILD = "rebuild it with: ipiqa-export MODEL.safetensors -o BUNDLE"
-
-
-def rebuild_command(precision: str, engines: bool = False) -> str:
-    """The export command that writes graphs (``engines``: TensorRT engines) of ``precision``."""
-    if precision == "int8":
-        tail = "--int8 --calibration IMAGES.csv|DIR"
-    elif precision == "fp16":
-        tail = "--fp16" if engines else "--onnx-only --fp16-onnx"
-    else:
-        tail = "--fp32"
-    if precision == "int8" and not engines:
-        tail = "--onnx-only " + tail
-    return f"ipiqa-export MODEL.safetensors -o BUNDLE {tail}"
 
 
 def sha256_file(path: Union[str, Path], chunk: int = 1 << 20) -> str:

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .config import IPIQAConfig
+from .errors import BundleError
+from .rebuild import rebuild_command
 
 __all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "ManifestError", "GraphEntry", "Fp16Graph", "Fp16Graphs",
            "Int8Calibration", "Int8Graph", "OnnxGraphs", "EngineGraph", "Engines", "Tokenizer", "Source",
@@ -282,17 +284,18 @@ class Manifest:
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
         """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph, FP32 otherwise)."""
-        from .bundle import rebuild_command  # the command text lives with the bundle checks
-        from .errors import BundleError
-
         if precision not in self.onnx_precisions:
-            raise BundleError(f"{self.root}: this bundle has no {precision} ONNX graphs (it has "
-                              f"{', '.join(self.onnx_precisions)}); rebuild it with: {rebuild_command(precision)}")
+            raise self.missing_precision(precision)
         if precision == "fp16":
             return self.root / self.onnx.fp16.graphs[name].file  # type: ignore[union-attr]
         if precision == "int8" and name == "image_encoder":
             return self.root / self.onnx.int8["cpu"].file
         return self.root / self.onnx.graphs[name].file
+
+    def missing_precision(self, precision: str) -> BundleError:
+        """The one refusal of a ``precision`` the bundle has no ONNX graphs for, naming the export that adds them."""
+        return BundleError(f"{self.root}: this bundle has no {precision} ONNX graphs (it has "
+                           f"{', '.join(self.onnx_precisions)}); rebuild it with: {rebuild_command(precision)}")
 
     def engine_path(self, name: str) -> Optional[Path]:
         engine = self.engines.graphs.get(name) if self.engines else None

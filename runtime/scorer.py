@@ -58,11 +58,6 @@ def _engine_precision_refused(manifest: Manifest, precision: str) -> IPIQAError:
                       f"rebuild them with: {rebuild_command(precision, engines=True)} (or --precision auto)")
 
 
-def _missing_precision(manifest: Manifest, precision: str) -> IPIQAError:
-    return IPIQAError(f"{manifest.root}: this bundle has no {precision} ONNX graphs (it has "
-                      f"{', '.join(manifest.onnx_precisions)}); rebuild it with: {rebuild_command(precision)}")
-
-
 def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str, Device] = "auto",
                    precision: str = "auto") -> Backend:
     """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > ORT CPU.
@@ -104,7 +99,7 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
     elif precision == "fp16" and provider == "cpu":
         raise IPIQAError(CPU_FP16_REFUSED + ("" if kind == "cpu" else " (no GPU onnxruntime provider here)"))
     if precision not in manifest.onnx_precisions:
-        raise _missing_precision(manifest, precision)
+        raise manifest.missing_precision(precision)
     return OrtBackend(manifest, provider, index, precision=precision)
 
 
