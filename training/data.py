@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ipiqa.errors import IPIQAError
+from ipiqa.runtime.io.sources import csv_manifest, manifest_lines
 
 __all__ = ["Sample", "DATASETS", "load_samples", "check_images", "ImageScoreDataset"]
 
@@ -40,14 +41,17 @@ def _regular(path: Path) -> None:
 
 
 def _csv_rows(path: Path) -> list[dict]:
+    """Read by the runtime's manifest rules (BOM, CSV or TSV by suffix, stripped headers), strictly UTF-8."""
     _regular(path)
+    lines = manifest_lines(path, errors="strict")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            return [{(k or "").strip(): v for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [{(k or "").strip(): v for k, v in row.items()} for row in csv_manifest(path, lines)]
     except UnicodeDecodeError:
         raise IPIQAError(f"{path}: not UTF-8 text; label CSVs are UTF-8 (re-save the file as UTF-8 CSV)") from None
     except csv.Error as exc:
         raise IPIQAError(f"{path}: not a readable CSV ({exc})") from None
+    finally:
+        lines.close()
 
 
 def _xlsx_rows(path: Path) -> list[dict]:

@@ -78,28 +78,18 @@ class RowSource:
         resolved = str(self.path.parent / text) if text and not Path(text).is_absolute() else text
         return Row(resolved, resolve_prompt(prompt, self.prompt))
 
-    def _lines(self) -> Iterator[str]:
-        """Decoded lines, one at a time: a bad byte is reported on its own line, not a buffer away."""
-        with open(self.path, "rb") as fh:
-            for n, line in enumerate(fh, 1):
-                # -sig: spreadsheets write a BOM first; surrogateescape keeps a bad byte to its own row
-                yield line.decode("utf-8-sig" if n == 1 else "utf-8", errors="surrogateescape")
-
-    def _csv_reader(self, lines: Iterator[str]):
-        return csv.DictReader(lines, delimiter="\t" if self.path.suffix.lower() == ".tsv" else ",")
-
     def _csv_columns(self) -> set[str]:
-        lines = self._lines()
+        lines = manifest_lines(self.path)
         try:
-            return {(c or "").strip() for c in (self._csv_reader(lines).fieldnames or [])}
+            return {(c or "").strip() for c in (csv_manifest(self.path, lines).fieldnames or [])}
         except (UnicodeDecodeError, csv.Error) as exc:
             raise IPIQAError(f"{self.path}: not a UTF-8 CSV/TSV manifest ({exc}); save it as UTF-8 text") from None
         finally:
             lines.close()
 
     def _csv_rows(self) -> Iterator[Row]:
-        lines = self._lines()
-        reader = self._csv_reader(lines)
+        lines = manifest_lines(self.path)
+        reader = csv_manifest(self.path, lines)
         try:
             for record in reader:
                 record = {(k or "").strip(): v for k, v in record.items()}
@@ -131,6 +121,20 @@ class RowSource:
             else:  # the row is kept (as an error row) so one bad line never loses the others
                 why = record.msg if isinstance(record, json.JSONDecodeError) else "not a JSON object"
                 yield Row(f"{self.path}:{n}", None, error=f"{self.path}:{n}: unreadable manifest line ({why})")
+
+
+def manifest_lines(path: Path, errors: str = "surrogateescape") -> Iterator[str]:
+    """Decoded lines, one at a time: a bad byte is reported on its own line, not a buffer away.
+
+    ``errors="strict"`` (training's label files) raises on it instead of keeping it to its own row."""
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            yield line.decode("utf-8-sig" if n == 1 else "utf-8", errors=errors)  # -sig: spreadsheets write a BOM
+
+
+def csv_manifest(path: Path, lines: Iterator[str]) -> csv.DictReader:
+    """The records of a CSV manifest, or of a TSV one by its suffix."""
+    return csv.DictReader(lines, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
 
 
 def _utf8(text: str) -> bool:
