@@ -309,7 +309,7 @@ def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
     if reuse:
         ctx.progress("ONNX graphs unchanged (same model, options and versions): reused")
         ctx.report.reused_onnx = True
-        ctx.report.parity = [ParityResult.from_dict(r) for r in ctx.previous.parity.onnx]
+        ctx.report.parity = [check_from_dict(r) for r in ctx.previous.parity.onnx]
         tokenizer = ctx.previous.tokenizer
     else:
         ctx.invalidate()
@@ -342,7 +342,8 @@ def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
 
 def _fp16_stage(ctx: _Export) -> None:
     """``fp16/<graph>.onnx`` converted from the FP32 graphs, gated on ONNX Runtime CPU (FP16 rounding emulated)."""
-    from .fp16 import convert_to_fp16, fp16_gate
+    from .fp16 import convert_to_fp16
+    from .fp16_gate import fp16_gate
 
     n = ctx.options.fp16_images
     key = _key(ctx.onnx_key, "fp16", n)
@@ -376,7 +377,8 @@ def _fp16_stage(ctx: _Export) -> None:
 def _int8_stage(ctx: _Export) -> None:
     """The image graph quantized per target on the user's images and gated on held-out ones (Int8GateError
     below the bar); text and fusion stay FP32 on the CPU and come from ``fp16/`` for engines."""
-    from .int8 import calibration_batches, quantize_and_gate, split_calibration
+    from .calibration import calibration_batches, split_calibration
+    from .int8 import quantize_and_gate
 
     opts, cfg = ctx.options.int8, ctx.cfg
     if opts is None:
@@ -427,7 +429,7 @@ def _int8_stage(ctx: _Export) -> None:
 def _int8_held_out(ctx: _Export, split=None) -> tuple:
     """(uint8 images, tokens or None, where the prompts came from): the held-out calibration images both INT8
     gates judge (the CPU graph's and the engines'), never calibrated on."""
-    from .int8 import held_out_images, split_calibration
+    from .calibration import held_out_images, split_calibration
 
     assert ctx.options.int8 is not None, "INT8 gates need --int8 --calibration"  # ExportOptions refuses otherwise
     split = split or split_calibration(ctx.options.int8.calibration)

@@ -25,22 +25,6 @@ def _batch(ctx, param, value: str) -> tuple[int, int, int]:
         raise click.BadParameter(str(exc)) from None
 
 
-def _record_table(records) -> str:
-    """FP16 and INT8 gate records (manifest dicts): what was measured, against which bound, and any note."""
-    rows = []
-    for r in records:
-        if "min_cosine" in r:
-            measure = f"min cosine {r['min_cosine']:.6f} (>= {r['bound']})"
-        elif "tolerance" in r:
-            measure = f"max|d| {r['max_abs']:.2e} (<= {r['tolerance']:.1e})" + (
-                "" if r.get("spearman") is None else f", spearman {r['spearman']:.5f}")
-        else:
-            measure = ("spearman not gated" if r.get("spearman") is None else
-                       f"spearman {r['spearman']:.4f} (>= {r['spearman_min']})")
-        rows.append([r["name"], measure, f"{r['max_abs']:.2e}", r["passed"], r.get("note", "")])
-    return format_table(["check", "measure", "max |diff|", "passed", "note"], rows)
-
-
 def _int8_setting(ctx, param, values) -> dict:
     text_option(ctx, param, values)
     if not values:
@@ -48,11 +32,11 @@ def _int8_setting(ctx, param, values) -> dict:
     from ipiqa._optional import require
     from ipiqa.errors import IPIQAError
 
-    try:  # export.int8 imports torch (export.fp16 -> export.to_onnx); a base install gets the pip line
+    try:  # the INT8 export needs torch; a base install gets the pip line before any other check
         require("torch", extra="export")
     except IPIQAError as exc:
         raise click.ClickException(str(exc)) from None
-    from .int8 import parse_setting
+    from .int8_settings import parse_setting
 
     out: dict = {}
     try:
@@ -65,15 +49,20 @@ def _int8_setting(ctx, param, values) -> dict:
     return out
 
 
-def _parity_table(results) -> str:
-    """Both numbers per check: the difference, its tolerance, and the floor the tolerance was raised to."""
+def _check_table(checks) -> str:
+    """Every gate check (objects, or manifest records read back by ``check_from_dict``) through the one check
+    protocol: what was measured, against which bound, max |diff|, and how the bound came about."""
+    from .checks import check_from_dict
+
     def fmt(value, spec):
         return "" if value is None else format(value, spec)
 
-    return format_table(["check", "max |diff|", "tolerance", "fixed", "floor", "spearman", "passed"],
-                        [[r.name, f"{r.max_abs:.2e}", f"{r.tolerance:.1e}" + (" (override)" if r.override else ""),
-                          fmt(r.fixed_tolerance, ".1e"), fmt(r.floor, ".2e"), fmt(r.spearman, ".5f"), r.passed]
-                         for r in results])
+    rows = []
+    for c in checks:
+        c = check_from_dict(c) if isinstance(c, dict) else c
+        rows.append([c.name, f"{c.measure_name} {fmt(c.measure, '.6g') or 'not gated'}", fmt(c.bound, '.6g'),
+                     fmt(c.max_abs, '.2e'), c.passed, c.note])
+    return format_table(["check", "measure", "bound", "max |diff|", "passed", "note"], rows)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -191,7 +180,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     from ipiqa.model import IPIQA
     from ipiqa.official import import_official
 
-    from .int8 import Int8GateError, settings_for
+    from .int8 import Int8GateError
+    from .int8_settings import settings_for
 
     try:  # a value the quantizer refuses is refused now, not after the FP32 stage
         for target in options.int8_targets:
@@ -216,23 +206,22 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     try:
         report = export_bundle(net, sources, output, options, progress)
     except ParityGateError as exc:
-        if all(hasattr(r, "fixed_tolerance") for r in exc.results):
-            click.echo(_parity_table(exc.results), err=True)
+        click.echo(_check_table(exc.results), err=True)
         raise IPIQAError(str(exc)) from None
     except Int8GateError as exc:  # the table is in the message; no manifest was written
         raise IPIQAError(f"{exc}\nno manifest was written") from None
-    click.echo(_parity_table(report.parity))
+    click.echo(_check_table(report.parity))
     if report.fp16:
         fp16_info = report.fp16
         click.echo(f"\nFP16 graphs ({', '.join(g['file'] for g in fp16_info['graphs'].values())}), gated on "
                    f"{fp16_info['gate_images']} inputs against the FP32 graphs:")
-        click.echo(_record_table(fp16_info["gate"]))
+        click.echo(_check_table(fp16_info["gate"]))
     for target, entry in report.int8.items():
         click.echo(f"\nINT8 [{target}] {entry['file']}: {entry['settings']['activation_type']} activations, "
                    f"{entry['settings']['weight_type']} weights, {len(entry['excluded_nodes'])} layers kept FP32, "
                    f"calibrated on {entry['calibration']['images']} images, gated on {entry['calibration']['held_out']} "
                    f"held-out ({entry['criterion']}):")
-        click.echo(_record_table(entry["gate"]["results"]))
+        click.echo(_check_table(entry["gate"]["results"]))
     click.echo(f"bundle written: {output}/manifest.json ({time.perf_counter() - start:.1f}s)", err=True)
     if triton_dir:
         from ipiqa.bundle import read_bundle

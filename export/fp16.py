@@ -23,13 +23,15 @@ annotated float16: ``onnx.checker`` and ONNX Runtime refuse the graph ("Type (te
 a graph output writes ``<name>__fp16``, consumers inside read that, and a Cast writes the float32 output;
 every stale ``value_info`` is dropped and types re-inferred, and the result must pass
 ``onnx.checker.check_model(full_check=True)`` before it is written.
+
+The FP16 gate is ``export.fp16_gate``; this module only converts.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterable, Mapping, Optional, Union
+from typing import Collection, Mapping, Optional
 
 import numpy as np
 
@@ -37,14 +39,10 @@ from ipiqa._optional import require
 from ipiqa.bundle import METADATA_PRECISION_KEY
 from ipiqa.errors import IPIQAError
 
-from .checks import BOUNDS
-from .parity import FP16_ATOL, ParityResult, compare
 from .to_onnx import save_checked
 
-__all__ = ["FP32_OPS", "PRECISION_KEY", "Fp16Graph", "convert_to_fp16", "graph_precision", "scores_spread",
-           "run_graphs", "fp16_gate", "fp16_emulation", "ort_session", "score_results", "SPREAD_MIN",
-           "FP16_COSINE", "CosineResult", "cosine_result",
-           "EMBEDDING_SPREAD_MIN", "embedding_spread", "with_spread_note"]
+
+__all__ = ["FP32_OPS", "PRECISION_KEY", "FP16_MAX", "Fp16Conversion", "convert_to_fp16", "graph_precision"]
 log = logging.getLogger(__name__)
 
 PRECISION_KEY = METADATA_PRECISION_KEY  # metadata written into converted graphs: "fp16"
@@ -62,85 +60,16 @@ _LOGIT_CHAIN = frozenset({"Mul", "Div", "Add", "Sub", "Where", "Neg", "Reshape",
                           "Unsqueeze", "Identity"})
 _LOGIT_SOURCES = frozenset({"MatMul", "Gemm", "Einsum"})
 _F32, _F16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
-# Scores spread when a column's range over the gate inputs is this many times the FP16 bound: only then
-# does the rank order carry information that rounding noise cannot reshuffle (an untrained model's
-# scores sit within a few 1e-2 of each other).
-SPREAD_MIN = 25 * FP16_ATOL
-# Intermediate tensors (feature map, embeddings): per-row cosine to FP32. FP16 rounding alone gives
-# > 0.99999 on RN50-512; a saturated or NaN tensor gives far less.
-FP16_COSINE = BOUNDS["fp16"].cosine_min
-# Embeddings whose mean cosine to their own mean over the gate inputs is above 1 - this barely depend on
-# the input (the untrained demo model: 1 - 7.8e-6 on RN50-512). Any output near that mean then has a
-# cosine near 1, a broken graph's included, and the result says so.
-EMBEDDING_SPREAD_MIN = 1e-3
 
 
 @dataclass(frozen=True)
-class CosineResult:
-    """Per-row cosine of an embedding against the reference: the criterion that still means something
-    when an untrained model's scores barely move (``min_cosine`` over rows, ``max_abs`` reported)."""
-
-    name: str
-    min_cosine: float
-    bound: float
-    max_abs: float
-    note: str = ""  # why the number may say little (e.g. embeddings that barely depend on the image)
-
-    @property
-    def passed(self) -> bool:
-        return bool(np.isfinite(self.min_cosine) and self.min_cosine >= self.bound)
-
-    def __bool__(self) -> bool:
-        return self.passed
-
-    def line(self) -> str:
-        return (f"{'PASS' if self.passed else 'FAIL'}  {self.name:<34} min cosine {self.min_cosine:.6f} "
-                f"(min {self.bound})  max|d| {self.max_abs:.3e}" + (f"  [{self.note}]" if self.note else ""))
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "min_cosine": self.min_cosine, "bound": self.bound, "max_abs": self.max_abs,
-                "passed": self.passed, "note": self.note}
-
-
-def cosine_result(name: str, ref: np.ndarray, out: np.ndarray, bound: float) -> CosineResult:
-    """Row-wise cosine (each row flattened); NaN or inf anywhere fails."""
-    a = np.asarray(ref, np.float64).reshape(len(ref), -1)
-    b = np.asarray(out, np.float64).reshape(len(out), -1)
-    if a.shape != b.shape or not np.all(np.isfinite(b)):
-        return CosineResult(name, float("nan"), bound, float("inf"))
-    norms = np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return CosineResult(name, float(((a * b).sum(1) / norms).min()), bound, float(np.abs(a - b).max()))
-
-
-def embedding_spread(embeddings: np.ndarray) -> float:
-    """Mean of 1 - cosine(embedding, mean embedding): 0 when every image gets the same embedding."""
-    e = np.asarray(embeddings, np.float64).reshape(len(embeddings), -1)
-    mean = e.mean(0)
-    cos = e @ mean / np.maximum(np.linalg.norm(e, axis=1) * np.linalg.norm(mean), 1e-30)
-    return float(np.mean(1.0 - cos))
-
-
-def with_spread_note(result: CosineResult, ref: np.ndarray) -> CosineResult:
-    """``result`` with a note when the reference embeddings barely depend on the input."""
-    spread = embedding_spread(ref)
-    if spread >= EMBEDDING_SPREAD_MIN:
-        return result
-    return replace(result, note=f"embeddings barely depend on the input (spread {spread:.1e}; untrained model?): "
-                                "this cosine cannot tell a good graph from a bad one")
-
-
-@dataclass(frozen=True)
-class Fp16Graph:
-    """What the conversion did, for the manifest and the log."""
+class Fp16Conversion:
+    """What one conversion did, for the manifest entry (``ipiqa.manifest.Fp16Graph``) and the log."""
 
     path: Path
     fp32_nodes: tuple[str, ...]  # compute nodes kept in FP32 (islands)
     fp16_nodes: int
     casts: int
-
-    def to_dict(self) -> dict:
-        return {"file": self.path.name, "fp32_nodes": list(self.fp32_nodes), "fp16_nodes": self.fp16_nodes,
-                "casts": self.casts}
 
 
 def _logit_nodes(nodes, producers: Mapping[str, int]) -> set[int]:
@@ -197,7 +126,7 @@ def _float_slots(node, opset: int) -> Optional[tuple[list[int], list[int]]]:
 
 
 def convert_to_fp16(src: Path, dst: Path, op_block_list: Collection[str] = FP32_OPS,
-                    node_block_list: Collection[str] = (), attention_logits_fp32: bool = True) -> Fp16Graph:
+                    node_block_list: Collection[str] = (), attention_logits_fp32: bool = True) -> Fp16Conversion:
     """Write ``dst`` (+ ``dst.data``): ``src`` with FP16 weights and compute outside the FP32 islands.
 
     ``op_block_list``/``node_block_list`` name op types / node names kept in FP32; ``attention_logits_fp32``
@@ -318,7 +247,7 @@ def convert_to_fp16(src: Path, dst: Path, op_block_list: Collection[str] = FP32_
     entry.key, entry.value = PRECISION_KEY, "fp16"
     save_checked(model, dst, "FP16 graph")
     log.info("%s: %d nodes FP16, %d FP32, %d casts", dst.name, fp16_count, len(fp32_names), casts)
-    return Fp16Graph(dst, tuple(fp32_names), fp16_count, casts)
+    return Fp16Conversion(dst, tuple(fp32_names), fp16_count, casts)
 
 
 def graph_precision(path: Path) -> str:
@@ -332,133 +261,3 @@ def graph_precision(path: Path) -> str:
             n.op_type == "Cast" and any(a.name == "to" and a.i == _F16 for a in n.attribute) for n in model.graph.node):
         return "fp16"
     return "fp32"
-
-
-def ort_session(source: Union[Path, bytes], threads: int = 0):
-    """A CPU session for an FP32, FP16 or QDQ graph (a file, or a serialized model with its weights inline).
-
-    ONNX Runtime 1.32's NCHWc layout pass (``NchwcTransformer``, which re-lays FP32 convolutions) crashes
-    the process while loading the FP16 text graph; FP16 graphs are loaded without it.
-    """
-    ort = require("onnxruntime", extra="export")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    fp16 = not isinstance(source, bytes) and graph_precision(Path(source)) == "fp16"
-    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
-                                providers=["CPUExecutionProvider"],
-                                disabled_optimizers=["NchwcTransformer"] if fp16 else [])
-
-
-_MOVES_DATA = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Gather", "GatherElements", "Concat",
-                         "Slice", "Expand", "Identity", "Flatten", "Split", "Tile"})
-
-
-def fp16_emulation(path: Path) -> bytes:
-    """The FP16 graph as an FP32 graph that rounds every FP16 tensor to FP16 (explicit Cast pairs).
-
-    Why: ONNX Runtime's CPU provider has no FP16 kernels for the arithmetic ops (Conv, Gemm, MatMul, Add,
-    Mul, AveragePool, Sigmoid, Tanh, ...). It runs them in FP32 behind casts it inserts itself and then
-    drops the FP16 round trip between two such ops, so an FP16 graph on CPU neither rounds nor overflows
-    where an FP16 engine would. Here each FP16 value (weights, and every tensor an arithmetic node writes)
-    is rounded explicitly, so rounding and overflow to inf happen as in the FP16 graph; what stays unmodelled
-    is FP16 accumulation inside a kernel, which the engine gate on the GPU covers.
-    """
-    onnx = require("onnx", extra="export")
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
-    graph = model.graph
-    for k, t in enumerate(graph.initializer):
-        if t.data_type == _F16:
-            graph.initializer[k].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
-    nodes = []
-    for node in graph.node:
-        nodes.append(node)
-        if node.op_type in _MOVES_DATA:  # exact on values that are already FP16-rounded
-            continue
-        for k, out in enumerate(node.output):
-            if types.get(out) != _F16:
-                continue
-            if node.op_type == "Cast":
-                node.attribute[0].CopyFrom(helper.make_attribute("to", _F32))
-            node.output[k] = f"{out}__emulated"
-            nodes.append(helper.make_node("Cast", [f"{out}__emulated"], [f"{out}__rounded"], to=_F16))
-            nodes.append(helper.make_node("Cast", [f"{out}__rounded"], [out], to=_F32))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.value_info[:]
-    for value in list(graph.input) + list(graph.output):  # the bundle's graphs have none; kept general
-        if value.type.tensor_type.elem_type == _F16:
-            value.type.tensor_type.elem_type = _F32
-    return model.SerializeToString()
-
-
-def _batches(n: int, batch: int) -> Iterable[slice]:
-    return (slice(i, min(i + batch, n)) for i in range(0, n, batch))
-
-
-def run_graphs(paths: Mapping[str, Union[Path, bytes]], images: np.ndarray, tokens: Optional[np.ndarray] = None,
-               batch: int = 16) -> dict[str, np.ndarray]:
-    """The bundle's graphs composed on ONNX Runtime CPU: every intermediate tensor, every fusion output."""
-    sessions = {name: ort_session(p) for name, p in paths.items()}
-    if "text_embedding" in {i.name for i in sessions["fusion"].get_inputs()} and tokens is None:
-        raise IPIQAError("this model's fusion graph reads a text embedding: pass tokens (one prompt per image)")
-    out: dict[str, list] = {}
-    for part in _batches(len(images), batch):
-        feeds = dict(zip(("feature_map", "image_embedding"), sessions["image_encoder"].run(None, {"image": images[part]})))
-        if "text_encoder" in sessions and tokens is not None:
-            (feeds["text_embedding"],) = sessions["text_encoder"].run(None, {"tokens": tokens[part]})
-        fusion = sessions["fusion"]
-        names = [o.name for o in fusion.get_outputs()]  # scores, and the cross pool's gate-only ``pooled``
-        feeds.update(zip(names, fusion.run(names, {i.name: feeds[i.name] for i in fusion.get_inputs()})))
-        for k, v in feeds.items():
-            out.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def scores_spread(ref: np.ndarray) -> np.ndarray:
-    """Per score column: does the reference spread enough (``SPREAD_MIN``) for its rank order to mean anything?"""
-    ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
-    return np.ptp(ref, axis=0) >= SPREAD_MIN
-
-
-def score_results(label: str, ref: np.ndarray, out: np.ndarray, columns: Collection[str] = ()) -> list[ParityResult]:
-    """FP16 bounds per score column; Spearman only where the reference scores spread."""
-    ref, out = np.asarray(ref).reshape(len(ref), -1), np.asarray(out).reshape(len(out), -1)
-    names = list(columns) or [str(j) for j in range(ref.shape[1])]
-    results = []
-    for j, spread in enumerate(scores_spread(ref)):
-        name = f"{label}/{names[j]}" + ("" if spread else " (scores barely spread: rank not gated)")
-        results.append(compare(name, ref[:, j:j + 1], out[:, j:j + 1], scores=bool(spread), fp16=True))
-    return results
-
-
-def fp16_gate(fp32: Mapping[str, Path], fp16: Mapping[str, Path], images: np.ndarray,
-              tokens: Optional[np.ndarray] = None, columns: Collection[str] = ()) -> list[Union[ParityResult, CosineResult]]:
-    """FP16 graphs against the FP32 graphs on ONNX Runtime CPU: end to end, and each graph alone.
-
-    The FP16 graphs run as their ``fp16_emulation`` (ONNX Runtime CPU would skip their FP16 rounding).
-    Each FP16 graph is also run with the other two in FP32, so a failure names the graph that caused it.
-    Passes when every result passes: scores <= 2e-2 absolute and Spearman >= 0.999 where they spread;
-    every intermediate tensor (feature map, embeddings) at per-row cosine >= ``FP16_COSINE``.
-    """
-    ref = run_graphs(fp32, images, tokens)
-    emulated = {name: fp16_emulation(Path(p)) for name, p in fp16.items()}
-    low = run_graphs(emulated, images, tokens)
-    results: list = score_results("fp16[end_to_end]", ref["scores"], low["scores"], columns)
-    results += [with_spread_note(cosine_result(f"fp16[end_to_end]/{k}", ref[k], low[k], FP16_COSINE), ref[k])
-                for k in ref if k != "scores"]
-    fusion32, fusion16 = ort_session(fp32["fusion"]), ort_session(emulated["fusion"])
-    sources = {"image_encoder": ("feature_map", "image_embedding"), "text_encoder": ("text_embedding",)}
-    for graph, session in (("image_encoder", fusion32), ("text_encoder", fusion32), ("fusion", fusion16)):
-        if graph not in fp16:
-            continue
-        feeds = {**ref, **{k: low[k] for k in sources.get(graph, ())}}
-        scores = np.concatenate([session.run(["scores"], {i.name: feeds[i.name][part] for i in session.get_inputs()})[0]
-                                 for part in _batches(len(images), 16)])
-        results += score_results(f"fp16[{graph}]", ref["scores"], scores, columns)
-    return results

@@ -15,11 +15,11 @@ An explicit override (``ipiqa-export --atol/--rtol``) replaces the rule and is r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
-from .checks import BOUNDS
+from .checks import BOUNDS, Check, known_fields
 from ipiqa.metrics import srcc as spearman  # one rank implementation (below export and training), checked against scipy
 
 __all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "FP32_TOL", "FP16_ATOL",
@@ -92,7 +92,12 @@ def rule_record(override: Optional[ToleranceOverride] = None) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class ParityResult:
+class ParityResult(Check):
+    """One output against the FP32 reference: ``max |d|`` within the rule's tolerance (and, for FP16 scores,
+    Spearman at least its minimum)."""
+
+    kind: ClassVar[str] = "tolerance"
+    measure_name: ClassVar[str] = "max|d|"
     name: str
     max_abs: float
     mean_abs: float
@@ -106,39 +111,50 @@ class ParityResult:
     override: Optional[ToleranceOverride] = None  # set when --atol/--rtol replaced the rule
 
     @property
+    def measure(self) -> float:
+        return self.max_abs
+
+    @property
+    def bound(self) -> float:
+        return self.tolerance
+
+    @property
     def passed(self) -> bool:
         ok = np.isfinite(self.max_abs) and self.max_abs <= self.tolerance
         if self.spearman_min is not None:
             ok = ok and self.spearman is not None and self.spearman >= self.spearman_min
         return bool(ok)
 
-    def __bool__(self) -> bool:
-        return self.passed
+    @property
+    def source(self) -> str:
+        """Where the tolerance came from: the fixed part, the floor, or an override."""
+        if self.override is not None:
+            return f"OVERRIDE {self.override.describe()}"
+        if self.floor is not None and self.floor_multiple is not None:
+            return f"max(fixed {self.fixed_tolerance:.1e}, {self.floor_multiple:g} x floor)"
+        return "fixed"
+
+    @property
+    def note(self) -> str:
+        floor = "" if self.floor is None else f", floor {self.floor:.2e}"
+        rho = "" if self.spearman is None else f", spearman {self.spearman:.5f} (min {self.spearman_min})"
+        return f"tol = {self.source}{floor}{rho}"
 
     def line(self) -> str:
         """One log line: the difference, the tolerance and where it came from (fixed part, floor, override)."""
         rho = "" if self.spearman is None else f"  spearman {self.spearman:.5f} (min {self.spearman_min})"
-        if self.override is not None:
-            source = f"OVERRIDE {self.override.describe()}"
-        elif self.floor is not None and self.floor_multiple is not None:
-            source = f"max(fixed {self.fixed_tolerance:.1e}, {self.floor_multiple:g} x floor)"
-        else:
-            source = "fixed"
         floor = "" if self.floor is None else f"  floor {self.floor:.2e}"
         return (f"{'PASS' if self.passed else 'FAIL'}  {self.name:<34} max|d| {self.max_abs:.3e} "
-                f"(tol {self.tolerance:.1e} = {source}){floor}  mean|d| {self.mean_abs:.2e}  "
+                f"(tol {self.tolerance:.1e} = {self.source}){floor}  mean|d| {self.mean_abs:.2e}  "
                 f"max rel {self.max_rel:.2e}{rho}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "max_abs": self.max_abs, "mean_abs": self.mean_abs, "max_rel": self.max_rel,
-                "tolerance": self.tolerance, "spearman": self.spearman, "spearman_min": self.spearman_min,
-                "floor": self.floor, "fixed_tolerance": self.fixed_tolerance, "floor_multiple": self.floor_multiple,
-                "override": self.override.to_dict() if self.override else None, "passed": self.passed}
+    def _fields(self) -> dict[str, Any]:
+        return {**super()._fields(), "override": self.override.to_dict() if self.override else None}
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> "ParityResult":
-        """A stored manifest record (older ones lack the floor fields); ``passed`` is recomputed, not trusted."""
-        known = {k: v for k, v in record.items() if k in cls.__dataclass_fields__}
+        """A stored manifest record; ``passed`` is recomputed, not trusted."""
+        known = known_fields(cls, record)
         if known.get("override") is not None:
             known["override"] = ToleranceOverride(**known["override"])
         return cls(**known)

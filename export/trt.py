@@ -19,13 +19,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
-from ipiqa.manifest import check_batch_profile
+from ipiqa.manifest import PRECISIONS, check_batch_profile
 
 __all__ = ["EngineSpec", "PRECISIONS", "GRAPH_PRECISIONS", "input_profiles", "network_flags", "build_engine"]
 log = logging.getLogger(__name__)
 
 Shape = tuple[int, ...]
-PRECISIONS = ("fp32", "fp16", "int8")
 # The graph precisions each engine precision is built from: INT8 is the image graph's QDQ form; the text
 # and fusion graphs have no INT8 form and come in FP16.
 GRAPH_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "fp16")}
@@ -74,7 +73,7 @@ def _check_graph_precision(onnx_path: Path, precision: str) -> None:
     if got == "int8":
         import json
 
-        from .int8 import SETTINGS_KEY
+        from .int8_settings import SETTINGS_KEY
 
         onnx = require("onnx", extra="export")
         meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}

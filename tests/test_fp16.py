@@ -11,9 +11,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from ipiqa.config import IPIQAConfig  # noqa: E402
 from ipiqa.export.checks import bounds_for  # noqa: E402
-from ipiqa.export.fp16 import (  # noqa: E402
-    convert_to_fp16, cosine_result, fp16_emulation, fp16_gate, graph_precision, ort_session, run_graphs,
-)
+from ipiqa.export.fp16 import convert_to_fp16, graph_precision  # noqa: E402
+from ipiqa.export.fp16_gate import fp16_emulation, fp16_gate  # noqa: E402
+from ipiqa.export.graph_runs import graph_session, run_graphs  # noqa: E402
+from ipiqa.export.measures import cosine_result  # noqa: E402
 
 GRAPHS = ("image_encoder", "text_encoder", "fusion")
 
@@ -180,7 +181,7 @@ def test_a_uint8_image_input_is_left_untouched(tmp_path):
     dst = convert_to_fp16(src, tmp_path / "u8.fp16.onnx").path
     assert onnx.load(str(dst)).graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
     image = np.random.default_rng(1).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8)
-    ref, (out,) = ort_session(src).run(None, {"image": image})[0], ort_session(dst).run(None, {"image": image})
+    ref, (out,) = graph_session(src).run(None, {"image": image})[0], graph_session(dst).run(None, {"image": image})
     assert out.dtype == np.float32 and np.abs(out - ref).max() <= bounds_for("fp16").atol
 
 
@@ -192,6 +193,6 @@ def test_the_gate_emulation_rounds_where_onnx_runtime_cpu_does_not(tmp_path):
                  [numpy_helper.from_array(np.full((4, 4), 200, np.float16), "w"),
                   numpy_helper.from_array(np.array(0.01, np.float16), "c")], tmp_path / "overflow.onnx")
     x = np.full((1, 4), 100, np.float16)  # x @ w = 80000: beyond FP16's 65504
-    assert np.isfinite(ort_session(path).run(None, {"x": x})[0]).all()
-    emulated = ort_session(fp16_emulation(path)).run(None, {"x": x.astype(np.float32)})[0]
+    assert np.isfinite(graph_session(path).run(None, {"x": x})[0]).all()
+    emulated = graph_session(fp16_emulation(path)).run(None, {"x": x.astype(np.float32)})[0]
     assert np.isinf(emulated).all()

@@ -12,10 +12,10 @@ onnx = pytest.importorskip("onnx", reason="INT8 quantization needs ipiqa[export]
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
 from ipiqa.errors import IPIQAError  # noqa: E402
-from ipiqa.export.int8 import (  # noqa: E402
-    SETTINGS_KEY, TARGETS, Int8GateError, QuantSettings, calibration_batches, image_files, image_input, int8_gate,
-    quantize_and_gate, quantize_image_graph, settings_for,
-)
+from ipiqa.export.calibration import calibration_batches, image_input, split_calibration  # noqa: E402
+from ipiqa.export.int8 import Int8GateError, int8_gate, quantize_and_gate  # noqa: E402
+from ipiqa.export.int8_settings import SETTINGS_KEY, TARGETS, QuantSettings, settings_for  # noqa: E402
+from ipiqa.export.quantize import quantize_image_graph  # noqa: E402
 from ipiqa.preprocess import load_resized  # noqa: E402
 
 R = 64  # the tiny model's resolution
@@ -107,9 +107,13 @@ def test_calibration_images_come_from_a_csv_image_column_or_a_folder(tmp_path):
     sheet = tmp_path / "images.csv"
     with open(sheet, "w", newline="") as fh:
         csv.writer(fh).writerows([["image", "prompt"], *[[f"imgs/{p.name}", "x"] for p in files]])
-    assert image_files(sheet) == files and image_files(tmp_path / "imgs") == files
+    def image_files(source):  # every image, held out or calibrated on, in list order
+        split = split_calibration(source, held_out=1)
+        return sorted(split.calibration + split.held_out)
+
+    assert image_files(sheet) == [Path(p) for p in files] and image_files(tmp_path / "imgs") == files
     (tmp_path / "bad.csv").write_text("path\nimgs/000.png\n")
-    with pytest.raises(IPIQAError, match="bad.csv: no 'image' column"):
+    with pytest.raises(IPIQAError, match=r"bad.csv: missing column\(s\) \['image'\]"):
         image_files(tmp_path / "bad.csv")
 
 

@@ -14,8 +14,10 @@ onnx = pytest.importorskip("onnx", reason="INT8 quantization needs ipiqa[export]
 from onnxruntime.quantization import calibrate  # noqa: E402
 from onnxruntime.quantization import qdq_loss_debug as dbg  # noqa: E402
 
-from ipiqa.export import int8  # noqa: E402
-from ipiqa.export.int8 import calibration_batches, quantize_image_graph  # noqa: E402
+from ipiqa.export import quantize  # noqa: E402
+from ipiqa.export.calibration import calibration_batches  # noqa: E402
+from ipiqa.export.int8_settings import settings_for  # noqa: E402
+from ipiqa.export.quantize import quantize_image_graph  # noqa: E402
 
 R = 64  # the tiny model's resolution
 
@@ -70,11 +72,11 @@ def ort_ranking(fp32: Path, qdq: Path, batches, op_types, tmp: Path) -> tuple[li
 def test_streamed_layer_ranking_equals_the_qdq_loss_debuggers(tiny, tmp_path):
     _, fp32, qdq, images = tiny
     batches = batches_of(images, (5, 4, 3))  # several batches of several images: concatenation across both
-    op_types = int8.settings_for("cpu").op_types
+    op_types = settings_for("cpu").op_types
     expected, ort_sqnr = ort_ranking(fp32, qdq, batches, op_types, tmp_path)
-    got = int8._sensitive_nodes(fp32, qdq, batches, op_types)
+    got = quantize.sensitive_nodes(fp32, qdq, batches, op_types)
     assert len(expected) > 5 and got == expected
-    ours = int8._activation_sqnr(qdq, batches, ort_sqnr)
+    ours = quantize._activation_sqnr(qdq, batches, ort_sqnr)
     assert set(ours) == set(ort_sqnr)
     for name, value in ours.items():
         assert value == pytest.approx(ort_sqnr[name], rel=1e-4, abs=1e-4), name
@@ -94,7 +96,7 @@ def test_streamed_calibration_ranges_equal_the_unbounded_calibrators(tiny, tmp_p
     quantize_image_graph(fp32, tmp_path / "streamed.onnx", batches, "cpu")
     monkeypatch.undo()
 
-    ref = calibrate.create_calibrator(fp32, list(int8.settings_for("cpu").op_types),
+    ref = calibrate.create_calibrator(fp32, list(settings_for("cpu").op_types),
                                       augmented_model_path=str(tmp_path / "augmented.onnx"))
     ref.collect_data(ListReader(batches))  # every batch's outputs held, reduced once
     expected = ref.compute_data()
@@ -137,18 +139,18 @@ def test_layer_ranking_runs_one_image_with_only_the_compared_tensors_and_keeps_t
         feeds.append((len(output_names), next(iter(input_feed.values())).shape[0]))
         return run(self, output_names, input_feed, *a, **k)
 
-    init = int8._SqnrSums.__init__
+    init = quantize._SqnrSums.__init__
 
     def spy_init(self, pairs):
         init(self, pairs)
         sums.append(self)
 
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", spy_run)
-    monkeypatch.setattr(int8._SqnrSums, "__init__", spy_init)
-    op_types = int8.settings_for("cpu").op_types
+    monkeypatch.setattr(quantize._SqnrSums, "__init__", spy_init)
+    op_types = settings_for("cpu").op_types
     for n in (2, 12):
         feeds.clear(), sums.clear()
-        int8._sensitive_nodes(fp32, qdq, batches_of(images[:n], (n,)), op_types)
+        quantize.sensitive_nodes(fp32, qdq, batches_of(images[:n], (n,)), op_types)
         (acc,) = sums
         assert len(feeds) == n and {b for _, b in feeds} == {1}  # one image per run
         tensors = {t for pair in acc.pairs.values() for t in pair}

@@ -20,7 +20,7 @@ from ipiqa.config import IPIQAConfig  # noqa: E402
 from ipiqa.demo import demo_model  # noqa: E402
 from ipiqa.errors import BundleError, IPIQAError  # noqa: E402
 from ipiqa.export.cli import main as export_cli  # noqa: E402
-from ipiqa.export.int8 import image_input, split_calibration  # noqa: E402
+from ipiqa.export.calibration import image_input, split_calibration  # noqa: E402
 from ipiqa.runtime.scorer import Scorer, select_backend  # noqa: E402
 from test_int8 import trained_like, write_images  # noqa: E402
 
@@ -139,10 +139,10 @@ def test_a_failing_int8_gate_is_one_clean_error_and_writes_no_manifest(trained_m
 
 
 def test_a_failing_fp16_gate_stops_the_export_before_a_manifest(tiny_model_file, tmp_path, monkeypatch):
-    import ipiqa.export.fp16 as fp16
-    from ipiqa.export.fp16 import CosineResult
+    import ipiqa.export.fp16_gate as fp16_gate
+    from ipiqa.export.checks import CosineResult
 
-    monkeypatch.setattr(fp16, "fp16_gate", lambda *a, **k: [CosineResult("fp16[end_to_end]/pooled", 0.5, 0.999, 1.0)])
+    monkeypatch.setattr(fp16_gate, "fp16_gate", lambda *a, **k: [CosineResult("fp16[end_to_end]/pooled", 0.5, 0.999, 1.0)])
     res = CliRunner().invoke(export_cli, [str(tiny_model_file), "-o", str(tmp_path / "b"), "--onnx-only", "--fp16-onnx"])
     assert res.exit_code == 1 and "FP16 gate failed; the bundle was not written" in res.output, res.output
     assert "FAIL  fp16[end_to_end]/pooled" in res.output and not (tmp_path / "b" / "manifest.json").exists()

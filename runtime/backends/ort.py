@@ -9,7 +9,8 @@ CPUs; GPUs run INT8 as TensorRT engines); a set the bundle does not hold.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -18,13 +19,37 @@ from ipiqa.errors import IPIQAError
 
 from .base import Backend
 
-__all__ = ["OrtBackend", "PROVIDERS", "CPU_FP16_REFUSED", "GPU_INT8_REFUSED"]
+__all__ = ["OrtBackend", "ort_session", "PROVIDERS", "CPU_FP16_REFUSED", "GPU_INT8_REFUSED"]
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 CPU_FP16_REFUSED = ("FP16 graphs are for GPUs (ONNX Runtime CPU has no FP16 conv kernels and runs them at 0.87x FP32); "
                     "use fp32 or int8 on CPU")
 GPU_INT8_REFUSED = ("the bundle's INT8 ONNX graph is quantized for CPUs (asymmetric uint8); on a GPU, INT8 runs as "
                     "TensorRT engines ({rebuild}, then --backend tensorrt); or score on --device cpu")
+
+
+def ort_session(source: Union[str, Path, bytes], threads: int = 0, optimize: bool = True, fp16: bool = False,
+                providers: Sequence[Any] = (PROVIDERS["cpu"],), quiet: bool = False):
+    """The one ONNX Runtime session factory: the runtime's backend and every export gate load graphs here.
+
+    ``source``: a graph file, or a serialized model with its weights inline. ``threads``: intra-op threads
+    (0: ONNX Runtime's default), one op at a time (best for conv nets on CPU). ``optimize=False`` runs
+    Q/DQ as written (fake quantization, what TensorRT's explicit quantization computes). ``fp16``: ONNX
+    Runtime 1.32's NCHWc layout pass (``NchwcTransformer``, which re-lays FP32 convolutions) crashes the
+    process while loading FP16 graphs; they are loaded without it.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else
+                                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if quiet:
+        options.log_severity_level = 3
+    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
+                                providers=list(providers), disabled_optimizers=["NchwcTransformer"] if fp16 else [])
 
 
 class OrtBackend(Backend):
@@ -55,11 +80,6 @@ class OrtBackend(Backend):
         self.device_id = device_id
         self.precision = precision
         self.name = f"onnxruntime-{provider}" + ("" if precision == "fp32" else f"-{precision}")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if not self.gpu:  # one op at a time, all cores inside each op: best for conv nets on CPU
-            options.intra_op_num_threads = threads or os.cpu_count() or 1
-            options.inter_op_num_threads = 1
         providers: list[Any] = [PROVIDERS["cpu"]]
         if provider == "cuda":
             providers.insert(0, (PROVIDERS["cuda"], {"device_id": device_id}))
@@ -71,11 +91,10 @@ class OrtBackend(Backend):
                                                       "trt_engine_cache_enable": True,
                                                       "trt_engine_cache_path": str(cache)}),
                              (PROVIDERS["cuda"], {"device_id": device_id})]
-        # ONNX Runtime 1.32's NCHWc layout pass crashes the process on FP16 graphs (see export.fp16.ort_session).
-        disabled = ["NchwcTransformer"] if precision == "fp16" else []
+        threads = 0 if self.gpu else threads or os.cpu_count() or 1  # all cores inside each op on CPU
         self.sessions = {}
         for name, path in paths.items():
-            sess = ort.InferenceSession(str(path), options, providers=providers, disabled_optimizers=disabled)
+            sess = ort_session(path, threads, fp16=precision == "fp16", providers=providers)
             check_graph_metadata(manifest, name, sess.get_modelmeta().custom_metadata_map,
                                  {i.name: i.shape for i in sess.get_inputs()}, precision)
             self.sessions[name] = sess
