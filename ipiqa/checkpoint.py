@@ -35,9 +35,28 @@ def save_model(path: PathLike, state_dict: Mapping[str, torch.Tensor], cfg: IPIQ
     return path
 
 
+def _refuse_non_regular(path: Path) -> None:
+    """A FIFO, socket or device is refused before anything opens it (opening a FIFO blocks until a writer comes).
+
+    The wording is ``ipiqa.preprocess``'s; a folder or a missing path is left to the open, which reports it.
+    """
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        from .preprocess import _not_regular  # the one wording of "not a regular file"
+
+        raise CheckpointError(f"{path}: {_not_regular(mode)}; a model file is a .safetensors file")
+
+
 def read_config(path: PathLike) -> IPIQAConfig:
     """Config of a model file without reading its weights."""
     path = Path(path)
+    _refuse_non_regular(path)
     try:
         with safe_open(str(path), framework="numpy") as f:  # metadata only: no torch needed
             meta = f.metadata() or {}
@@ -60,7 +79,7 @@ def read_config(path: PathLike) -> IPIQAConfig:
 
 
 def load_state_dict(path: PathLike) -> tuple[IPIQAConfig, dict[str, torch.Tensor]]:
-    cfg = read_config(path)
+    cfg = read_config(path)  # refuses a FIFO or device first
     require("torch", extra="torch")
     from safetensors.torch import load_file
 
