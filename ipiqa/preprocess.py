@@ -45,10 +45,9 @@ from PIL import Image, UnidentifiedImageError
 from .config import CLIP_MEAN, CLIP_STD
 from .errors import ImageError
 
-__all__ = ["load_image", "to_rgb", "preprocess", "preprocess_file", "RESIZE_FILTER",
-           "load_resized", "resized", "normalize", "read_regular_file", "FAST_REDUCING_GAP", "decode_bytes"]
+__all__ = ["load_image", "to_rgb", "preprocess", "preprocess_file", "load_resized", "resized", "normalize",
+           "read_regular_file", "FAST_REDUCING_GAP", "decode_bytes"]
 
-RESIZE_FILTER = "bicubic"
 FAST_REDUCING_GAP = 2.0  # fast path only: Pillow's reduce() by integer factors until within 2x of R
 _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
 _STD = np.asarray(CLIP_STD, dtype=np.float32)

@@ -22,7 +22,6 @@ from ipiqa.export.gate import gate_inputs
 from ipiqa.export.parity import ParityResult, compare
 from ipiqa.export.cli import main as export_cli
 from ipiqa.model import tokenize
-from ipiqa.preprocess import RESIZE_FILTER
 
 ONNX_ONLY = ExportOptions(onnx_only=True)
 VARIANTS = {
@@ -205,9 +204,9 @@ def test_reexport_of_unchanged_model_reuses_graphs(exported):
 def test_manifest_records_what_the_runtime_needs(exported):
     model, _, report = exported
     data = json.loads((report.bundle / "manifest.json").read_text())
-    # outputs and preprocessing are the config's (format 3 stores no copies); the resize rule is ipiqa.preprocess's
+    # outputs and preprocessing are the config's (format 3 stores no copies)
     assert IPIQAConfig.from_dict(data["config"]) == model.cfg and data["config"]["outputs"] == list(model.cfg.outputs)
-    assert data["config"]["resolution"] == model.cfg.resolution and RESIZE_FILTER == "bicubic"
+    assert data["config"]["resolution"] == model.cfg.resolution
     assert data["onnx"]["opset"] >= 17 and data["precision"] == "fp32" and data["engines"] is None
     assert (report.bundle / data["tokenizer"]["files"]["bpe"]).is_file()
     assert {"ipiqa", "torch", "onnx", "onnxruntime"} <= set(data["versions"])

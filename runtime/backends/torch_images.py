@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from ipiqa._optional import require
+from ipiqa.device import parse_device
 from ipiqa.errors import ImageError, IPIQAError
 from ipiqa.preprocess import decode_bytes, read_regular_file, resized, to_rgb
 from ipiqa.resample import PRECISION_BITS, pass_matrix, vertical_first
@@ -114,11 +115,10 @@ def _pillow(data: bytes, name: str, resolution: Optional[int] = None) -> Any:
 
 
 def _device(device: Any) -> Any:
-    """None -> CUDA when torch sees a GPU, else CPU; asking for CUDA without one is an error, not a fallback."""
+    """``ipiqa.device``'s rule (None: auto, CUDA when torch sees a GPU, else CPU; a torch.device as its text);
+    asking for CUDA without one is an error, not a fallback."""
     torch = _torch()
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    device = torch.device(parse_device("auto" if device is None else str(device)).resolve_torch())
     if device.type == "cuda" and not torch.cuda.is_available():
         raise IPIQAError("device 'cuda' was asked for but torch sees no CUDA GPU; pass device='cpu'")
     return device
