@@ -9,10 +9,10 @@ from importlib import import_module
 from typing import Any
 
 from .config import IPIQAConfig
-from .errors import BundleError, CheckpointError, ImageError, IPIQAError
+from .errors import BundleError, CheckpointError, ConfigError, ImageError, IPIQAError
 
 __version__ = "0.1.0"
-__all__ = ["IPIQAConfig", "IPIQAError", "CheckpointError", "ImageError", "BundleError",
+__all__ = ["IPIQAConfig", "IPIQAError", "ConfigError", "CheckpointError", "ImageError", "BundleError",
            "IPIQA", "tokenize", "load_model", "save_model", "import_official"]
 
 _LAZY = {
