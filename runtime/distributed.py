@@ -25,6 +25,10 @@ from .rows import Row, check_prompt_source, finish
 __all__ = ["score_with_ray"]
 
 BLOCK_ROWS = 1024  # rows per Ray block read from the manifest
+# Test hook, off the public API: a marker path; the first scoring actor that finds it absent creates it and
+# dies mid-run (Ray must restart it and retry the batch). Actors run in other processes, so the driver's value
+# travels to them in the actors' runtime_env.
+FAIL_ONCE_ENV = "IPIQA_RAY_TEST_FAIL_ONCE"
 
 
 def _table(rows: list[tuple[int, Row]]):
@@ -89,16 +93,16 @@ class _Decode:
 class _ScoreActor:
     """One per GPU (or CPU slot): a runtime Scorer with its own prompt cache."""
 
-    def __init__(self, bundle: str, backend: str, device: str, fail_once: Optional[str] = None):
+    def __init__(self, bundle: str, backend: str, device: str):
         from .scorer import Scorer
 
         self.scorer = Scorer(bundle, backend=backend, device=device)
         self.outputs = self.scorer.outputs
-        self.fail_once = fail_once
 
     def __call__(self, batch: dict) -> dict:
-        if self.fail_once and not os.path.exists(self.fail_once):  # test hook: die once, mid-run
-            Path(self.fail_once).touch()
+        fail_once = os.environ.get(FAIL_ONCE_ENV)
+        if fail_once and not os.path.exists(fail_once):  # test hook: die once, mid-run
+            Path(fail_once).touch()
             os._exit(1)
         rows = [_row(batch, i) for i in range(len(batch["index"]))]
         decoded = [(None, e) if e else (batch["pixels"][i], None) for i, e in enumerate(batch["error"])]
@@ -116,8 +120,8 @@ class _ScoreActor:
 
 def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[Row]], output: Union[str, Path],
                    prompt: Optional[str] = None, address: Optional[str] = None, actors: Optional[int] = None,
-                   batch_size: int = 8, backend: str = "auto", device: str = "auto", fmt: Optional[str] = None,
-                   fail_once: Optional[str] = None) -> RunSummary:
+                   batch_size: int = 8, backend: str = "auto", device: str = "auto",
+                   fmt: Optional[str] = None) -> RunSummary:
     """Score every row on Ray into one CSV, JSONL or Parquet file, in input order."""
     import ray
 
@@ -149,10 +153,11 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[R
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ds = ds.map_batches(_Decode, fn_constructor_kwargs={"resolution": cfg.resolution, "needs_prompt": cfg.text},
                         batch_size=batch_size, batch_format="numpy", concurrency=max(1, cpus - actors))
+    hook = {"runtime_env": {"env_vars": {FAIL_ONCE_ENV: os.environ[FAIL_ONCE_ENV]}}} if FAIL_ONCE_ENV in os.environ else {}
     ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "backend": backend,
-                                                            "device": "cuda:0" if use_gpu else "cpu", "fail_once": fail_once},
+                                                            "device": "cuda:0" if use_gpu else "cpu"},
                         batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if use_gpu else 0,
-                        max_restarts=-1, max_task_retries=-1)
+                        max_restarts=-1, max_task_retries=-1, **hook)
     n = errors = 0
     with OutputLock(output), ResultWriter(output, cfg.outputs, fmt) as writer:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

@@ -40,11 +40,12 @@ def _read(path):
 
 
 def test_every_row_exactly_once_with_the_runtime_scores_despite_an_actor_death(cluster, bundle, tiny_model_file, rows,
-                                                                                  tmp_path):
-    from ipiqa.runtime.distributed import score_with_ray
+                                                                                  tmp_path, monkeypatch):
+    from ipiqa.runtime.distributed import FAIL_ONCE_ENV, score_with_ray
 
     marker = tmp_path / "died"
-    summary = score_with_ray(bundle, rows, tmp_path / "ray.csv", batch_size=4, device="cpu", fail_once=str(marker))
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))  # reaches the actors through their runtime_env
+    summary = score_with_ray(bundle, rows, tmp_path / "ray.csv", batch_size=4, device="cpu")
     assert marker.exists()  # an actor really was killed mid-run
     with Scorer(bundle, device="cpu") as scorer:
         scorer.score_files(rows, tmp_path / "local.csv", batch_size=4)
