@@ -236,7 +236,7 @@ def demo_cmd(out: Path, resolution: int) -> None:
     """Run the whole path on a seeded UNTRAINED model and generated images: no weights, GPU or network.
 
     \b
-    1. reference: OUT/model.safetensors scored with the PyTorch model   -> OUT/scores_reference.csv
+    1. torch:     OUT/model.safetensors scored by the PyTorch backend   -> OUT/scores_torch.csv
     2. export:    ipiqa-export to OUT/bundle (ONNX graphs + parity gate)
     3. runtime:   the bundle scored by the torch-free runtime (ONNX Runtime) -> OUT/scores_runtime.csv
     The table shows both scores per image and their difference. The scores themselves are meaningless
@@ -248,7 +248,7 @@ def demo_cmd(out: Path, resolution: int) -> None:
         cfg = IPIQAConfig(resolution=resolution)
     except ConfigError as exc:
         raise click.BadParameter(str(exc), param_hint="'--resolution'") from None
-    # Checked before any work: the demo runs the PyTorch reference, then exports (the [export] extra).
+    # Checked before any work: the demo runs the PyTorch backend, then exports (the [export] extra).
     torch = require("torch", extra="export")
     for module in ("open_clip", "onnx", "onnxscript"):
         require(module, extra="export")
@@ -263,9 +263,10 @@ def demo_cmd(out: Path, resolution: int) -> None:
     model = demo_model(cfg)
     model_path = save_model(out / "model.safetensors", model.state_dict(), cfg)
     manifest = write_samples(out / "images")
-    click.echo(f"[1/3] reference: UNTRAINED CLIP RN50 IP-IQA ({resolution}px, seed 0) on {manifest}", err=True)
+    # Step 1 is the torch backend (``TorchBackend``), not the reference eager model: columns say "torch".
+    click.echo(f"[1/3] torch: UNTRAINED CLIP RN50 IP-IQA ({resolution}px, seed 0) on {manifest}", err=True)
     with Scorer(model_path, backend="torch", device="cpu") as scorer:
-        run_scoring(scorer, manifest, out / "scores_reference.csv", None, 4, 4, quiet=True)
+        run_scoring(scorer, manifest, out / "scores_torch.csv", None, 4, 4, quiet=True)
     click.echo(f"[2/3] export: ONNX bundle -> {out}/bundle", err=True)
     report = export_bundle(model, [model_path], out / "bundle", ExportOptions(onnx_only=True),
                            progress=lambda m: click.echo(f"      {m}", err=True))
@@ -277,9 +278,9 @@ def demo_cmd(out: Path, resolution: int) -> None:
         with open(out / name, newline="", encoding="utf-8") as fh:
             return list(csv.DictReader(fh))
 
-    ref, rt = load("scores_reference.csv"), load("scores_runtime.csv")
+    first, rt = load("scores_torch.csv"), load("scores_runtime.csv")
     rows, worst = [], 0.0
-    for a, b in zip(ref, rt):
+    for a, b in zip(first, rt):
         cells: list = [Path(a["image"]).name]
         diffs = []
         for o in cfg.outputs:
@@ -290,10 +291,10 @@ def demo_cmd(out: Path, resolution: int) -> None:
         worst = max([worst, *diffs])
         cells += [f"{max(diffs):.1e}" if diffs else "", a["error"].split(": ", 1)[-1][:60]]
         rows.append(cells)
-    header = ["image"] + [f"{o} ({w})" for o in cfg.outputs for w in ("reference", "runtime")] + ["max |diff|", "error"]
+    header = ["image"] + [f"{o} ({w})" for o in cfg.outputs for w in ("torch", "runtime")] + ["max |diff|", "error"]
     click.echo(format_table(header, rows))
     gate = next(r for r in report.parity if r.name == "end_to_end/scores")
-    click.echo(f"\nreference vs runtime: max |diff| {worst:.1e}; export gate end-to-end {gate.max_abs:.1e} "
+    click.echo(f"\ntorch vs runtime: max |diff| {worst:.1e}; export gate end-to-end {gate.max_abs:.1e} "
                f"(tolerance {gate.tolerance:.0e}). Untrained weights: the numbers only show that the path works; "
                "import trained weights with 'ipiqa import-official'.", err=True)
 

@@ -255,10 +255,10 @@ def test_train_help_has_no_development_paths():
 
 
 @pytest.mark.slow
-def test_demo_runs_reference_export_and_runtime_which_agree(tmp_path):
+def test_demo_runs_torch_export_and_runtime_which_agree(tmp_path):
     res = run("demo", "--out", tmp_path / "demo", "--resolution", "224")
     assert res.exit_code == 0, res.output
-    ref, rt = (_read_csv(tmp_path / "demo" / f"scores_{k}.csv") for k in ("reference", "runtime"))
+    ref, rt = (_read_csv(tmp_path / "demo" / f"scores_{k}.csv") for k in ("torch", "runtime"))
     assert len(ref) == len(rt) == 7 and sum(bool(r["error"]) for r in rt) == 1
     assert len({r["quality"] for r in ref if not r["error"]}) == 6  # inputs differ -> scores differ
     scored = [r for r in ref if not r["error"]]  # the gate's FP32 rule on these inputs
@@ -267,4 +267,4 @@ def test_demo_runs_reference_export_and_runtime_which_agree(tmp_path):
     for a, b in zip(ref, rt):
         if not a["error"]:
             assert abs(float(a["quality"]) - float(b["quality"])) <= tolerance
-    assert "reference" in res.output and "runtime" in res.output
+    assert "torch" in res.output and "runtime" in res.output
