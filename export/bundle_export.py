@@ -3,14 +3,14 @@
 ``export_bundle`` reads as its stages: FP32 graphs + parity gate -> FP16 graphs + FP16 gate -> INT8 image
 graphs + INT8 gate -> engines + engine gate -> manifest. Each stage is reused when its inputs are unchanged
 (same model bytes, options, gate rule, library versions, calibration files) and the files still hash as
-recorded, so re-running an export is cheap and safe. The stages build the typed ``ipiqa.manifest.Manifest``. Any stage that writes a file first removes the
-manifest, so a failed gate leaves no manifest describing files that changed.
+recorded, so re-running an export is cheap and safe (``_stage`` owns that rule). The stages build the typed
+``ipiqa.manifest.Manifest``. Any stage that writes a file first removes the manifest, so a failed gate leaves
+no manifest describing files that changed. Imports torch: ``ipiqa-export`` imports it once an export runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import platform
@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+
+import torch
 
 from ipiqa import __version__
 from ipiqa._optional import require
@@ -28,123 +30,22 @@ from ipiqa.config import IPIQAConfig
 from ipiqa.errors import BundleError, IPIQAError
 from ipiqa.manifest import (BUNDLE_FORMAT, EngineGraph, Engines, Fp16Graph, Fp16Graphs, GraphEntry, Int8Calibration,
                             Int8Graph, Manifest, OnnxGraphs, Parity, Source, Tokenizer, io_shapes, to_plain)
+from ipiqa.model import IPIQA, pooling_mode, tokenize
 
 from .checks import check_from_dict
-from .parity import ParityResult, ToleranceOverride, rule_record
-from .trt import EngineSpec, build_engine, input_profiles
-
-if TYPE_CHECKING:  # bound at run time by _torch_side(), from the modules named in _TORCH_SIDE
-    import torch
-
-    from ipiqa.model import IPIQA, pooling_mode, tokenize
-
-    from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
-    from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
-    from .to_onnx import DEFAULT_OPSET, export_onnx
-
-# torch and the modules built on it load when an export runs (``_torch_side``), so that the options and errors
-# here import on a base install: ``ipiqa-export`` checks every option before it requires torch.
-_TORCH_SIDE = {
-    "torch": ("torch", None),
-    "IPIQA": ("ipiqa.model", "IPIQA"), "pooling_mode": ("ipiqa.model", "pooling_mode"),
-    "tokenize": ("ipiqa.model", "tokenize"),
-    "PARITY_PROMPTS": (".gate", "PARITY_PROMPTS"), "engine_parity": (".gate", "engine_parity"),
-    "gate_inputs": (".gate", "gate_inputs"), "onnx_parity": (".gate", "onnx_parity"),
-    "GATE_OUTPUTS": (".graphs", "GATE_OUTPUTS"), "GraphSpec": (".graphs", "GraphSpec"),
-    "build_graphs": (".graphs", "build_graphs"), "graph_specs": (".graphs", "graph_specs"),
-    "DEFAULT_OPSET": (".to_onnx", "DEFAULT_OPSET"), "export_onnx": (".to_onnx", "export_onnx"),
-}
-
-
-def _torch_side() -> None:
-    """Bind the names of ``_TORCH_SIDE`` in this module on first use; a name already bound (or patched) stays."""
-    g = globals()
-    if all(name in g for name in _TORCH_SIDE):
-        return
-    require("torch", extra="export")
-    require("open_clip", extra="export")
-    for name, (module, attr) in _TORCH_SIDE.items():
-        if name not in g:
-            mod = importlib.import_module(module, __package__)
-            g[name] = mod if attr is None else getattr(mod, attr)
-
-
-def __getattr__(name: str) -> Any:
-    """``bundle_export.onnx_parity`` and the other torch-side names, as before they were loaded lazily (PEP 562)."""
-    if name in _TORCH_SIDE:
-        _torch_side()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _default_opset() -> int:
-    _torch_side()
-    return DEFAULT_OPSET
+from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
+from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
+from .options import (DEFAULT_CALIBRATION_SIZE, ExportOptions, Fp16GateError, Int8Options,  # noqa: F401 (re-exported)
+                      ParityGateError)
+from .parity import ParityResult, rule_record
+from .to_onnx import export_onnx
+from .trt import build_engine, input_profiles
 
 __all__ = ["ExportOptions", "Int8Options", "ExportReport", "ParityGateError", "Fp16GateError", "export_bundle",
            "weights_digest", "onnx_key",
            "onnx_parity", "engine_parity", "gate_inputs", "PARITY_PROMPTS", "DEFAULT_CALIBRATION_SIZE"]
 log = logging.getLogger(__name__)
-
-DEFAULT_CALIBRATION_SIZE = 64  # ORT's MinMax ranges settle by a few dozen images; more costs minutes at 512 px
-
-
-class ParityGateError(IPIQAError):
-    def __init__(self, results: Sequence[Any], what: str = "parity gate"):
-        self.results = list(results)
-        failed = "\n".join(r.line() for r in self.results if not r)
-        super().__init__(f"{what} failed; the bundle was not written:\n{failed}")
-
-
-class Fp16GateError(ParityGateError):
-    """The FP16 graphs missed the FP16 bounds (results: ParityResult and CosineResult lines)."""
-
-    def __init__(self, results: Sequence[Any]):
-        super().__init__(results, "FP16 gate")
-
-
-@dataclass(frozen=True)
-class Int8Options:
-    """``--int8 --calibration SOURCE [--calibration-size N] [--int8-setting [TARGET.]KEY=VALUE ...]``."""
-
-    calibration: Path  # a folder of images, or a CSV with an ``image`` (and optionally ``prompt``) column
-    size: int = DEFAULT_CALIBRATION_SIZE
-    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per target: settings_for overrides
-
-    def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"--calibration-size must be >= 1, got {self.size}")
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    onnx_only: bool = False
-    engine: EngineSpec = field(default_factory=lambda: EngineSpec("fp16", (1, 32, 128)))
-    opset: int = field(default_factory=_default_opset)  # export.to_onnx.DEFAULT_OPSET
-    parity_images: int = 4  # FP32 gate inputs; the engine gate uses 64
-    single_query_pooling: bool = True  # the exact rewrite of both pools (issue 9); False exports the plain form
-    tolerance_override: Optional[ToleranceOverride] = None  # --atol/--rtol: replaces the gate's rule; recorded
-    fp16_onnx: bool = False  # FP16 graphs without FP16/INT8 engines (ONNX Runtime GPU, Triton)
-    fp16_images: int = 16  # FP16 gate inputs (ONNX Runtime CPU, FP16 rounding emulated)
-    int8: Optional[Int8Options] = None
-
-    def __post_init__(self) -> None:
-        if self.int8 is not None and not self.onnx_only and self.engine.precision != "int8":
-            raise ValueError("--int8 with engines builds an INT8 image engine: the engine precision must be int8")
-        if self.int8 is None and not self.onnx_only and self.engine.precision == "int8":
-            raise ValueError("INT8 engines need calibration images (--int8 --calibration IMAGES.csv|DIR)")
-
-    @property
-    def writes_fp16(self) -> bool:
-        """FP16 graphs: always for FP16 and INT8 engines (built from them), else on request."""
-        return self.fp16_onnx or (not self.onnx_only and self.engine.precision in ("fp16", "int8"))
-
-    @property
-    def int8_targets(self) -> tuple[str, ...]:
-        """``cpu`` always (ONNX Runtime CPU serves it); ``tensorrt`` when INT8 engines are built."""
-        if self.int8 is None:
-            return ()
-        return ("cpu",) if self.onnx_only else ("cpu", "tensorrt")
+T = TypeVar("T")
 
 
 @dataclass
@@ -213,7 +114,6 @@ def _key(*parts: object) -> str:
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over every state_dict tensor (name, dtype, shape, bytes): what the graphs are traced from,
     whichever file (or none) the weights came from."""
-    _torch_side()
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -271,7 +171,6 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
                   progress: Callable[[str], None] = log.info) -> ExportReport:
     """Write (or refresh) the bundle in ``out`` (default options: ``ExportOptions()``); raises ParityGateError
     (FP32, FP16, engines) or ``export.int8.Int8GateError`` without writing a manifest on failure."""
-    _torch_side()
     options = ExportOptions() if options is None else options
     model = model.eval().float()
     if not options.onnx_only:  # fail before minutes of ONNX work, not after
@@ -298,6 +197,18 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
     return ctx.report
 
 
+def _stage(ctx: _Export, what: str, key: str, old_key: Optional[str], old: Optional[T],
+           build: Callable[[], T]) -> tuple[T, bool]:
+    """The reuse rule every stage follows: ``old`` when the previous manifest recorded the same ``key`` (and its
+    files still hash as recorded: ``read_bundle`` checked them), else the manifest removed and ``build()``.
+    Returns (entry, reused)."""
+    if old is not None and old_key == key:
+        ctx.progress(f"{what} unchanged: reused")
+        return old, True
+    ctx.invalidate()
+    return build(), False
+
+
 def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
     """The three FP32 graphs, traced from the model, and the FP32 parity gate through the runtime's backend."""
     model, cfg, out, options = ctx.model, ctx.cfg, ctx.out, ctx.options
@@ -305,28 +216,10 @@ def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
     rule = rule_record(options.tolerance_override)  # a changed gate rule or override re-runs the gate
     key = onnx_key(model, options, rule, versions)  # the traced weights, not the file bytes
     files = {name: f"{name}.onnx" for name in ctx.specs if name != "text_encoder" or cfg.text}
-    reuse = ctx.previous is not None and ctx.previous.source.key == key
-    if reuse:
-        ctx.progress("ONNX graphs unchanged (same model, options and versions): reused")
-        ctx.report.reused_onnx = True
-        ctx.report.parity = [check_from_dict(r) for r in ctx.previous.parity.onnx]
-        tokenizer = ctx.previous.tokenizer
-    else:
-        ctx.invalidate()
-        x = gate_inputs(cfg, 2)
-        with torch.no_grad():
-            fmap, emb = model.encode_image(x.model_images)
-            text = model.encode_text(x.model_tokens) if cfg.text else None
-        examples = {"image_encoder": (torch.from_numpy(x.image),), "text_encoder": (torch.from_numpy(x.tokens),),
-                    "fusion": (fmap, emb, text) if cfg.text else (emb,)}
-        with pooling_mode(model, options.single_query_pooling):  # traced into the graphs; caller's mode kept
-            for name, module in build_graphs(model).items():
-                start = time.perf_counter()
-                spec = ctx.specs[name]
-                export_onnx(module, examples[name], out / files[name], spec.inputs, spec.outputs, cfg, options.opset)
-                ctx.progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
-        tokenizer = _tokenizer_files(out)
-
+    previous = ctx.previous
+    tokenizer, reused = _stage(ctx, "ONNX graphs", key,
+                               previous.source.key if previous else None, previous.tokenizer if previous else None,
+                               lambda: _trace_graphs(ctx, files))
     graphs = {n: GraphEntry(files[n], tuple(ctx.specs[n].inputs), tuple(ctx.specs[n].runtime_outputs),
                             tuple(o for o in ctx.specs[n].outputs if o in GATE_OUTPUTS)) for n in files}
     ctx.manifest = Manifest(
@@ -335,25 +228,48 @@ def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
                         graphs=graphs),
         tokenizer=tokenizer, versions=versions, source=Source(tuple(str(p) for p in source_files), key),
         parity=Parity(rule=rule), files={})
-    if not reuse:  # the manifest about to be written, read by the runtime's own backend
+    ctx.report.reused_onnx = reused
+    if reused:
+        assert previous is not None  # reused only from a previous manifest
+        ctx.report.parity = [check_from_dict(r) for r in previous.parity.onnx]
+    else:  # the manifest about to be written, read by the runtime's own backend
         ctx.report.parity = _gate(onnx_parity(model, ctx.manifest, options.parity_images,
                                               options.tolerance_override), ctx.progress)
 
 
+def _trace_graphs(ctx: _Export, files: Mapping[str, str]) -> Tokenizer:
+    """Trace each graph to ONNX (in the pooling form asked for) and copy the tokenizer files beside them."""
+    model, cfg = ctx.model, ctx.cfg
+    x = gate_inputs(cfg, 2)
+    with torch.no_grad():
+        fmap, emb = model.encode_image(x.model_images)
+        text = model.encode_text(x.model_tokens) if cfg.text else None
+    examples = {"image_encoder": (torch.from_numpy(x.image),), "text_encoder": (torch.from_numpy(x.tokens),),
+                "fusion": (fmap, emb, text) if cfg.text else (emb,)}
+    with pooling_mode(model, ctx.options.single_query_pooling):  # traced into the graphs; caller's mode kept
+        for name, module in build_graphs(model).items():
+            start = time.perf_counter()
+            spec = ctx.specs[name]
+            export_onnx(module, examples[name], ctx.out / files[name], spec.inputs, spec.outputs, cfg, ctx.options.opset)
+            ctx.progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
+    return _tokenizer_files(ctx.out)
+
+
 def _fp16_stage(ctx: _Export) -> None:
     """``fp16/<graph>.onnx`` converted from the FP32 graphs, gated on ONNX Runtime CPU (FP16 rounding emulated)."""
-    from .fp16 import convert_to_fp16
-    from .fp16_gate import fp16_gate
-
     n = ctx.options.fp16_images
     key = _key(ctx.onnx_key, "fp16", n)
     old = ctx.previous.onnx.fp16 if ctx.previous else None
-    if old is not None and old.key == key:
-        ctx.progress("FP16 graphs unchanged: reused")
-        ctx.with_onnx(fp16=old)
-        ctx.report.fp16, ctx.report.reused_fp16 = to_plain(old), True
-        return
-    ctx.invalidate()
+    entry, ctx.report.reused_fp16 = _stage(ctx, "FP16 graphs", key, old.key if old else None, old,
+                                           lambda: _build_fp16(ctx, key, n))
+    ctx.with_onnx(fp16=entry)
+    ctx.report.fp16 = to_plain(entry)
+
+
+def _build_fp16(ctx: _Export, key: str, n: int) -> Fp16Graphs:
+    from .fp16 import convert_to_fp16
+    from .fp16_gate import fp16_gate
+
     start = time.perf_counter()
     fp32 = ctx.fp32_graphs()
     graphs = {name: convert_to_fp16(path, ctx.out / "fp16" / path.name) for name, path in fp32.items()}
@@ -362,7 +278,7 @@ def _fp16_stage(ctx: _Export) -> None:
     x = gate_inputs(ctx.cfg, n, seed=1)
     results = _gate(fp16_gate(fp32, {k: g.path for k, g in graphs.items()}, x.image, x.tokens if ctx.cfg.text else None,
                               ctx.cfg.outputs), ctx.progress, Fp16GateError)
-    entry = Fp16Graphs(
+    return Fp16Graphs(
         key=key, gate_images=n,
         seconds={"convert": round(converted - start, 2), "gate": round(time.perf_counter() - converted, 2)},
         islands="FP32 by construction: normalizations, softmax, reductions, exp/log/pow/sqrt, ArgMax and "
@@ -370,60 +286,66 @@ def _fp16_stage(ctx: _Export) -> None:
         graphs={name: Fp16Graph(f"fp16/{g.path.name}", g.fp16_nodes, len(g.fp32_nodes), g.casts)
                 for name, g in graphs.items()},
         gate=tuple(r.to_dict() for r in results))
-    ctx.with_onnx(fp16=entry)
-    ctx.report.fp16 = to_plain(entry)
 
 
 def _int8_stage(ctx: _Export) -> None:
     """The image graph quantized per target on the user's images and gated on held-out ones (Int8GateError
     below the bar); text and fusion stay FP32 on the CPU and come from ``fp16/`` for engines."""
     from .calibration import calibration_batches, split_calibration
-    from .int8 import quantize_and_gate
 
     opts, cfg = ctx.options.int8, ctx.cfg
     if opts is None:
         return
     split = split_calibration(opts.calibration)
     calibration_files = [(str(p), sha256_file(p)) for p in split.calibration + split.held_out if p.is_file()]
+    inputs: dict[str, Any] = {}  # calibration batches and held-out images, read once, when a target is built
+
+    def prepared() -> dict[str, Any]:
+        if not inputs:
+            start = time.perf_counter()
+            inputs["batches"] = list(calibration_batches(list(split.calibration), cfg.resolution, opts.size))
+            inputs["held"], inputs["tokens"], inputs["source"] = _int8_held_out(ctx, split)
+            ctx.progress(f"INT8: {sum(len(b) for b in inputs['batches'])} calibration images, {len(inputs['held'])} "
+                         f"held out (prompts: {inputs['source']}) ({time.perf_counter() - start:.1f}s)")
+        return inputs
+
     entries: dict[str, Int8Graph] = {}
-    pending = []
+    reused = []
     for target in ctx.options.int8_targets:
         key = _key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})))
         old = ctx.previous.onnx.int8.get(target) if ctx.previous else None
-        if old is not None and old.key == key:
-            ctx.progress(f"INT8 image graph for {target} unchanged: reused")
-            entries[target] = old
-        else:
-            pending.append((target, key))
-    if pending:
-        ctx.invalidate()
-        start = time.perf_counter()
-        batches = list(calibration_batches(list(split.calibration), cfg.resolution, opts.size))
-        held, tokens, source = _int8_held_out(ctx, split)
-        ctx.progress(f"INT8: {sum(len(b) for b in batches)} calibration images, {len(held)} held out "
-                     f"(prompts: {source}) ({time.perf_counter() - start:.1f}s)")
-        for target, key in pending:
-            start = time.perf_counter()
-            rel = f"int8/image_encoder.{target}.onnx"
-            overrides = {"calibration_size": opts.size, **opts.settings.get(target, {})}
-            result = quantize_and_gate(ctx.fp32_graphs(), ctx.out / rel, batches, held, tokens, target, cfg.outputs,
-                                       **overrides)
-            for r in result.gate.results:
-                ctx.progress(f"[{target}] {r.line()}")
-            gate = result.gate
-            entries[target] = Int8Graph(
-                file=rel, target=target, key=key, settings=gate.settings.to_dict(),
-                serves="image_encoder; text_encoder and fusion run from the " +
-                       ("FP32 graphs" if target == "cpu" else "fp16/ graphs (engines)"),
-                excluded_nodes=tuple(gate.settings.nodes_to_exclude), attempts=tuple(result.attempts),
-                criterion=gate.criterion, gate=gate.to_dict(),
-                calibration=Int8Calibration(str(opts.calibration), gate.settings.calibration_size, len(held), source),
-                seconds=round(time.perf_counter() - start, 2))
-            ctx.progress(f"INT8 image graph for {target}: {rel} ({entries[target].seconds:.1f}s; {gate.criterion})")
-    else:
-        ctx.report.reused_int8 = True
+        entries[target], again = _stage(ctx, f"INT8 image graph for {target}", key, old.key if old else None, old,
+                                        lambda: _build_int8(ctx, target, key, prepared()))
+        reused.append(again)
+    ctx.report.reused_int8 = all(reused)
     ctx.with_onnx(int8=entries)
     ctx.report.int8 = {target: to_plain(e) for target, e in entries.items()}
+
+
+def _build_int8(ctx: _Export, target: str, key: str, inputs: Mapping[str, Any]) -> Int8Graph:
+    from .int8 import quantize_and_gate
+
+    opts = ctx.options.int8
+    assert opts is not None  # _int8_stage runs only with --int8
+    start = time.perf_counter()
+    rel = f"int8/image_encoder.{target}.onnx"
+    overrides = {"calibration_size": opts.size, **opts.settings.get(target, {})}
+    result = quantize_and_gate(ctx.fp32_graphs(), ctx.out / rel, inputs["batches"], inputs["held"], inputs["tokens"],
+                               target, ctx.cfg.outputs, **overrides)
+    for r in result.gate.results:
+        ctx.progress(f"[{target}] {r.line()}")
+    gate = result.gate
+    entry = Int8Graph(
+        file=rel, target=target, key=key, settings=gate.settings.to_dict(),
+        serves="image_encoder; text_encoder and fusion run from the " +
+               ("FP32 graphs" if target == "cpu" else "fp16/ graphs (engines)"),
+        excluded_nodes=tuple(gate.settings.nodes_to_exclude), attempts=tuple(result.attempts),
+        criterion=gate.criterion, gate=gate.to_dict(),
+        calibration=Int8Calibration(str(opts.calibration), gate.settings.calibration_size, len(inputs["held"]),
+                                    inputs["source"]),
+        seconds=round(time.perf_counter() - start, 2))
+    ctx.progress(f"INT8 image graph for {target}: {rel} ({entry.seconds:.1f}s; {gate.criterion})")
+    return entry
 
 
 def _int8_held_out(ctx: _Export, split=None) -> tuple:
@@ -457,23 +379,32 @@ def _engine_sources(ctx: _Export) -> dict[str, str]:
 def _engine_stage(ctx: _Export) -> None:
     """TensorRT engines from the graphs of their precision, then the engine gate through the runtime's TrtBackend."""
     trt = require("tensorrt", extra="tensorrt")
-    spec, out = ctx.options.engine, ctx.out
+    spec = ctx.options.engine
     gpu = torch.cuda.get_device_name()
     cc = "{}.{}".format(*torch.cuda.get_device_capability())
     sources = _engine_sources(ctx)
     onnx = ctx.built.onnx
     graph_keys = [onnx.fp16.key if onnx.fp16 else None,
                   onnx.int8["tensorrt"].key if "tensorrt" in onnx.int8 else None]
-    engine_key = _key(ctx.onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc,
-                      sources, graph_keys)
+    key = _key(ctx.onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc, sources,
+               graph_keys)
     old = ctx.previous.engines if ctx.previous else None
-    if old is not None and old.key == engine_key:
-        ctx.progress("TensorRT engines unchanged: reused")
-        ctx.report.reused_engines = True
+    engines, ctx.report.reused_engines = _stage(
+        ctx, "TensorRT engines", key, old.key if old else None, old,
+        lambda: Engines(tensorrt=trt.__version__, gpu=gpu, compute_capability=cc, precision=spec.precision,
+                        batch=spec.batch, workspace_gib=spec.workspace_gib, key=key, graphs=_build_engines(ctx, sources)))
+    ctx.manifest = ctx.built.replace(engines=engines, precision=spec.precision)
+    if ctx.report.reused_engines:
+        assert ctx.previous is not None  # reused only from a previous manifest
         ctx.report.parity += [check_from_dict(r) for r in ctx.previous.parity.engines]
-        ctx.manifest = ctx.built.replace(engines=old, precision=spec.precision)
         return
-    ctx.invalidate()
+    held_out = _int8_held_out(ctx)[:2] if spec.precision == "int8" else None
+    ctx.report.parity += _gate(engine_parity(ctx.model, ctx.manifest, override=ctx.options.tolerance_override,
+                                             held_out=held_out, columns=ctx.cfg.outputs), ctx.progress)
+
+
+def _build_engines(ctx: _Export, sources: Mapping[str, str]) -> dict[str, EngineGraph]:
+    spec, out = ctx.options.engine, ctx.out
     (out / "engines").mkdir(exist_ok=True)
     built: dict[str, EngineGraph] = {}
     shapes = io_shapes(ctx.cfg)
@@ -487,12 +418,7 @@ def _engine_stage(ctx: _Export) -> None:
         (out / rel).write_bytes(blob)
         built[name] = EngineGraph(rel, onnx_file)
         ctx.progress(f"built {rel} from {onnx_file} ({time.perf_counter() - start:.1f}s)")
-    engines = Engines(tensorrt=trt.__version__, gpu=gpu, compute_capability=cc, precision=spec.precision,
-                      batch=spec.batch, workspace_gib=spec.workspace_gib, key=engine_key, graphs=built)
-    ctx.manifest = ctx.built.replace(engines=engines, precision=spec.precision)
-    held_out = _int8_held_out(ctx)[:2] if spec.precision == "int8" else None
-    ctx.report.parity += _gate(engine_parity(ctx.model, ctx.manifest, override=ctx.options.tolerance_override,
-                                             held_out=held_out, columns=ctx.cfg.outputs), ctx.progress)
+    return built
 
 
 def _write(ctx: _Export) -> None:

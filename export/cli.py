@@ -13,6 +13,10 @@ import click
 from ipiqa.bundle import parse_batch_profile
 from ipiqa.console import InputPath, friendly, format_table, text_option
 
+from .options import DEFAULT_OPSET, ExportOptions, Int8Options, ParityGateError
+from .parity import ToleranceOverride
+from .trt import EngineSpec
+
 # What an export imports, checked after the options and before any work; a base install gets the pip line.
 EXPORT_MODULES = ("torch", "open_clip", "onnx", "onnxscript")
 
@@ -94,7 +98,7 @@ def _check_table(checks) -> str:
 @click.option("--workspace", default=4.0, show_default=True, type=float, help="TensorRT builder workspace (GiB).")
 @click.option("--straightforward-pooling", is_flag=True,
               help="Export the pools as written (project all 257 tokens) instead of the exact single-query rewrite.")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(17), help="ONNX opset (>= 17).")
+@click.option("--opset", default=DEFAULT_OPSET, show_default=True, type=click.IntRange(17), help="ONNX opset (>= 17).")
 @click.option("--triton", "triton_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Also write a Triton model repository here (ensemble: image bytes + prompt -> scores).")
 @click.option("--triton-backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
@@ -140,10 +144,6 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     from ipiqa.errors import IPIQAError
 
     # Torch-free up to the require() below: every option and the model file are checked first.
-    from .bundle_export import ExportOptions, Int8Options, ParityGateError, export_bundle
-    from .parity import ToleranceOverride
-    from .trt import EngineSpec
-
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if (model is None) == (official is None):
         raise click.UsageError("give either MODEL (.safetensors) or --official FT.pth --clip RN50.pt")
@@ -180,6 +180,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     from ipiqa.model import IPIQA
     from ipiqa.official import import_official
 
+    from .bundle_export import export_bundle
     from .int8 import Int8GateError
     from .int8_settings import settings_for
 

@@ -19,10 +19,9 @@ from ipiqa.bundle import METADATA_CONFIG_KEY
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "save_checked"]
+from .options import DEFAULT_OPSET
 
-# 18: LayerNormalization as one op (>= 17) keeps it fusable and FP32-pinnable in TensorRT.
-DEFAULT_OPSET = 18
+__all__ = ["DEFAULT_OPSET", "export_onnx", "save_checked"]
 
 
 def export_onnx(

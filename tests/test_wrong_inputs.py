@@ -337,7 +337,7 @@ def test_export_without_torch_ends_in_one_line(no_torch_env, inputs, extra, rc, 
 
 def test_export_options_import_without_torch(no_torch_env):
     """The options, report and errors of an export import on a base install; torch loads when an export runs."""
-    code = ("import sys; import ipiqa.export.bundle_export as b; b.ExportOptions(onnx_only=True, opset=18); "
+    code = ("import sys; import ipiqa.export.options as b; b.ExportOptions(onnx_only=True, opset=18); "
             "b.ParityGateError; assert 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=no_torch_env, timeout=120)
     assert proc.returncode == 0, proc.stderr
