@@ -23,12 +23,18 @@ class Device:
         return f"cuda:{self.index}" if self.kind == "cuda" else self.kind
 
     def resolve_torch(self) -> str:
-        """A torch device string; ``auto`` becomes cuda:0 when torch sees a GPU. Needs torch."""
-        if self.kind != "auto":
-            return str(self)
+        """A torch device string; ``auto`` becomes cuda:0 when torch sees a GPU, and CUDA asked for where torch
+        sees none is refused (never a silent CPU fallback). Needs torch."""
         from ._optional import require
 
-        return "cuda:0" if require("torch", extra="torch").cuda.is_available() else "cpu"
+        if self.kind == "cpu":
+            return "cpu"
+        has_cuda = require("torch", extra="torch").cuda.is_available()
+        if self.kind == "auto":
+            return "cuda:0" if has_cuda else "cpu"
+        if not has_cuda:
+            raise IPIQAError(f"--device {self}: torch sees no CUDA GPU here; use --device cpu or auto")
+        return str(self)
 
 
 def parse_device(text: "str | Device") -> Device:

@@ -34,8 +34,6 @@ class TorchBackend(Backend):
 
         self.torch = torch
         self.device = torch.device(parse_device(device).resolve_torch())
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise IPIQAError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
         if fp16 and self.device.type != "cuda":
             raise IPIQAError("--fp16 needs --device cuda (half precision on CPU is slow and inexact)")
         self.dtype = torch.float16 if fp16 else torch.float32
