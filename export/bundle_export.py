@@ -32,12 +32,12 @@ from ipiqa.manifest import (BUNDLE_FORMAT, EngineGraph, Engines, Fp16Graph, Fp16
                             Int8Graph, Manifest, OnnxGraphs, Parity, Source, Tokenizer, io_shapes, to_plain)
 from ipiqa.model import IPIQA, pooling_mode, tokenize
 
-from .checks import check_from_dict
+from .checks import Check, check_from_dict
 from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
 from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
 from .options import (DEFAULT_CALIBRATION_SIZE, ExportOptions, Fp16GateError, Int8Options,  # noqa: F401 (re-exported)
                       ParityGateError)
-from .parity import ParityResult, rule_record
+from .parity import rule_record
 from .to_onnx import export_onnx
 from .trt import build_engine, input_profiles
 
@@ -51,7 +51,7 @@ T = TypeVar("T")
 @dataclass
 class ExportReport:
     bundle: Path
-    parity: list[ParityResult]  # FP32 gate, then the engine gate
+    parity: list[Check]  # FP32 gate, then the engine gate
     fp16: Optional[dict] = None  # the manifest's onnx.fp16 entry as JSON (graphs, gate records) when written
     int8: dict[str, dict] = field(default_factory=dict)  # the manifest's onnx.int8 entries as JSON, per target
     reused_onnx: bool = False

@@ -91,7 +91,7 @@ def _check_table(checks) -> str:
 @click.option("--calibration-size", default=64, show_default=True, type=click.IntRange(1),
               help="--int8: at most this many images calibrate (evenly spread over the rest).")
 @click.option("--int8-setting", "int8_settings", multiple=True, callback=_int8_setting, metavar="[TARGET.]KEY=VALUE",
-              help="--int8: override a quantization setting (export.int8.QuantSettings), for both targets or one "
+              help="--int8: override a quantization setting (export.int8_settings.QuantSettings), for both targets or one "
                    "(cpu., tensorrt.), e.g. calibrate_method=percentile, cpu.reduce_range=false. Recorded.")
 @click.option("--batch", default="1,32,128", show_default=True, callback=_batch,
               help="TensorRT batch profile MIN,OPT,MAX (engines run any batch in [MIN, MAX]).")

@@ -42,7 +42,8 @@ from ipiqa.errors import IPIQAError
 from .to_onnx import save_checked
 
 
-__all__ = ["FP32_OPS", "PRECISION_KEY", "FP16_MAX", "Fp16Conversion", "convert_to_fp16", "graph_precision"]
+__all__ = ["FP32_OPS", "PRECISION_KEY", "FP16_MAX", "ONNX_FLOAT", "ONNX_FLOAT16", "Fp16Conversion", "convert_to_fp16",
+           "graph_precision"]
 log = logging.getLogger(__name__)
 
 PRECISION_KEY = METADATA_PRECISION_KEY  # metadata written into converted graphs: "fp16"
@@ -59,7 +60,7 @@ _UNTYPED_OPS = frozenset({"Cast", "Shape", "Size", "Constant"})  # accept any in
 _LOGIT_CHAIN = frozenset({"Mul", "Div", "Add", "Sub", "Where", "Neg", "Reshape", "Transpose", "Squeeze",
                           "Unsqueeze", "Identity"})
 _LOGIT_SOURCES = frozenset({"MatMul", "Gemm", "Einsum"})
-_F32, _F16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
+ONNX_FLOAT, ONNX_FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def _constants_to_initializers(graph, numpy_helper) -> None:
     keep = []
     for node in graph.node:
         value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
-        if value is not None and value.data_type == _F32:
+        if value is not None and value.data_type == ONNX_FLOAT:
             graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(value), node.output[0]))
         else:
             keep.append(node)
@@ -169,13 +170,13 @@ def convert_to_fp16(src: Path, dst: Path, op_block_list: Collection[str] = FP32_
         have = versions.setdefault(name, {dtype.get(name, 0): name})
         if want in have:
             return have[want]
-        alias = f"{name}__{'fp16' if want == _F16 else 'fp32'}"
+        alias = f"{name}__{'fp16' if want == ONNX_FLOAT16 else 'fp32'}"
         if name in inits:  # weights are converted once, offline: no Cast at run time
             arr = numpy_helper.to_array(inits[name])
-            if want == _F16 and arr.size and np.abs(arr).max() > FP16_MAX:
+            if want == ONNX_FLOAT16 and arr.size and np.abs(arr).max() > FP16_MAX:
                 raise IPIQAError(f"{src}: initializer {name!r} exceeds the FP16 range (max |x| "
                                  f"{np.abs(arr).max():.3g}); add its consumer to node_block_list")
-            new_inits.append(numpy_helper.from_array(arr.astype(np.float16 if want == _F16 else np.float32), alias))
+            new_inits.append(numpy_helper.from_array(arr.astype(np.float16 if want == ONNX_FLOAT16 else np.float32), alias))
         else:
             new_nodes.append(helper.make_node("Cast", [next(iter(have.values()))], [alias], to=want,
                                               name=f"{alias}_cast"))
@@ -187,18 +188,18 @@ def convert_to_fp16(src: Path, dst: Path, op_block_list: Collection[str] = FP32_
     for i, node in enumerate(nodes):
         slots = _float_slots(node, opset)
         if slots is None:  # an op this onnx does not know: computed in FP32 on FP32 inputs
-            slots, known = ([k for k, t in enumerate(node.input) if dtype.get(t) == _F32], []), False
+            slots, known = ([k for k, t in enumerate(node.input) if dtype.get(t) == ONNX_FLOAT], []), False
         else:
             known = True
         ins, outs = slots
-        touches_float = any(dtype.get(node.input[k]) == _F32 for k in ins if node.input[k])
+        touches_float = any(dtype.get(node.input[k]) == ONNX_FLOAT for k in ins if node.input[k])
         if node.op_type in _UNTYPED_OPS or not touches_float:
             new_nodes.append(node)  # shape arithmetic, casts, constants: untouched, any input version will do
             continue
         fp16 = known and not (node.op_type in op_block_list or node.name in blocked_nodes or i in logits)
-        want = _F16 if fp16 else _F32
+        want = ONNX_FLOAT16 if fp16 else ONNX_FLOAT
         for k in ins:
-            if node.input[k] and dtype.get(node.input[k]) == _F32:
+            if node.input[k] and dtype.get(node.input[k]) == ONNX_FLOAT:
                 node.input[k] = version(node.input[k], want)
         if not fp16:
             fp32_names.append(node.name or node.op_type)
@@ -208,16 +209,16 @@ def convert_to_fp16(src: Path, dst: Path, op_block_list: Collection[str] = FP32_
         renamed = []
         for k in outs:
             out = node.output[k]
-            if dtype.get(out) != _F32:
+            if dtype.get(out) != ONNX_FLOAT:
                 continue
             if out in outputs:  # graph outputs stay float32: compute in FP16, cast on the way out
                 node.output[k] = f"{out}__fp16"
                 renamed.append(out)
-            versions[out] = {_F16: node.output[k]}
+            versions[out] = {ONNX_FLOAT16: node.output[k]}
         new_nodes.append(node)
         for out in renamed:
-            new_nodes.append(helper.make_node("Cast", [f"{out}__fp16"], [out], to=_F32, name=f"{out}_cast"))
-            versions[out][_F32] = out
+            new_nodes.append(helper.make_node("Cast", [f"{out}__fp16"], [out], to=ONNX_FLOAT, name=f"{out}_cast"))
+            versions[out][ONNX_FLOAT] = out
             casts += 1
 
     # Inputs of untouched nodes may have moved to an FP16 version: point them at whichever version exists.
@@ -257,7 +258,7 @@ def graph_precision(path: Path) -> str:
     ops = {n.op_type for n in model.graph.node}
     if ops & {"QuantizeLinear", "DequantizeLinear"}:
         return "int8"
-    if any(t.data_type == _F16 for t in model.graph.initializer) or any(
-            n.op_type == "Cast" and any(a.name == "to" and a.i == _F16 for a in n.attribute) for n in model.graph.node):
+    if any(t.data_type == ONNX_FLOAT16 for t in model.graph.initializer) or any(
+            n.op_type == "Cast" and any(a.name == "to" and a.i == ONNX_FLOAT16 for a in n.attribute) for n in model.graph.node):
         return "fp16"
     return "fp32"

@@ -13,7 +13,7 @@ import numpy as np
 from ipiqa._optional import require
 
 from .checks import BOUNDS, CosineResult
-from .fp16 import _F16, _F32
+from .fp16 import ONNX_FLOAT, ONNX_FLOAT16
 from .graph_runs import batches, graph_session, run_graphs
 from .measures import cosine_result, scores_spread, with_spread_note
 from .parity import ParityResult, compare
@@ -46,7 +46,7 @@ def fp16_emulation(path: Path) -> bytes:
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     graph = model.graph
     for k, t in enumerate(graph.initializer):
-        if t.data_type == _F16:
+        if t.data_type == ONNX_FLOAT16:
             graph.initializer[k].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
     nodes = []
     for node in graph.node:
@@ -54,19 +54,19 @@ def fp16_emulation(path: Path) -> bytes:
         if node.op_type in _MOVES_DATA:  # exact on values that are already FP16-rounded
             continue
         for k, out in enumerate(node.output):
-            if types.get(out) != _F16:
+            if types.get(out) != ONNX_FLOAT16:
                 continue
             if node.op_type == "Cast":
-                node.attribute[0].CopyFrom(helper.make_attribute("to", _F32))
+                node.attribute[0].CopyFrom(helper.make_attribute("to", ONNX_FLOAT))
             node.output[k] = f"{out}__emulated"
-            nodes.append(helper.make_node("Cast", [f"{out}__emulated"], [f"{out}__rounded"], to=_F16))
-            nodes.append(helper.make_node("Cast", [f"{out}__rounded"], [out], to=_F32))
+            nodes.append(helper.make_node("Cast", [f"{out}__emulated"], [f"{out}__rounded"], to=ONNX_FLOAT16))
+            nodes.append(helper.make_node("Cast", [f"{out}__rounded"], [out], to=ONNX_FLOAT))
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]
     for value in list(graph.input) + list(graph.output):  # the bundle's graphs have none; kept general
-        if value.type.tensor_type.elem_type == _F16:
-            value.type.tensor_type.elem_type = _F32
+        if value.type.tensor_type.elem_type == ONNX_FLOAT16:
+            value.type.tensor_type.elem_type = ONNX_FLOAT
     return model.SerializeToString()
 
 

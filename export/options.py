@@ -30,7 +30,7 @@ class ParityGateError(IPIQAError):
 
 
 class Fp16GateError(ParityGateError):
-    """The FP16 graphs missed the FP16 bounds (results: ParityResult and CosineResult lines)."""
+    """The FP16 graphs missed the FP16 bounds (results: ParityResult and CosineResult checks)."""
 
     def __init__(self, results: Sequence[Any]):
         super().__init__(results, "FP16 gate")

@@ -29,7 +29,7 @@ Shape = tuple[int, ...]
 # and fusion graphs have no INT8 form and come in FP16.
 GRAPH_PRECISIONS = {"fp32": ("fp32",), "fp16": ("fp16",), "int8": ("int8", "fp16")}
 _FIX = {"fp16": "convert it with ipiqa.export.fp16.convert_to_fp16",
-        "int8": "quantize it with ipiqa.export.int8.quantize_image_graph",
+        "int8": "quantize it with ipiqa.export.quantize.quantize_image_graph",
         "fp32": "pass the FP32 graph the export wrote"}
 
 
