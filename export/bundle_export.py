@@ -10,20 +10,15 @@ no manifest describing files that changed. Imports torch: ``ipiqa-export`` impor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
-import platform
 import shutil
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import torch
 
-from ipiqa import __version__
 from ipiqa._optional import require
 from ipiqa.bundle import read_bundle, sha256_file, write_manifest
 from ipiqa.config import IPIQAConfig
@@ -38,6 +33,7 @@ from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
 from .options import (DEFAULT_CALIBRATION_SIZE, ExportOptions, Fp16GateError, Int8Options,  # noqa: F401 (re-exported)
                       ParityGateError)
 from .parity import rule_record
+from .reuse_keys import library_versions, onnx_key, stage_key, weights_digest  # noqa: F401 (re-exported)
 from .to_onnx import export_onnx
 from .trt import build_engine, input_profiles
 
@@ -95,37 +91,6 @@ class _Export:
     def invalidate(self) -> None:
         """About to overwrite files: the old manifest (if any) must not describe them."""
         (self.out / "manifest.json").unlink(missing_ok=True)
-
-
-def _versions() -> dict[str, str]:
-    out = {"ipiqa": __version__, "python": platform.python_version()}
-    for dist in ("torch", "open_clip_torch", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over every state_dict tensor (name, dtype, shape, bytes): what the graphs are traced from,
-    whichever file (or none) the weights came from."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def onnx_key(model: IPIQA, options: ExportOptions, rule: Mapping[str, Any], versions: Mapping[str, str]) -> str:
-    """Reuse key of the FP32 graphs: the traced weights, config, trace options, gate rule and library versions."""
-    return _key(weights_digest(model), model.cfg.to_dict(), options.opset, options.single_query_pooling, rule,
-                versions)
 
 
 def _tokenizer_files(root: Path) -> Tokenizer:
@@ -212,7 +177,7 @@ def _stage(ctx: _Export, what: str, key: str, old_key: Optional[str], old: Optio
 def _fp32_stage(ctx: _Export, source_files: Sequence[Path]) -> None:
     """The three FP32 graphs, traced from the model, and the FP32 parity gate through the runtime's backend."""
     model, cfg, out, options = ctx.model, ctx.cfg, ctx.out, ctx.options
-    versions = _versions()
+    versions = library_versions()
     rule = rule_record(options.tolerance_override)  # a changed gate rule or override re-runs the gate
     key = onnx_key(model, options, rule, versions)  # the traced weights, not the file bytes
     files = {name: f"{name}.onnx" for name in ctx.specs if name != "text_encoder" or cfg.text}
@@ -258,7 +223,7 @@ def _trace_graphs(ctx: _Export, files: Mapping[str, str]) -> Tokenizer:
 def _fp16_stage(ctx: _Export) -> None:
     """``fp16/<graph>.onnx`` converted from the FP32 graphs, gated on ONNX Runtime CPU (FP16 rounding emulated)."""
     n = ctx.options.fp16_images
-    key = _key(ctx.onnx_key, "fp16", n)
+    key = stage_key(ctx.onnx_key, "fp16", n)
     old = ctx.previous.onnx.fp16 if ctx.previous else None
     entry, ctx.report.reused_fp16 = _stage(ctx, "FP16 graphs", key, old.key if old else None, old,
                                            lambda: _build_fp16(ctx, key, n))
@@ -312,7 +277,7 @@ def _int8_stage(ctx: _Export) -> None:
     entries: dict[str, Int8Graph] = {}
     reused = []
     for target in ctx.options.int8_targets:
-        key = _key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})))
+        key = stage_key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})))
         old = ctx.previous.onnx.int8.get(target) if ctx.previous else None
         entries[target], again = _stage(ctx, f"INT8 image graph for {target}", key, old.key if old else None, old,
                                         lambda: _build_int8(ctx, target, key, prepared()))
@@ -386,7 +351,7 @@ def _engine_stage(ctx: _Export) -> None:
     onnx = ctx.built.onnx
     graph_keys = [onnx.fp16.key if onnx.fp16 else None,
                   onnx.int8["tensorrt"].key if "tensorrt" in onnx.int8 else None]
-    key = _key(ctx.onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc, sources,
+    key = stage_key(ctx.onnx_key, spec.precision, spec.batch, spec.workspace_gib, trt.__version__, gpu, cc, sources,
                graph_keys)
     old = ctx.previous.engines if ctx.previous else None
     engines, ctx.report.reused_engines = _stage(
