@@ -1,7 +1,9 @@
 """The FP16 gate: FP16 graphs against the FP32 graphs on ONNX Runtime CPU, FP16 rounding emulated.
 
 Bounds from ``checks.BOUNDS["fp16"]``: scores within 2e-2 absolute, Spearman where they spread, every
-intermediate tensor at per-row cosine ``FP16_COSINE``.
+intermediate tensor at per-row cosine ``FP16_COSINE``. Not through ``OrtBackend``: the backend refuses FP16
+on the CPU provider (no FP16 kernels), and the gate runs the graphs' FP16 emulation (serialized FP32 graphs
+that round as FP16 would), which no bundle holds; the sessions come from the runtime's session factory.
 """
 from __future__ import annotations
 
