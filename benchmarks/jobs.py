@@ -83,11 +83,7 @@ def measure_api(bundle: Path, resolution: int, sizes: Sequence[int], workdir: Pa
         Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     out = []
     for n in sizes:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.jobs", "api", str(bundle), str(folder), str(n)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"API run of {n} images failed: {proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = _child_run(f"API run of {n} images", "api", bundle, folder, n)
         out.append(ApiResult(r["images"], r["seconds"], r["images"] / r["seconds"], r["peak_rss_mib"]))
         print(f"  Scorer.score of {n} images: {out[-1].images_per_s:.1f} img/s, peak {out[-1].peak_rss_mib:.0f} MiB",
               file=sys.stderr)
@@ -96,12 +92,24 @@ def measure_api(bundle: Path, resolution: int, sizes: Sequence[int], workdir: Pa
 
 def api_table(results: Sequence[ApiResult]) -> str:
     base = results[0]
-    lines = ["| images in the list | run (s) | img/s | peak RSS (MiB) | list ratio | peak RSS ratio |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in results:
-        lines.append(f"| {r.images:,} | {r.seconds:.1f} | {r.images_per_s:.1f} | {r.peak_rss_mib:.0f} | "
-                     f"{r.images / base.images:.1f}x | {r.peak_rss_mib / base.peak_rss_mib:.2f}x |")
-    return "\n".join(lines)
+    return _markdown(["images in the list", "run (s)", "img/s", "peak RSS (MiB)", "list ratio", "peak RSS ratio"],
+                     [[f"{r.images:,}", f"{r.seconds:.1f}", f"{r.images_per_s:.1f}", f"{r.peak_rss_mib:.0f}",
+                       f"{r.images / base.images:.1f}x", f"{r.peak_rss_mib / base.peak_rss_mib:.2f}x"] for r in results])
+
+
+def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A right-aligned markdown table."""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header),
+                      *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def _child_run(what: str, *args: object) -> dict:
+    """``python -m benchmarks.jobs ARGS`` in a fresh process (its own peak RSS); its last line is JSON."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.jobs", *map(str, args)], capture_output=True, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _peak_rss_mib() -> float:
@@ -125,11 +133,7 @@ def measure_jobs(bundle: Path, sizes: Sequence[int], workdir: Path) -> list[JobR
         manifest, output = workdir / f"rows-{n}.csv", workdir / f"scores-{n}.csv"
         _write_manifest(manifest, n)
         output.unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.jobs", str(bundle), str(manifest), str(output)],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"job of {n} rows failed: {proc.stderr[-2000:]}")
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = _child_run(f"job of {n} rows", bundle, manifest, output)
         out.append(JobResult(r["rows"], r["seconds"], r["rows"] / r["seconds"], r["peak_rss_mib"], r["resume_seconds"]))
         print(f"  job {n} rows: {out[-1].rows_per_s:,.0f} rows/s, peak {out[-1].peak_rss_mib:.0f} MiB, "
               f"resume {out[-1].resume_seconds:.2f} s", file=sys.stderr)
@@ -141,12 +145,10 @@ def measure_jobs(bundle: Path, sizes: Sequence[int], workdir: Path) -> list[JobR
 def jobs_table(results: Sequence[JobResult]) -> str:
     """Markdown: each size with its ratios to the smallest, so growth is read off directly."""
     base = results[0]
-    lines = ["| rows | run (s) | rows/s | peak RSS (MiB) | resume scan (s) | rows ratio | resume time ratio |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in results:
-        lines.append(f"| {r.rows:,} | {r.seconds:.1f} | {r.rows_per_s:,.0f} | {r.peak_rss_mib:.0f} | "
-                     f"{r.resume_seconds:.2f} | {r.rows / base.rows:.1f}x | {r.resume_seconds / base.resume_seconds:.1f}x |")
-    return "\n".join(lines)
+    return _markdown(["rows", "run (s)", "rows/s", "peak RSS (MiB)", "resume scan (s)", "rows ratio", "resume time ratio"],
+                     [[f"{r.rows:,}", f"{r.seconds:.1f}", f"{r.rows_per_s:,.0f}", f"{r.peak_rss_mib:.0f}",
+                       f"{r.resume_seconds:.2f}", f"{r.rows / base.rows:.1f}x",
+                       f"{r.resume_seconds / base.resume_seconds:.1f}x"] for r in results])
 
 
 def as_dicts(results: Sequence[JobResult]) -> list[dict]:
