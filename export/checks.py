@@ -7,6 +7,7 @@ Torch-free: the runtime and ``ipiqa info`` read it too.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Mapping, Optional
 
@@ -51,7 +52,7 @@ def bounds_for(precision: str) -> Bounds:
         raise ValueError(f"no gate bounds for precision {precision!r}; known: {', '.join(BOUNDS)}") from None
 
 
-class Check:
+class Check(ABC):
     """The one result protocol of every gate check (FP32 parity, FP16 cosine, INT8 rank, the engine gate).
 
     Each check has a ``name``, a ``measure`` (the number judged), a ``bound`` it is judged against, ``passed``
@@ -74,8 +75,9 @@ class Check:
     def __bool__(self) -> bool:
         return self.passed
 
+    @abstractmethod
     def line(self) -> str:
-        raise NotImplementedError
+        """One log line: PASS/FAIL, the name, the measure against its bound."""
 
     def _fields(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]

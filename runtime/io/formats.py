@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import sys
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Optional, Sequence, Union
 
@@ -38,7 +39,7 @@ def output_format(path: Path) -> str:
     return "jsonl" if suffix in (".jsonl", ".ndjson") else "parquet" if suffix == ".parquet" else "csv"
 
 
-class Codec:
+class Codec(ABC):
     """One format on an open text stream. ``refusal``: why the format cannot resume (None: it can)."""
 
     refusal: Optional[str] = None
@@ -55,16 +56,17 @@ class Codec:
     def begin(self) -> None:
         """Whatever a new (not appended-to) file starts with."""
 
+    @abstractmethod
     def write(self, results: list[Result]) -> None:
-        raise NotImplementedError
+        """One batch's rows, flushed."""
 
     def close(self) -> None:
         """Whatever the file still needs once the last row is written."""
 
     @staticmethod
+    @abstractmethod
     def scan(fh: IO[bytes], outputs: Sequence[str], path: Path) -> Scanned:
         """The complete records of a written file, read in one pass; stops at the first partial one."""
-        raise NotImplementedError
 
 
 class CsvCodec(Codec):
@@ -155,6 +157,12 @@ class ParquetCodec(Codec):
                                       *[(o, self.pa.float64()) for o in self.outputs], ("error", self.pa.string())])
         self.writer = pq.ParquetWriter(fh.buffer, self.schema)
         self.pending: list[Result] = []
+
+    @staticmethod
+    def scan(fh: IO[bytes], outputs: Sequence[str], path: Path) -> Scanned:
+        """Never scanned: a Parquet file is complete only once closed (``check_resumable`` refuses first)."""
+        ParquetCodec.check_resumable(path)  # raises: this format has a refusal
+        return iter(())
 
     def write(self, results: list[Result]) -> None:
         self.pending.extend(results)
