@@ -121,7 +121,7 @@ def _api_rows(images: Iterable[ImageInput], prompts: Iterable[object]) -> Iterat
             yield Row(f"<{type(image).__name__}>", clean_prompt(prompt), source=image)
 
 
-def model_file_precision(precision: str, fp16: bool) -> str:
+def scorer_precision(precision: str, fp16: bool) -> str:
     """The one reading of ``fp16=True`` / ``--fp16``: an alias of precision ``fp16``, refused beside another."""
     if precision not in SCORER_PRECISIONS:
         raise IPIQAError(f"unknown precision {precision!r}; choose from {', '.join(SCORER_PRECISIONS)}")
@@ -136,9 +136,9 @@ class Scorer:
     def __init__(self, source: Union[str, Path], backend: str = "auto", device: Union[str, Device] = "auto",
                  cache_size: int = 16384, fp16: bool = False, compile: bool = False, precision: str = "auto"):
         """``precision``: ``auto`` | ``fp32`` | ``fp16`` | ``int8`` (see ``select_backend``); ``self.backend.name``
-        says what runs, e.g. ``onnxruntime-cpu-int8``. For a model file, ``fp16`` equals ``fp16=True``."""
+        says what runs, e.g. ``onnxruntime-cpu-int8``. ``fp16=True`` is ``precision="fp16"`` (``scorer_precision``)."""
         source = Path(source)
-        precision = model_file_precision(precision, fp16)
+        precision = scorer_precision(precision, fp16)
         if source.is_dir():
             self.manifest: Optional[Manifest] = read_bundle(source)
             self.cfg: IPIQAConfig = self.manifest.config

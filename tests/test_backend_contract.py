@@ -12,7 +12,7 @@ from ipiqa.errors import IPIQAError
 from ipiqa.export.checks import BOUNDS
 from ipiqa.runtime.backends import Backend, batch_spans
 from ipiqa.runtime.backends.ort import OrtBackend
-from ipiqa.runtime.scorer import Scorer, model_file_precision
+from ipiqa.runtime.scorer import Scorer, scorer_precision
 
 
 class ProfileRunner(Backend):
@@ -193,8 +193,8 @@ def test_image_embeddings_come_through_the_same_calls(manifest, plain):
 
 
 def test_fp16_flag_is_precision_fp16():
-    assert model_file_precision("auto", True) == "fp16" and model_file_precision("fp16", True) == "fp16"
-    assert model_file_precision("fp32", False) == "fp32"
+    assert scorer_precision("auto", True) == "fp16" and scorer_precision("fp16", True) == "fp16"
+    assert scorer_precision("fp32", False) == "fp32"
 
 
 def test_fp16_flag_with_another_precision_is_refused(tiny_model_file):

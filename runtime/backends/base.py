@@ -17,7 +17,7 @@ row's score depends on the padding (the graphs are row-independent: no batch sta
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -100,12 +100,8 @@ class Backend(ABC):
             raise IPIQAError(f"{self.name}: this model has no text branch")
         tokens = self._host(tokens)
         self._check("tokens", tokens)
-        out = []
-        for start, stop, size in batch_spans(len(tokens), self.min_batch, self.max_batch):
-            emb = np.asarray(self._encode_text(_padded(tokens[start:stop], size)), dtype=np.float32)
-            self._check_out("text_embedding", emb, size)
-            out.append(emb[: stop - start])
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.embed_dim), np.float32)
+        return self._over_spans("text_embedding", len(tokens),
+                                lambda a, b, size: self._encode_text(_padded(tokens[a:b], size)))
 
     def score(self, images: Any, text_embedding: Optional[np.ndarray] = None) -> np.ndarray:
         """uint8 (B, R, R, 3) pixels (+ float32 (B, E) text embeddings for a text model) -> float32 (B, N)."""
@@ -118,30 +114,32 @@ class Backend(ABC):
             self._check("text_embedding", text_embedding, rows=len(images))
         elif text_embedding is not None:
             raise IPIQAError(f"{self.name}: this image-only model takes no text embeddings")
-        out = []
-        for start, stop, size in batch_spans(len(images), self.min_batch, self.max_batch):
-            side = self._encode_image(_padded(images[start:stop], size))
-            text = None if text_embedding is None else _padded(text_embedding[start:stop], size)
-            scores = np.asarray(self._fuse(side, text), dtype=np.float32)
-            self._check_out("scores", scores, size)
-            out.append(scores[: stop - start])
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.num_outputs), np.float32)
+        text = text_embedding
+
+        def run(a: int, b: int, size: int) -> np.ndarray:
+            side = self._encode_image(_padded(images[a:b], size))
+            return self._fuse(side, None if text is None else _padded(text[a:b], size))
+
+        return self._over_spans("scores", len(images), run)
 
     def embed_images(self, images: Any) -> np.ndarray:
         """uint8 (B, R, R, 3) -> float32 (B, E) image embeddings, through the same engine calls as ``score``."""
         images = self._host(images)
         self._check("image", images)
-        out = []
-        for start, stop, size in batch_spans(len(images), self.min_batch, self.max_batch):
-            emb = np.asarray(self._image_embedding(self._encode_image(_padded(images[start:stop], size))), np.float32)
-            self._check_out("image_embedding", emb, size)
-            out.append(emb[: stop - start])
-        return np.concatenate(out) if out else np.zeros((0, self.cfg.embed_dim), np.float32)
+        return self._over_spans("image_embedding", len(images), lambda a, b, size: self._image_embedding(
+            self._encode_image(_padded(images[a:b], size))))
 
-    def _check_out(self, tensor: str, x: np.ndarray, rows: int) -> None:
-        expected = (rows, *io_shapes(self.cfg)[tensor][0][1:])
-        if x.shape != expected:
-            raise IPIQAError(f"{self.name}: the engine returned {tensor} of shape {x.shape}, expected {expected}")
+    def _over_spans(self, tensor: str, n: int, call: Callable[[int, int, int], Any]) -> np.ndarray:
+        """``call(start, stop, padded size)`` over ``batch_spans``: each output checked, trimmed, joined."""
+        per_row = tuple(io_shapes(self.cfg)[tensor][0][1:])
+        out = [np.zeros((0, *per_row), np.float32)]
+        for start, stop, size in batch_spans(n, self.min_batch, self.max_batch):
+            y = np.asarray(call(start, stop, size), dtype=np.float32)
+            if y.shape != (size, *per_row):
+                raise IPIQAError(f"{self.name}: the engine returned {tensor} of shape {y.shape}, expected "
+                                 f"{(size, *per_row)}")
+            out.append(y[: stop - start])
+        return np.concatenate(out)
 
     def __enter__(self) -> "Backend":
         return self
