@@ -150,8 +150,9 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
               "and cannot be resumed), '-' for stdout.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None,
               help="Output format (default: from the file suffix, else csv).")
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "torch"]), default="auto",
-              show_default=True, help="auto: TensorRT engines > onnxruntime GPU > onnxruntime CPU (torch for MODEL files).")
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "openvino", "torch"]), default="auto",
+              show_default=True, help="auto: TensorRT engines > onnxruntime GPU > on CPU the fastest gated choice "
+              "(openvino BF16, else onnxruntime INT8/FP32; torch for MODEL files). openvino: ipiqa[openvino], CPU.")
 @click.option("--device", default="auto", show_default=True, callback=device_option, help=DEVICE_HELP)
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
@@ -165,11 +166,14 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
                    "the 2-core CI machine: 3.5x the exact path per core on 1024 and 2048 px JPEGs (max 13 and 7, "
                    "mean 1.1 and 0.9 levels of pixel difference); no change below 2x the resolution. "
                    "Score deviation: README 'Speed'.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "int8"]), default="auto", show_default=True,
-              help="Which of the bundle's graphs run. auto: FP32 on CPU, the FP16 graphs on onnxruntime GPU when the "
-                   "bundle has them, the engines' own precision on TensorRT. int8: the bundle's INT8 image graph on "
-                   "CPU (export with --int8 --calibration), or INT8 TensorRT engines. fp16: GPUs only. A precision "
-                   "the bundle or device cannot serve is refused with the command that builds it.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+              show_default=True,
+              help="Which of the bundle's graphs run. auto: on CPU the fastest choice the bundle's gates and the CPU "
+                   "allow (BF16 on openvino, else INT8 or FP32); the FP16 graphs on onnxruntime GPU when the bundle "
+                   "has them; the engines' own precision on TensorRT. bf16: the FP32 graphs with BF16 inference on "
+                   "openvino, on CPUs with AMX or AVX512-BF16 (export with --bf16). int8: the bundle's INT8 image "
+                   "graph on CPU (export with --int8 --calibration), or INT8 TensorRT engines. fp16: GPUs only. A "
+                   "precision the bundle or device cannot serve is refused with the command that builds it.")
 @click.option("--fp16", is_flag=True, help="Half precision for the torch backend on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the image encoder (CUDA graphs on GPU).")
 @click.option("--resume", is_flag=True, help="Skip the rows the output file already holds; append the rest.")
