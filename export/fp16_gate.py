@@ -1,9 +1,9 @@
 """The FP16 gate: FP16 graphs against the FP32 graphs on ONNX Runtime CPU, FP16 rounding emulated.
 
 Bounds from ``checks.BOUNDS["fp16"]``: scores within 2e-2 absolute, Spearman where they spread, every
-intermediate tensor at per-row cosine ``FP16_COSINE``. Not through ``OrtBackend``: the backend refuses FP16
-on the CPU provider (no FP16 kernels), and the gate runs the graphs' FP16 emulation (serialized FP32 graphs
-that round as FP16 would), which no bundle holds; the sessions come from the runtime's session factory.
+intermediate tensor at per-row cosine ``FP16_COSINE``. Through the runtime's ``OrtBackend`` on the CPU
+provider, over the graphs' FP16 emulation (serialized FP32 graphs that round as FP16 would): ONNX Runtime CPU
+has no FP16 kernels, so the FP16 files themselves run only on GPU providers (the engine gate's side).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from ipiqa._optional import require
 
 from .checks import BOUNDS, CosineResult
 from .fp16 import ONNX_FLOAT, ONNX_FLOAT16
-from .graph_runs import batches, graph_session, run_graphs
+from .graph_runs import batches, graph_backend, run_graphs
 from .measures import cosine_result, scores_spread, with_spread_note
 from .parity import ParityResult, compare
 
@@ -87,27 +87,28 @@ def score_results(label: str, ref: np.ndarray, out: np.ndarray, columns: Collect
 
 def fp16_gate(fp32: Mapping[str, Path], fp16: Mapping[str, Path], images: np.ndarray,
               tokens: Optional[np.ndarray] = None, columns: Collection[str] = ()) -> list[Union[ParityResult, CosineResult]]:
-    """FP16 graphs against the FP32 graphs on ONNX Runtime CPU: end to end, and each graph alone.
+    """FP16 graphs against the FP32 graphs through the runtime's ``OrtBackend`` on CPU: end to end, and each
+    graph alone.
 
     The FP16 graphs run as their ``fp16_emulation`` (ONNX Runtime CPU would skip their FP16 rounding).
     Each FP16 graph is also run with the other two in FP32, so a failure names the graph that caused it.
     Passes when every result passes: scores <= 2e-2 absolute and Spearman >= 0.999 where they spread;
     every intermediate tensor (feature map, embeddings) at per-row cosine >= ``FP16_COSINE``.
     """
-    ref = run_graphs(fp32, images, tokens)
     emulated = {name: fp16_emulation(Path(p)) for name, p in fp16.items()}
-    low = run_graphs(emulated, images, tokens)
-    results: list = score_results("fp16[end_to_end]", ref["scores"], low["scores"], columns)
-    results += [with_spread_note(cosine_result(f"fp16[end_to_end]/{k}", ref[k], low[k], FP16_COSINE), ref[k])
-                for k in ref if k != "scores"]
-    fusion32, fusion16 = graph_session(fp32["fusion"]), graph_session(emulated["fusion"])
-    sources = {"image_encoder": ("feature_map", "image_embedding"), "text_encoder": ("text_embedding",)}
-    for graph, session in (("image_encoder", fusion32), ("text_encoder", fusion32), ("fusion", fusion16)):
-        if graph not in fp16:
-            continue
-        feeds = {**ref, **{k: low[k] for k in sources.get(graph, ())}}
-        scores = np.concatenate([session.run(["scores"], {i.name: feeds[i.name][part] for i in session.get_inputs()})[0]
-                                 for part in batches(len(images), 16)])
-        results += score_results(f"fp16[{graph}]", ref["scores"], scores, columns)
+    with graph_backend(fp32) as high, graph_backend(emulated, "fp16-emulated") as low_backend:
+        ref, low = run_graphs(high, images, tokens), run_graphs(low_backend, images, tokens)
+        results: list = score_results("fp16[end_to_end]", ref["scores"], low["scores"], columns)
+        results += [with_spread_note(cosine_result(f"fp16[end_to_end]/{k}", ref[k], low[k], FP16_COSINE), ref[k])
+                    for k in ref if k != "scores"]
+        sources = {"image_encoder": ("feature_map", "image_embedding"), "text_encoder": ("text_embedding",)}
+        for graph, backend in (("image_encoder", high), ("text_encoder", high), ("fusion", low_backend)):
+            if graph not in fp16:
+                continue
+            feeds = {**ref, **{k: low[k] for k in sources.get(graph, ())}}
+            text = feeds.get("text_embedding")
+            scores = np.concatenate([backend.fusion_outputs({k: v[part] for k, v in feeds.items()},
+                                                            None if text is None else text[part])["scores"]
+                                     for part in batches(len(images), 16)])
+            results += score_results(f"fp16[{graph}]", ref["scores"], scores, columns)
     return results
-

@@ -41,7 +41,7 @@ from ipiqa.errors import IPIQAError
 from ipiqa.metrics import srcc
 
 from .checks import BOUNDS, CosineResult, RankResult, bounds_for
-from .graph_runs import graph_session, run_graphs
+from .graph_runs import graph_backend, run_graphs
 from .int8_settings import QuantSettings
 from .measures import cosine_result, scores_spread, with_spread_note
 from .quantize import quantize_image_graph, sensitive_nodes
@@ -97,24 +97,16 @@ def int8_gate(fp32: Mapping[str, Path], int8_image: Path, settings: QuantSetting
               tokens: Optional[np.ndarray] = None, columns: Sequence[str] = ()) -> Int8Gate:
     """The INT8 image graph composed with the FP32 text and fusion graphs, against all-FP32, on ``images``.
 
-    Sessions come from the runtime's factory with its options. CPU target: optimized, the fused int8 kernels
-    ``OrtBackend(manifest, "cpu", precision="int8")`` runs; the backend itself is not driven because it takes
-    a manifest, and the manifest is written only once every gate has passed. TensorRT target: Q/DQ executed as
-    written (fake quantization in FP32), which is what TensorRT's explicit quantization computes exactly,
-    without the CPU kernels' u8 x s8 saturation.
+    Through the runtime's ``OrtBackend`` on the set it serves (``OrtBackend.from_graphs``: the manifest is
+    written only once every gate has passed). CPU target: optimized, the fused int8 kernels the served
+    backend runs. TensorRT target: Q/DQ executed as written (fake quantization in FP32), which is what
+    TensorRT's explicit quantization computes exactly, without the CPU kernels' u8 x s8 saturation.
     """
     ref = run_graphs(fp32, images, tokens)
-    session = graph_session(Path(int8_image), optimize=settings.target == "cpu")
-    fusion = graph_session(fp32["fusion"])
-    emb, scores = [], []
-    for i in range(0, len(images), 8):
-        fmap_i, emb_i = session.run(None, {"image": images[i:i + 8]})
-        feeds = {"feature_map": fmap_i, "image_embedding": emb_i,
-                 **({"text_embedding": ref["text_embedding"][i:i + 8]} if "text_embedding" in ref else {})}
-        scores.append(fusion.run(["scores"], {x.name: feeds[x.name] for x in fusion.get_inputs()})[0])
-        emb.append(emb_i)
-    results = int8_checks("int8", ref["image_embedding"], np.concatenate(emb), ref["scores"], np.concatenate(scores),
-                          columns)
+    served = {**fp32, "image_encoder": Path(int8_image)}  # the set OrtBackend(manifest, precision="int8") serves
+    with graph_backend(served, "int8", optimize=settings.target == "cpu") as backend:
+        low = run_graphs(backend, images, tokens, batch=8)
+    results = int8_checks("int8", ref["image_embedding"], low["image_embedding"], ref["scores"], low["scores"], columns)
     return Int8Gate(settings, tuple(results), len(images))
 
 

@@ -19,7 +19,7 @@ from .manifest import (BUNDLE_FORMAT, FORMAT_CHANGES, GRAPHS, PRECISIONS, Manife
 from .rebuild import REBUILD, rebuild_command
 
 __all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "Manifest", "sha256_file", "read_bundle", "write_manifest",
-           "check_graph_metadata", "check_engine_compat", "parse_batch_profile", "rebuild_command"]
+           "check_graph_metadata", "embedded_config", "check_engine_compat", "parse_batch_profile", "rebuild_command"]
 
 METADATA_CONFIG_KEY = "ipiqa.config"
 METADATA_PRECISION_KEY = "ipiqa.precision"  # written into FP16 and INT8 graphs (export.fp16, export.int8)
@@ -85,6 +85,20 @@ def read_bundle(root: Union[str, Path], verify_hashes: bool = True, ipiqa_versio
             if sha256_file(f) != digest:
                 raise BundleError(f"{f}: SHA-256 does not match the manifest (file changed or corrupt); {REBUILD}")
     return manifest
+
+
+def embedded_config(metadata: Mapping[str, Mapping[str, str]]) -> IPIQAConfig:
+    """The config a graph set embeds (``{graph: metadata}``): each graph carries it, and all must agree.
+
+    What a backend reads when no manifest describes the set yet (the export's gates)."""
+    configs = {name: m.get(METADATA_CONFIG_KEY) for name, m in metadata.items()}
+    missing = sorted(name for name, c in configs.items() if c is None)
+    if missing:
+        raise BundleError(f"graphs {missing} carry no ipiqa config (not exported by ipiqa-export)")
+    distinct = {IPIQAConfig.from_json(c) for c in configs.values()}
+    if len(distinct) != 1:
+        raise BundleError(f"the graphs were exported for different configs: {sorted(set(configs.values()))}")
+    return distinct.pop()
 
 
 def check_graph_metadata(manifest: Manifest, name: str, metadata: Mapping[str, str],

@@ -288,3 +288,22 @@ def test_stored_gate_records_read_back_as_the_checks_that_wrote_them(tiny_model_
                             held_out=_held_out(manifest.config), columns=manifest.config.outputs)
     again = [check_from_dict(r.to_dict()) for r in results]
     assert again == results and [r.passed for r in again] == [r.passed for r in results]
+
+
+def test_a_graph_set_without_a_manifest_takes_the_config_its_graphs_embed(manifest):
+    graphs = {name: manifest.graph_path(name) for name in manifest.onnx.graphs}
+    with OrtBackend.from_graphs(graphs) as backend:
+        assert backend.cfg == manifest.config and backend.name == "onnxruntime-cpu"
+
+
+def test_graphs_exported_for_different_configs_are_refused_as_one_set(manifest):
+    from dataclasses import replace
+
+    from ipiqa.bundle import METADATA_CONFIG_KEY, embedded_config
+
+    cfg = manifest.config
+    one, other = cfg.to_json(), replace(cfg, resolution=2 * cfg.resolution).to_json()
+    with pytest.raises(IPIQAError, match="different configs"):
+        embedded_config({"image_encoder": {METADATA_CONFIG_KEY: one}, "fusion": {METADATA_CONFIG_KEY: other}})
+    with pytest.raises(IPIQAError, match=r"\['fusion'\] carry no ipiqa config"):
+        embedded_config({"image_encoder": {METADATA_CONFIG_KEY: one}, "fusion": {}})

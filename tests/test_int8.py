@@ -210,3 +210,21 @@ def test_an_unreadable_calibration_file_is_skipped_with_a_warning(tmp_path, capl
     broken.write_bytes(files[0].read_bytes()[:40])
     batches = list(calibration_batches([files[0], broken, files[1]], R, size=3))
     assert [len(b) for b in batches] == [2] and "skipped" in caplog.text and "broken.png" in caplog.text
+
+
+def test_the_cpu_int8_gate_runs_through_the_backend_that_serves_the_int8_graph(setup, monkeypatch):
+    from ipiqa.runtime.backends.ort import OrtBackend
+
+    root, graphs, calibration, held, tokens, cfg = setup
+    out = root / "through" / "image_encoder.int8.onnx"
+    settings = quantize_image_graph(graphs["image_encoder"], out, calibration_batches(calibration, R, 24), "cpu")
+    assert int8_gate(graphs, out, settings, held, tokens, cfg.outputs)
+    served = OrtBackend._encode_image
+
+    def broken(self, images):  # the INT8 backend's image call, and only it, returns another image's outputs
+        side = served(self, images)
+        return {k: v[::-1].copy() for k, v in side.items()} if self.precision == "int8" else side
+
+    monkeypatch.setattr(OrtBackend, "_encode_image", broken)
+    failed = [r.name for r in int8_gate(graphs, out, settings, held, tokens, cfg.outputs).results if not r]
+    assert "int8/image_embedding" in failed

@@ -76,6 +76,15 @@ class Backend(ABC):
         """The image embedding inside a handle, on the host: the gates read it (INT8 is judged by its cosine)."""
         raise IPIQAError(f"{self.name}: this backend does not expose its image embedding")
 
+    # -- what the gates read beyond ``score`` (every intermediate tensor); CPU backends provide them
+    def image_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the image graph for a batch (the gates check the feature map too)."""
+        raise IPIQAError(f"{self.name}: this backend does not expose its image graph's outputs")
+
+    def fusion_outputs(self, image_side: Any, text_embedding: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output of the fusion graph (the gates read the gate-only ``pooled``)."""
+        raise IPIQAError(f"{self.name}: this backend does not expose its fusion graph's outputs")
+
     def close(self) -> None:
         """Release engines and buffers; safe to call twice."""
 

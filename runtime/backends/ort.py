@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ipiqa.bundle import PRECISIONS, Manifest, check_graph_metadata, rebuild_command
+from ipiqa.bundle import PRECISIONS, Manifest, check_graph_metadata, embedded_config, rebuild_command
+from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 
 from .base import Backend
@@ -75,11 +76,6 @@ class OrtBackend(Backend):
             raise IPIQAError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
                              "install onnxruntime-gpu (pip install 'ipiqa[gpu]') for cuda/tensorrt")
         paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}  # refuses
-        self.cfg = manifest.config
-        self.gpu = provider != "cpu"
-        self.device_id = device_id
-        self.precision = precision
-        self.name = f"onnxruntime-{provider}" + ("" if precision == "fp32" else f"-{precision}")
         providers: list[Any] = [PROVIDERS["cpu"]]
         if provider == "cuda":
             providers.insert(0, (PROVIDERS["cuda"], {"device_id": device_id}))
@@ -91,13 +87,44 @@ class OrtBackend(Backend):
                                                       "trt_engine_cache_enable": True,
                                                       "trt_engine_cache_path": str(cache)}),
                              (PROVIDERS["cuda"], {"device_id": device_id})]
-        threads = 0 if self.gpu else threads or os.cpu_count() or 1  # all cores inside each op on CPU
+        threads = 0 if provider != "cpu" else threads or os.cpu_count() or 1  # all cores inside each op on CPU
+        self._open(manifest.config, paths, provider, device_id, precision, providers, threads, fp16=precision == "fp16",
+                   check=lambda name, sess: check_graph_metadata(
+                       manifest, name, sess.get_modelmeta().custom_metadata_map,
+                       {i.name: i.shape for i in sess.get_inputs()}, precision))
+
+    @classmethod
+    def from_graphs(cls, graphs: Mapping[str, Union[Path, bytes]], label: str = "fp32", optimize: bool = True,
+                    threads: int = 0, fp16: bool = False) -> "OrtBackend":
+        """The gates' backend: a graph set on the CPU provider that no manifest lists yet (the manifest is
+        written once every gate has passed), or that none ever will (the FP16 gate's emulation graphs).
+
+        The same engine calls as the served backend; the config comes from the graphs themselves (each one
+        embeds it, and they must agree). ``label``: what the set is, for the backend's name. ``optimize=False``
+        runs Q/DQ as written (what TensorRT's explicit quantization computes).
+        """
+        backend = cls.__new__(cls)
+        backend._open(None, graphs, "cpu", 0, label, [PROVIDERS["cpu"]], threads,
+                      fp16=fp16,
+                      optimize=optimize, quiet=True)
+        return backend
+
+    def _open(self, cfg: Optional[IPIQAConfig], graphs: Mapping[str, Union[Path, bytes]], provider: str,
+              device_id: int, precision: str, providers: Sequence[Any], threads: int, fp16: bool = False,
+              optimize: bool = True, quiet: bool = False,
+              check: Callable[[str, Any], None] = lambda name, sess: None) -> None:
+        """Sessions for ``graphs``; ``cfg`` None: the config the graphs embed (refused when they disagree)."""
+        self.gpu = provider != "cpu"
+        self.device_id = device_id
+        self.precision = precision
+        self.name = f"onnxruntime-{provider}" + ("" if precision == "fp32" else f"-{precision}")
         self.sessions = {}
-        for name, path in paths.items():
-            sess = ort_session(path, threads, fp16=precision == "fp16", providers=providers)
-            check_graph_metadata(manifest, name, sess.get_modelmeta().custom_metadata_map,
-                                 {i.name: i.shape for i in sess.get_inputs()}, precision)
+        for name, source in graphs.items():
+            sess = ort_session(source, threads, optimize=optimize, fp16=fp16, providers=providers, quiet=quiet)
+            check(name, sess)
             self.sessions[name] = sess
+        self.cfg = cfg if cfg is not None else embedded_config(
+            {name: sess.get_modelmeta().custom_metadata_map for name, sess in self.sessions.items()})
         self._image_names = [o.name for o in self.sessions["image_encoder"].get_outputs()]
 
     def _encode_image(self, images: np.ndarray) -> dict[str, Any]:
