@@ -1,0 +1,117 @@
+"""``ipiqa report`` and ``ipiqa select`` on large scores files: time, peak memory and the page's size.
+
+A scores file of N rows is written by the real codec (``ResultWriter``, as ``ipiqa score`` writes it): two
+outputs, N/4 distinct prompts of four images each (best of 4), 1% error rows, image paths cycling over a few
+real PNGs (so thumbnails are decoded, as in a real report). Each measurement runs in a fresh process, so the
+peak RSS is that command's alone (interpreter and numpy included). Public API only.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["measure_report", "report_table"]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def write_scores(path: Path, rows: int, images: Sequence[str]) -> None:
+    """A scores file of ``rows`` rows in the layout of ``ipiqa score`` (by its own writer)."""
+    import numpy as np
+
+    from ipiqa.runtime.io import Result, ResultWriter, Row
+
+    rng = np.random.default_rng(0)
+    prompt_quality = rng.normal(0.5, 0.12, size=rows // 4 + 1)
+    noise = rng.normal(0.0, 0.08, size=(rows, 2))
+    with ResultWriter(path, ("quality", "alignment")) as writer:
+        batch = []
+        for i in range(rows):
+            row = Row(images[i % len(images)], f"a generated scene, prompt number {i // 4}")
+            if i % 100 == 99:
+                batch.append(Result(row, None, f"{row.image}: corrupt image (synthetic error)"))
+            else:
+                q = float(prompt_quality[i // 4] + noise[i, 0])
+                batch.append(Result(row, (q, float(0.6 * q + 0.2 + noise[i, 1]))))
+            if len(batch) == 8192:
+                writer.write(batch)
+                batch = []
+        writer.write(batch)
+
+
+def _child(kind: str, scores: str, output: str) -> dict:
+    if kind == "report":
+        from ipiqa.runtime.report.build import write_report
+
+        r = write_report(scores, output)
+        return {"seconds": r.seconds, "bytes": r.bytes, "rows": r.rows, "thumbnails": r.thumbnails,
+                "peak_rss_mib": _peak_rss_mib()}
+    from ipiqa.runtime.report.select import Selection, write_selection
+
+    s = write_selection(scores, output, Selection(top_k=1, per="prompt"))
+    return {"seconds": s.seconds, "rows": s.rows, "kept": s.kept, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _run_child(kind: str, scores: Path, output: Path) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r}); "
+            "from benchmarks.report_bench import _child; print(json.dumps(_child(*sys.argv[1:])))")
+    out = subprocess.run([sys.executable, "-c", code, kind, str(scores), str(output)], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_report(workdir: Path, sizes: Sequence[int] = (200_000,), images: int = 32) -> dict:
+    """For each size: the scores file's size, then ``write_report`` (time, page size, peak RSS) and
+    ``write_selection --top-k 1 --per prompt`` (time, rows kept, peak RSS), each in a fresh process."""
+    import numpy as np
+    from PIL import Image
+
+    workdir = Path(workdir)
+    folder = workdir / "report-images"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(images):
+        p = folder / f"img{i:03d}.png"
+        if not p.exists():
+            arr = np.random.default_rng(i).integers(0, 256, size=(512, 512, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(p)
+        paths.append(str(p))
+    results = []
+    for n in sizes:
+        scores = workdir / f"scores-{n}.csv"
+        start = time.perf_counter()
+        write_scores(scores, n, paths)
+        written = time.perf_counter() - start
+        report = _run_child("report", scores, workdir / f"report-{n}.html")
+        select = _run_child("select", scores, workdir / f"keep-{n}.csv")
+        results.append({"rows": n, "scores_mb": scores.stat().st_size / 1e6, "write_scores_seconds": written,
+                         "report_seconds": report["seconds"], "report_mb": report["bytes"] / 1e6,
+                         "report_thumbnails": report["thumbnails"], "report_peak_rss_mib": report["peak_rss_mib"],
+                         "select_seconds": select["seconds"], "select_kept": select["kept"],
+                         "select_peak_rss_mib": select["peak_rss_mib"]})
+    return {"sizes": results, "markdown": report_table(results)}
+
+
+def report_table(results: Sequence[dict]) -> str:
+    lines = ["| rows | scores file | report: time | page | peak RSS | select top-1 per prompt: time | kept | peak RSS |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['rows']:,} | {r['scores_mb']:.1f} MB | {r['report_seconds']:.1f} s | {r['report_mb']:.2f} MB "
+                     f"| {r['report_peak_rss_mib']:.0f} MiB | {r['select_seconds']:.1f} s | {r['select_kept']:,} "
+                     f"| {r['select_peak_rss_mib']:.0f} MiB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m benchmarks.report_bench [ROWS...]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = measure_report(Path(tmp), [int(a) for a in sys.argv[1:]] or (200_000,))
+    print(out["markdown"])
