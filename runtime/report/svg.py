@@ -46,7 +46,7 @@ def histogram_svg(hist: Histogram, label: str, output: str = "", width: int = 37
     return "".join(parts)
 
 
-def scatter_svg(points: Sequence[tuple[float, float]], xname: str, yname: str, width: int = 360,
+def scatter_svg(points: Sequence[tuple[float, float]], xname: str, yname: str, width: int = 340,
                 height: int = 300) -> str:
     """One dot per sampled row; axes over the sample's range."""
     left, right, top, bottom = 52, 12, 10, 34
