@@ -140,14 +140,38 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
     return summary
 
 
+class _ImagesPath(InputPath):
+    """``--images``: a path (checked as ``InputPath`` does), or a shard pattern (braces, glob) that RowSource
+    expands; a pattern is not a file, so it is passed on as written."""
+
+    def convert(self, value, param, ctx):
+        text = os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
+        if set("{}*?[") & set(text) and not os.path.lexists(text):
+            return Path(text)
+        return super().convert(value, param, ctx)
+
+
 @click.command("score")
 @click.argument("model", type=InputPath(exists=True, path_type=Path))
-@click.option("--images", "--image", "source", required=True, type=InputPath(exists=True, path_type=Path),
-              help="A folder of images, one image, or a CSV/TSV/JSONL manifest with columns image,prompt.")
+@click.option("--images", "--image", "source", required=True, type=_ImagesPath(exists=True, path_type=Path),
+              help="A folder of images, one image, a CSV/TSV/JSONL manifest with columns image,prompt, WebDataset "
+                   "tar shards ('DIR/{00000..00099}.tar', a glob, a folder of them or a text file listing them; rows "
+                   "are named SHARD::KEY) or Parquet files with an image column (rows named FILE::ROW).")
+@click.option("--prompt-field", default=None, callback=text_option,
+              help="Shards: the field of a sample's .json holding its prompt when it has no .txt [default: prompt].")
+@click.option("--image-column", default=None, callback=text_option,
+              help="Parquet: the image column: encoded bytes, a {bytes, path} struct (Hugging Face Image) or a path "
+                   "[default: image].")
+@click.option("--prompt-column", default=None, callback=text_option,
+              help="Parquet: the prompt column [default: prompt, when present].")
 @click.option("--prompt", default=None, callback=text_option,
               help="Prompt for images without one (a folder, one image, empty cells).")
 @click.option("-o", "--output", default="-", show_default=True, help="Output file (.csv, .jsonl or .parquet; Parquet needs ipiqa[parquet] "
               "and cannot be resumed), '-' for stdout.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="One output file per input shard or Parquet file (OUT/NAME.csv, or --format), renamed into place "
+                   "only when complete: a rerun skips complete ones, and runs on several machines sharing the list "
+                   "and the folder score each shard once.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None,
               help="Output format (default: from the file suffix, else csv).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "openvino", "torch"]), default="auto",
@@ -183,8 +207,9 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
               help="Score on a Ray cluster (ADDRESS, or a local one): decode in CPU tasks, one scorer per GPU.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly
-def score_cmd(model, source, prompt, output, fmt, backend, device, batch, workers, decode, fast_decode, precision, fp16,
-              compile_, resume, fail_fast, ray_address, allow_errors, quiet) -> None:
+def score_cmd(model, source, prompt_field, image_column, prompt_column, prompt, output, output_dir, fmt, backend, device,
+              batch, workers, decode, fast_decode, precision, fp16, compile_, resume, fail_fast, ray_address, allow_errors,
+              quiet) -> None:
     """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
 
     Every input row gets one output row, in input order: the scores, or an 'error' cell naming the
@@ -202,19 +227,33 @@ def score_cmd(model, source, prompt, output, fmt, backend, device, batch, worker
       ipiqa score model.safetensors --images data.csv --backend torch --device cuda --fp16 --decode device
       ipiqa score bundle/ --images data.csv -o scores.csv --device cpu --precision int8
       ipiqa score bundle/ --images data.csv -o scores.csv --ray ray://head:10001
+      ipiqa score bundle/ --images 'shards/{00000..04999}.tar' --output-dir scores/ --prompt-field caption
+      ipiqa score bundle/ --images train.parquet --prompt-column text -o scores.jsonl
     """
+    from ipiqa.runtime.io import RowSource
+
+    if output_dir is not None and str(output) != "-":
+        raise IPIQAError("give -o FILE (one output) or --output-dir DIR (one output per shard), not both")
+    options = dict(prompt_field=prompt_field, image_column=image_column, prompt_column=prompt_column)
     if ray_address is not None:
         require("ray", extra="ray")
         from ipiqa.runtime.distributed import score_with_ray
 
         if precision != "auto":
             raise IPIQAError("--ray scores with each worker's automatic precision; drop --precision (or score without --ray)")
-        if resume or fail_fast or str(output) == "-" or decode != "host" or fast_decode:
-            raise IPIQAError("--ray writes a file (-o scores.csv/.jsonl/.parquet) and does not take --resume, "
-                             "--fail-fast, --decode device or --fast-decode")
-        summary = score_with_ray(model, source, output, prompt, ray_address, batch_size=batch, backend=backend,
-                                 device=device, fmt=fmt)
-        click.echo(f"{summary.rows} rows scored on Ray ({summary.errors} errors) in {summary.seconds:.1f}s", err=True)
+        if (resume and output_dir is None) or fail_fast or (str(output) == "-" and output_dir is None) \
+                or decode != "host" or fast_decode:
+            raise IPIQAError("--ray writes a file (-o scores.csv/.jsonl/.parquet) or --output-dir, and does not take "
+                             "--resume (with --output-dir complete shards are always skipped), --fail-fast, "
+                             "--decode device or --fast-decode")
+        rows = RowSource(source, prompt, **options)
+        summary = score_with_ray(model, rows, output_dir if output_dir is not None else output, None, ray_address,
+                                 batch_size=batch, backend=backend, device=device, fmt=fmt,
+                                 per_partition=output_dir is not None)
+        if output_dir is not None:
+            _partitions_line(summary, output_dir, "on Ray ")
+        else:
+            click.echo(f"{summary.rows} rows scored on Ray ({summary.errors} errors) in {summary.seconds:.1f}s", err=True)
         if summary.errors and not allow_errors:
             sys.exit(EXIT_ROW_ERRORS)
         return
@@ -222,10 +261,42 @@ def score_cmd(model, source, prompt, output, fmt, backend, device, batch, worker
     from ipiqa.runtime.scorer import Scorer
 
     with Scorer(model, backend=backend, device=device, fp16=fp16, compile=compile_, precision=precision) as scorer:
-        summary = run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt, resume, fail_fast, decode,
-                              fast_decode)
+        rows = RowSource(source, prompt, **options)
+        if output_dir is not None:  # --resume is what --output-dir always does: complete shards are skipped
+            summary = _score_partitions(scorer, rows, output_dir, fmt, batch, workers, quiet, fail_fast, decode,
+                                        fast_decode)
+        else:
+            summary = run_scoring(scorer, rows, output, fmt, batch, workers, quiet, None, resume, fail_fast, decode,
+                                  fast_decode)
     if summary.errors and not allow_errors:
         sys.exit(EXIT_ROW_ERRORS)
+
+
+def _score_partitions(scorer, rows, output_dir, fmt, batch, workers, quiet, fail_fast, decode, fast_decode):
+    """``score --output-dir``: one file per shard (``runtime.io.partitions``), a progress bar over rows."""
+    from tqdm import tqdm
+
+    from ipiqa.runtime.io.partitions import score_partitions
+
+    bar = tqdm(unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5)
+    try:
+        summary = score_partitions(scorer, rows, output_dir, fmt, batch, workers, fail_fast,
+                                   on_results=lambda results: bar.update(len(results)), decode=decode,
+                                   fast_decode=fast_decode)
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+    _partitions_line(summary, output_dir, f"backend {scorer.backend.name}, ")
+    return summary
+
+
+def _partitions_line(summary, output_dir, where: str) -> None:
+    busy = f", {summary.busy} being scored by another run" if summary.busy else ""
+    click.echo(f"{summary.partitions} shards into {output_dir}: {summary.scored} scored now ({summary.rows} rows, "
+               f"{summary.errors} errors), {summary.complete} already complete{busy}; {where}"
+               f"{summary.seconds:.1f}s", err=True)
 
 
 cli.add_command(score_cmd)

@@ -4,7 +4,12 @@ Same rows, row rules (``runtime.rows``) and output schema as the single-machine 
 manifest is read by one Ray read task in blocks, and results come back to the driver in input order
 (``preserve_order``) and are written as they arrive, so neither the driver nor the cluster holds the job.
 Ray's actor restarts and task retries re-run a batch whose actor died; the driver checks that row indices
-arrive exactly once, in order. Imported only with ``--ray``.
+arrive exactly once, in order. Shard and Parquet rows carry their encoded bytes through the blocks.
+
+``per_partition`` (``--ray --output-dir``): one Ray actor task per shard or Parquet file instead, each actor a
+``Scorer`` running ``io.partitions.score_partition``, the single-machine per-shard path itself (claim, write
+aside, rename), so rows equal a local run's and a retried task resumes its shard's partial file. Imported
+only with ``--ray``.
 """
 from __future__ import annotations
 
@@ -18,9 +23,9 @@ import numpy as np
 from ipiqa.device import parse_device
 from ipiqa.errors import IPIQAError
 
-from .io import OutputLock, ResultWriter, RowSource, refuse_same_file, writable_rows
+from .io import OutputLock, ResultWriter, RowSource, writable_rows
 from .pipeline import RunSummary, decode_row, score_batch
-from .rows import Row, check_prompt_source, finish
+from .rows import Row, finish
 
 __all__ = ["score_with_ray"]
 
@@ -37,7 +42,12 @@ def _table(rows: list[tuple[int, Row]]):
     return pa.table({"index": pa.array([i for i, _ in rows], pa.int64()),
                      "image": pa.array([r.image for _, r in rows], pa.string()),
                      "prompt": pa.array([r.prompt for _, r in rows], pa.string()),
-                     "row_error": pa.array([r.error for _, r in rows], pa.string())})
+                     "row_error": pa.array([r.error for _, r in rows], pa.string()),
+                     # a shard member's / Parquet cell's encoded bytes, or the file a labelled row reads
+                     "data": pa.array([bytes(r.source) if isinstance(r.source, (bytes, bytearray, memoryview))
+                                       else None for _, r in rows], pa.binary()),
+                     "data_path": pa.array([str(r.source) if isinstance(r.source, Path) else None for _, r in rows],
+                                           pa.string())})
 
 
 def _blocks(rows: Iterable[Row]) -> Iterator:
@@ -51,7 +61,7 @@ def _blocks(rows: Iterable[Row]) -> Iterator:
         yield _table(block)
 
 
-def _datasource(source: Union[str, Path], prompt: Optional[str]):
+def _datasource(source: RowSource):
     """A Ray datasource with one streaming read task over a folder or manifest."""
     from ray.data import Datasource
     from ray.data.block import BlockMetadata
@@ -62,15 +72,19 @@ def _datasource(source: Union[str, Path], prompt: Optional[str]):
             return None
 
         def get_read_tasks(self, parallelism: int, **kwargs) -> list:
-            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(str(source),))
-            return [ReadTask(lambda: _blocks(RowSource(source, prompt)), meta)]
+            meta = BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(str(source.path),))
+            return [ReadTask(lambda: _blocks(source), meta)]
 
     return ManifestDatasource()
 
 
 def _row(batch: dict, i: int) -> Row:
     prompt, error = batch["prompt"][i], batch["row_error"][i]
-    return Row(str(batch["image"][i]), None if prompt is None else str(prompt), None if error is None else str(error))
+    data = batch["data"][i] if "data" in batch else None
+    if data is None and "data_path" in batch and batch["data_path"][i] is not None:
+        data = Path(str(batch["data_path"][i]))
+    return Row(str(batch["image"][i]), None if prompt is None else str(prompt), None if error is None else str(error),
+               source=data)
 
 
 class _Decode:
@@ -87,7 +101,8 @@ class _Decode:
             errors.append(err or "")
         blank = np.zeros((self.resolution, self.resolution, 3), np.uint8)  # the slot of an error row
         stacked = np.stack([x if x is not None else blank for x in pixels])
-        return {**batch, "pixels": stacked, "error": np.array(errors, dtype=object)}
+        kept = {k: v for k, v in batch.items() if k not in ("data", "data_path")}  # decoded: the bytes stay here
+        return {**kept, "pixels": stacked, "error": np.array(errors, dtype=object)}
 
 
 class _ScoreActor:
@@ -100,10 +115,7 @@ class _ScoreActor:
         self.outputs = self.scorer.outputs
 
     def __call__(self, batch: dict) -> dict:
-        fail_once = os.environ.get(FAIL_ONCE_ENV)
-        if fail_once and not os.path.exists(fail_once):  # test hook: die once, mid-run
-            Path(fail_once).touch()
-            os._exit(1)
+        _fail_once()  # test hook: die once, mid-run
         rows = [_row(batch, i) for i in range(len(batch["index"]))]
         decoded = [(None, e) if e else (batch["pixels"][i], None) for i, e in enumerate(batch["error"])]
         scores = np.full((len(rows), len(self.outputs)), np.nan, dtype=np.float64)
@@ -118,29 +130,74 @@ class _ScoreActor:
         return result
 
 
-def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[Row]], output: Union[str, Path],
-                   prompt: Optional[str] = None, address: Optional[str] = None, actors: Optional[int] = None,
-                   batch_size: int = 8, backend: str = "auto", device: str = "auto",
-                   fmt: Optional[str] = None) -> RunSummary:
-    """Score every row on Ray into one CSV, JSONL or Parquet file, in input order."""
+def _fail_once() -> None:
+    """The test hook (``FAIL_ONCE_ENV``): the first caller that finds the marker absent creates it and dies."""
+    fail_once = os.environ.get(FAIL_ONCE_ENV)
+    if fail_once and not os.path.exists(fail_once):
+        Path(fail_once).touch()
+        os._exit(1)
+
+
+class _PartitionActor:
+    """One per GPU (or CPU slot): scores whole partitions, each into its own file (``io.partitions``)."""
+
+    def __init__(self, bundle: str, backend: str, device: str, source: RowSource, finals: list, batch_size: int):
+        from .scorer import Scorer
+
+        self.scorer = Scorer(bundle, backend=backend, device=device)
+        self.source, self.finals, self.batch_size = source, finals, batch_size
+
+    def score(self, index: int):
+        from .io.partitions import score_partition
+
+        # the hook fires after a batch is written, so a retried task meets a partial file
+        return score_partition(self.scorer, self.source, index, self.finals[index], self.batch_size,
+                               on_results=lambda results: _fail_once())
+
+
+def _score_partitions(ray, bundle: Union[str, Path], source: RowSource, output_dir: Union[str, Path],
+                      fmt: Optional[str], actors: int, resources: dict, batch_size: int, backend: str, device: str,
+                      hook: dict):
+    from ray.util import ActorPool
+
+    from .io.partitions import PartitionsSummary, partition_outputs
+
+    finals = partition_outputs(source, output_dir, fmt or "csv")
+    start = time.perf_counter()
+    remote = ray.remote(_PartitionActor).options(max_restarts=-1, max_task_retries=-1, **resources, **hook)
+    pool = ActorPool([remote.remote(str(Path(bundle).resolve()), backend, device, source, finals, batch_size)
+                      for _ in range(max(1, min(actors, len(finals))))])
+    results = list(pool.map_unordered(lambda actor, index: actor.score.remote(index), range(len(finals))))
+    return PartitionsSummary.of(results, time.perf_counter() - start)
+
+
+def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, RowSource, Iterable[Row]],
+                   output: Union[str, Path], prompt: Optional[str] = None, address: Optional[str] = None,
+                   actors: Optional[int] = None, batch_size: int = 8, backend: str = "auto", device: str = "auto",
+                   fmt: Optional[str] = None, per_partition: bool = False):
+    """Score every row on Ray into one CSV, JSONL or Parquet file, in input order (a ``RunSummary``).
+
+    ``per_partition``: ``output`` is a folder and every shard or Parquet file gets its own output in it, one Ray
+    task each (a ``PartitionsSummary``; see ``io.partitions``). ``source`` may be a ``RowSource`` built with its
+    options (``prompt_field``, ``image_column``, ``prompt_column``).
+    """
     import ray
 
     from ipiqa.bundle import read_bundle
 
     manifest = read_bundle(bundle)  # refuse a bad bundle before any cluster work
-    refuse_same_file(source, output)
     cfg = manifest.config
     if isinstance(source, (str, Path)):
-        stream = RowSource(source, prompt)  # checks columns before any cluster work
-        check_prompt_source(cfg.text, stream.has_prompt_column, prompt, source)
+        source = RowSource(source, prompt)  # checks columns before any cluster work
+    elif isinstance(source, RowSource) and prompt is not None:
+        raise IPIQAError("a RowSource carries its own prompt: pass RowSource(..., prompt=TEXT), not prompt=")
+    if isinstance(source, RowSource):
+        source.refuse_run(cfg.text, None if per_partition else output)
+    elif per_partition:
+        raise IPIQAError("one output per partition needs a RowSource (shards or Parquet files), not a list of rows")
     if not ray.is_initialized():
         ray.init(address=None if address in (None, "local") else address, ignore_reinit_error=True,
                  include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    if isinstance(source, (str, Path)):
-        ds = ray.data.read_datasource(_datasource(source, prompt), override_num_blocks=1, num_cpus=0)  # light I/O: never starve the actors
-    else:
-        ds = ray.data.from_arrow(list(_blocks(writable_rows(source))))
     dev = parse_device(device)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if dev.index:
@@ -149,11 +206,20 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, Iterable[R
         raise IPIQAError(f"--device {dev}: the Ray cluster has no GPU; use --device cpu or auto")
     use_gpu = gpus > 0 and dev.kind != "cpu"
     actors = actors or (gpus if use_gpu else 1)
+    hook = {"runtime_env": {"env_vars": {FAIL_ONCE_ENV: os.environ[FAIL_ONCE_ENV]}}} if FAIL_ONCE_ENV in os.environ else {}
+    if per_partition:
+        resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
+        return _score_partitions(ray, bundle, source, output, fmt, actors, resources, batch_size, backend,
+                                 "cuda:0" if use_gpu else "cpu", hook)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if isinstance(source, RowSource):
+        ds = ray.data.read_datasource(_datasource(source), override_num_blocks=1, num_cpus=0)  # light I/O: never starve the actors
+    else:
+        ds = ray.data.from_arrow(list(_blocks(writable_rows(source))))
     start = time.perf_counter()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ds = ds.map_batches(_Decode, fn_constructor_kwargs={"resolution": cfg.resolution, "needs_prompt": cfg.text},
                         batch_size=batch_size, batch_format="numpy", concurrency=max(1, cpus - actors))
-    hook = {"runtime_env": {"env_vars": {FAIL_ONCE_ENV: os.environ[FAIL_ONCE_ENV]}}} if FAIL_ONCE_ENV in os.environ else {}
     ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "backend": backend,
                                                             "device": "cuda:0" if use_gpu else "cpu"},
                         batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if use_gpu else 0,

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import load_resized, resized
+from ipiqa.preprocess import decode_bytes, load_resized, resized
 
 from .rows import Result, Row, finish, load_pixels, row_error, scoring_failed
 
@@ -74,7 +74,11 @@ def input_pixels(image: Any, resolution: int) -> np.ndarray:
 def decode_row(row: Row, resolution: int, needs_prompt: bool,
                fast: bool = False) -> tuple[Optional[np.ndarray], Optional[str]]:
     """(pixels, None) or (None, error) for one row, by the row rules; ``fast``: the opt-in inexact decode.
-    A row carrying its image in ``source`` (Python API) is read from there."""
+    A row carrying its image in ``source`` (Python API; encoded bytes of a shard member or Parquet cell) is read
+    from there; bytes decode with a file's rules and errors, named by the row's label (``fast`` does not apply)."""
+    if isinstance(row.source, (bytes, bytearray, memoryview)):
+        return load_pixels(row, resolution, needs_prompt,
+                           lambda label, r: resized(decode_bytes(bytes(row.source), label), r))
     if row.source is not None:
         return load_pixels(row, resolution, needs_prompt, lambda _path, r: input_pixels(row.source, r))
     return load_pixels(row, resolution, needs_prompt, _fast_input if fast else load_input)

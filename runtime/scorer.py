@@ -228,12 +228,14 @@ class Scorer:
         if decode == "device" and fast_decode:
             raise IPIQAError("fast_decode is a host decoding path; it does not combine with decode='device'")
         if isinstance(source, (str, Path)):
-            stream = RowSource(source, prompt)
-            check_prompt_source(self.needs_prompt, stream.has_prompt_column, prompt, source)
-            rows: Iterator[Row] = iter(stream)
+            source = RowSource(source, prompt)
+        elif isinstance(source, RowSource) and prompt is not None:
+            raise IPIQAError("a RowSource carries its own prompt: pass RowSource(..., prompt=TEXT), not prompt=")
+        if isinstance(source, RowSource):  # shards, Parquet and options: RowSource(src, prompt_field=, image_column=)
+            source.refuse_run(self.needs_prompt, output, decode == "device")
+            rows: Iterator[Row] = iter(source)
         else:
             rows = writable_rows(source)
-        refuse_same_file(source, output)
         out_path = None if str(output) == "-" else Path(output)
         if resume and out_path is None:
             raise IPIQAError("--resume needs an --output file")

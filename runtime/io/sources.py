@@ -1,7 +1,9 @@
 """Row sources of a scoring run, streamed: memory does not grow with the number of rows.
 
 A folder of images, one image, a CSV/TSV/JSONL manifest with ``image`` and ``prompt`` columns (relative
-paths resolve against the manifest's folder), or explicit rows. Manifests are read one record at a time (a
+paths resolve against the manifest's folder), WebDataset tar shards (``shards``) or Parquet files with an
+image column (``parquet_source``), or explicit rows. Shards and Parquet files are *partitions*: the rows of
+each can be read on their own (``partition_rows``), so a run can write one output per input file. Manifests are read one record at a time (a
 folder's names are listed and sorted once: use a manifest for tens of millions of files). Calibration and
 training read their image lists here too, so every entry point takes the same inputs the same way.
 """
@@ -16,21 +18,35 @@ from typing import Iterable, Iterator, Optional, Union
 from ipiqa.errors import IPIQAError
 
 from ..rows import Row, check_prompt_source, resolve_prompt
-from .formats import RESUME_HINT
+from .formats import RESUME_HINT, OutputError
+from .lock import refuse_same_file
+from .parquet_source import ParquetColumns, parquet_columns, parquet_rows
+from .shards import SHARD_SUFFIXES, check_tar, expand_inputs, shard_rows
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
 
 class RowSource:
-    """The rows of a folder, an image or a manifest; checked on construction, read lazily on iteration.
+    """The rows of a folder, an image, a manifest, tar shards or Parquet files; checked on construction, read
+    lazily on iteration.
 
-    ``has_prompt_column`` says whether rows can carry their own prompt (a manifest with a prompt column).
+    ``has_prompt_column`` says whether rows can carry their own prompt (a manifest with a prompt column, a
+    shard sample's ``.txt``/``.json``). ``prompt_field``: the ``.json`` field shards take the prompt from
+    (default ``prompt``). ``image_column``/``prompt_column``: Parquet's columns (default ``image``, and
+    ``prompt`` when present). ``partitions``: the input files whose rows ``partition_rows`` reads one by one
+    (every shard or Parquet file; the source itself for the other kinds).
     """
 
-    def __init__(self, source: Union[str, Path], prompt: Optional[str] = None):
+    def __init__(self, source: Union[str, Path], prompt: Optional[str] = None, *, prompt_field: Optional[str] = None,
+                 image_column: Optional[str] = None, prompt_column: Optional[str] = None):
         self.path = Path(source)
         self.prompt = prompt
-        if self.path.is_dir():
+        self.prompt_field = prompt_field or "prompt"
+        self._columns: list[ParquetColumns] = []
+        files = expand_inputs(str(source))
+        if files is not None:
+            self.kind = "shards" if files[0].name.lower().endswith(SHARD_SUFFIXES) else "parquet"
+        elif self.path.is_dir():
             self.kind = "folder"
         elif not self.path.is_file():
             raise IPIQAError(f"{self.path}: no such folder or manifest")
@@ -40,15 +56,41 @@ class RowSource:
             self.kind = "jsonl"
         else:
             self.kind = "csv"
+        self._refuse_options(prompt_field, image_column, prompt_column)
+        self.partitions: tuple[Path, ...] = tuple(files) if files is not None else (self.path,)
         self.has_prompt_column = False
         if self.kind == "csv":
             self._check_columns(self._csv_columns())
-        elif self.kind == "jsonl":
-            self.has_prompt_column = True  # any record may carry a prompt key; an absent one is a missing prompt
+        elif self.kind in ("jsonl", "shards"):
+            self.has_prompt_column = True  # any record/sample may carry a prompt; an absent one is a missing prompt
         elif self.kind == "folder" and not any(True for _ in self._folder_files()):
-            raise IPIQAError(f"{self.path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise IPIQAError(f"{self.path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, "
+                             f"tar shards and Parquet files)")
+        if self.kind == "shards":
+            for shard in self.partitions:  # one header each: a non-tar is refused before any row is scored
+                check_tar(shard)
+        elif self.kind == "parquet":
+            self._columns = [parquet_columns(p, image_column, prompt_column) for p in self.partitions]
+            self.has_prompt_column = all(c.prompt is not None for c in self._columns)
+
+    def _refuse_options(self, prompt_field: Optional[str], image_column: Optional[str],
+                        prompt_column: Optional[str]) -> None:
+        """An option for another kind of input would be silently ignored: refuse it instead."""
+        if prompt_field is not None and self.kind != "shards":
+            raise IPIQAError(f"{self.path}: --prompt-field reads the .json member of tar shards; this input is a "
+                             f"{self.kind} (a manifest's prompt is its 'prompt' column)")
+        if (image_column or prompt_column) and self.kind != "parquet":
+            raise IPIQAError(f"{self.path}: --image-column/--prompt-column name Parquet columns; this input is a "
+                             f"{self.kind} (a manifest's columns are 'image' and 'prompt')")
+
+    @property
+    def in_memory(self) -> bool:
+        """Rows carry encoded bytes in ``source`` (shard members, Parquet bytes), not paths to decode."""
+        return self.kind == "shards" or (self.kind == "parquet" and any(c.image_kind != "path" for c in self._columns))
 
     def __iter__(self) -> Iterator[Row]:
+        if self.kind in ("shards", "parquet"):
+            return (row for i in range(len(self.partitions)) for row in self.partition_rows(i))
         if self.kind == "folder":
             rows: Iterator[Row] = (Row(str(p), resolve_prompt(None, self.prompt)) for p in sorted(self._folder_files()))
         elif self.kind == "image":
@@ -56,6 +98,30 @@ class RowSource:
         else:
             rows = self._jsonl_rows() if self.kind == "jsonl" else self._csv_rows()
         return writable_rows(rows)
+
+    def partition_rows(self, index: int) -> Iterator[Row]:
+        """The rows of ``partitions[index]`` alone, in order (all rows for a folder, image or manifest)."""
+        if self.kind == "shards":
+            return writable_rows(shard_rows(str(self.partitions[index]), self.prompt, self.prompt_field))
+        if self.kind == "parquet":
+            return writable_rows(parquet_rows(self.partitions[index], self._columns[index], self.prompt))
+        return iter(self)
+
+    def refuse_run(self, needs_prompt: bool, output: object, device_decode: bool = False) -> None:
+        """Refuse a run that cannot score any row (no prompt source for a text model), one that would write
+        over one of its own input files, or device decoding of rows that are not files."""
+        check_prompt_source(needs_prompt, self.has_prompt_column, self.prompt, self.path)
+        if self.kind in ("csv", "jsonl", "image"):
+            refuse_same_file(self.path, output)
+        elif self.kind in ("shards", "parquet") and output is not None and Path(str(output)).is_file():
+            out = os.stat(str(output))
+            for p in self.partitions:
+                st = os.stat(p)
+                if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+                    raise OutputError(f"{output}: the output is an input file ({p}); choose another --output")
+        if device_decode and self.in_memory:
+            raise IPIQAError(f"{self.path}: --decode device reads image files; these rows are encoded bytes "
+                             f"({self.kind}): use --decode host")
 
     # -- folders
     def _folder_files(self) -> Iterator[Path]:
