@@ -167,7 +167,7 @@ def _distributions(d: ReportData) -> str:
                            s.name) for s in d.summaries]
     if len(d.outputs) >= 2 and d.scatter:
         r = "" if d.pearson is None else f"; Pearson r over all rows {d.pearson:.3f}"
-        plots.append(f'<figure style="margin:0">{scatter_svg(d.scatter, d.outputs[0], d.outputs[1])}'
+        plots.append(f'<figure style="margin:0;width:342px">{scatter_svg(d.scatter, d.outputs[0], d.outputs[1])}'
                      f'<figcaption class="muted">{escape(d.outputs[0])} against {escape(d.outputs[1])}: a uniform sample '
                      f"of {len(d.scatter):,} of {d.scored:,} rows{r}</figcaption></figure>")
     return f'<section id="distributions"><h2>Distributions</h2><div class="row">{"".join(plots)}</div></section>'
@@ -224,7 +224,7 @@ def render_page(d: ReportData, thumb: Callable[[Path], Thumbnail], images_root: 
                      for s in d.summaries}}
     blob = json.dumps(data).replace("<", "\\u003c")
     name = escape(title or f"ipiqa report: {Path(d.source).name}")
-    body = [f'<header><h1>{name}</h1><p class="src">{d.rows:,} rows · {d.scored:,} scored · {d.errors:,} errors · '
+    body = [f'<header><h1>{name}</h1><p class="src">{d.rows:,} rows · {d.scored:,} scored · {d.errors:,} error{"" if d.errors == 1 else "s"} · '
             f"{escape(str(d.source))}</p></header>", _summary(d, run)]
     if d.scored:
         by = escape(d.by)
