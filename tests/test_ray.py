@@ -99,3 +99,79 @@ def test_ray_gives_the_same_row_as_the_api_for_every_bad_input(cluster, bundle, 
     assert [r["error"] for r in got] == [a["error"] or "" for a in api]
     tolerance = same_model_tolerance(tiny_model_file, [rows[4].image], [rows[4].prompt])
     assert got[4]["error"] == "" and abs(float(got[4]["quality"]) - api[4]["quality"]) <= tolerance
+
+
+# ---------------------------------------------------------------- shards and Parquet on Ray (issue 21)
+
+
+def _shards(d):
+    from test_shards import good_samples, jpeg, write_shard
+
+    write_shard(d / "00000.tar", good_samples(0, 5) + [("bad.jpg", b"not a jpeg"), ("bad.txt", b"x"),
+                                                       ("nop.jpg", jpeg(60)), ("000001.jpg", jpeg(61))])
+    full = write_shard(d / "full.tar", good_samples(5, 6))
+    (d / "00001.tar").write_bytes(full[:len(full) // 2])  # cut mid-shard
+    (d / "full.tar").unlink()
+    return d
+
+
+def _loose(tmp_path, data: bytes, label: str):
+    path = tmp_path / "loose" / (label.replace("/", "_").replace(":", "_") + ".img")
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_per_shard_outputs_on_ray_equal_the_local_ones_despite_an_actor_death(cluster, bundle, tiny_model_file,
+                                                                              tmp_path, monkeypatch):
+    from ipiqa.runtime.distributed import FAIL_ONCE_ENV, score_with_ray
+    from ipiqa.runtime.io import RowSource
+    from ipiqa.runtime.io.partitions import score_partitions
+    from test_shards import jpeg
+
+    d = tmp_path / "in"
+    d.mkdir()
+    source = RowSource(_shards(d))
+    with Scorer(bundle, device="cpu") as scorer:
+        local = score_partitions(scorer, source, tmp_path / "local", batch_size=2)
+    marker = tmp_path / "died"
+    monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))  # the first actor dies after writing its first batch
+    summary = score_with_ray(bundle, source, tmp_path / "ray", batch_size=2, device="cpu", per_partition=True)
+    assert marker.exists() and (summary.scored, summary.rows, summary.errors) == (2, local.rows, local.errors)
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["00000.csv", "00001.csv"]  # no partial left
+    for name in ("00000.csv", "00001.csv"):
+        got, want = _read(tmp_path / "ray" / name), _read(tmp_path / "local" / name)
+        assert [(r["image"], r["error"]) for r in got] == [(r["image"], r["error"]) for r in want]
+        scored = [r for r in want if not r["error"]]  # the same images as files give the bound (conftest)
+        files = [_loose(tmp_path, jpeg(int(r["image"].rsplit("::", 1)[1])), r["image"]) for r in scored]
+        tolerance = same_model_tolerance(tiny_model_file, files, [r["prompt"] for r in scored])
+        for a, b in zip(got, want):
+            if not a["error"]:
+                assert abs(float(a["quality"]) - float(b["quality"])) <= tolerance
+    errors = [r["error"] for r in _read(tmp_path / "ray" / "00000.csv")]
+    assert "not a readable image" in errors[5] and "missing prompt" in errors[6] and "duplicate key" in errors[7]
+    assert "truncated or corrupt" in _read(tmp_path / "ray" / "00001.csv")[-1]["error"]
+
+
+def test_cli_ray_scores_parquet_bytes_into_one_output_with_the_local_rows(cluster, bundle, tiny_model_file, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_parquet_source import png
+
+    cells = [png(i) for i in range(5)] + [b"broken", None]
+    pq.write_table(pa.table({"image": pa.array(cells, pa.binary()), "prompt": ["a", "b", None, "c", "d", "e", "f"]}),
+                   tmp_path / "d.parquet", row_group_size=3)
+    args = ["score", str(bundle), "--images", str(tmp_path / "d.parquet"), "--device", "cpu", "--batch", "3"]
+    res = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "ray.csv"), "--ray"])
+    assert res.exit_code == EXIT_ROW_ERRORS, res.output
+    assert CliRunner().invoke(cli, args + ["-o", str(tmp_path / "local.csv"), "-q"]).exit_code == EXIT_ROW_ERRORS
+    got, want = _read(tmp_path / "ray.csv"), _read(tmp_path / "local.csv")
+    assert [(r["image"], r["prompt"], r["error"]) for r in got] == [(r["image"], r["prompt"], r["error"]) for r in want]
+    assert [bool(r["error"]) for r in got] == [False, False, True, False, False, True, True]
+    scored = [(i, r) for i, r in enumerate(want) if not r["error"]]
+    tolerance = same_model_tolerance(tiny_model_file, [_loose(tmp_path, cells[i], r["image"]) for i, r in scored],
+                                     [r["prompt"] for _, r in scored])
+    for a, b in zip(got, want):
+        if not a["error"]:
+            assert abs(float(a["quality"]) - float(b["quality"])) <= tolerance

@@ -23,7 +23,7 @@ from ..rows import Row, resolve_prompt
 
 __all__ = ["ParquetColumns", "parquet_columns", "parquet_rows", "PARQUET_READ_ROWS"]
 
-PARQUET_READ_ROWS = 64  # rows per read batch: a few of the pipeline's batches
+PARQUET_READ_ROWS = 32  # rows per read batch (a few of the pipeline's): memory is this or a row group, the larger
 _READ_BUFFER = 1 << 20  # buffered column-chunk reads: pages are read as needed, not a whole chunk at once
 
 
