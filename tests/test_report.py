@@ -192,6 +192,10 @@ def test_not_a_scores_file_is_one_clear_error(tmp_path):
     result = CliRunner().invoke(report_cmd, [str(write_scenario(tmp_path / "s")), "--by", "sharpness", "-o",
                                              str(tmp_path / "r.html")])
     assert result.exit_code == 1 and "'sharpness'" in result.output and "quality" in result.output
+    edited = tmp_path / "edited.csv"
+    edited.write_text("image,prompt,quality,error\na.png,a cat,0.5,\nb.png,a cat,high,\n", encoding="utf-8")
+    result = CliRunner().invoke(report_cmd, [str(edited), "-o", str(tmp_path / "r.html")])
+    assert result.exit_code == 1 and "row 2 ('b.png') has no error and unreadable scores" in result.output
 
 
 def test_histograms_count_every_row_across_chunks(tmp_path, monkeypatch):
@@ -258,3 +262,28 @@ def test_report_benchmark_returns_size_and_time(tmp_path):
     assert row["rows"] == 2000 and row["report_mb"] > 0 and row["report_seconds"] > 0
     assert row["select_kept"] == 500  # 4 images per prompt, best 1 each (no prompt is all errors)
     assert "| 2,000 |" in out["markdown"]
+
+
+def test_report_and_select_never_import_torch(tmp_path):
+    """The runtime's torch-free boundary: both commands run on a base install."""
+    import subprocess
+    import sys
+
+    scores = write_scenario(tmp_path)
+    code = ("import sys\nfrom ipiqa.runtime.report.commands import report_cmd, select_cmd\n"
+            f"report_cmd.main([{str(scores)!r}, '-o', {str(tmp_path / 'r.html')!r}, '-q'], standalone_mode=False)\n"
+            f"select_cmd.main([{str(scores)!r}, '-o', {str(tmp_path / 'k.csv')!r}, '--top-k', '1'], standalone_mode=False)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "r.html").is_file() and (tmp_path / "k.csv").is_file()
+
+
+def test_bundle_details_are_shown_and_a_foreign_bundle_is_refused(tmp_path, tiny_bundle):
+    html, _ = page_of(write_scenario(tmp_path / "a"), "--bundle", str(tiny_bundle))
+    assert "<td>bundle precision</td><td>fp32</td>" in html and f"<td>{tiny_bundle}</td>" in html
+    other = tmp_path / "mos.csv"
+    with ResultWriter(other, ("mos",)) as w:
+        w.write([Result(Row("a.png", "p"), (0.5,))])
+    result = CliRunner().invoke(report_cmd, [str(other), "-o", str(tmp_path / "r.html"), "--bundle", str(tiny_bundle)])
+    assert result.exit_code == 1 and "give the bundle that wrote these scores" in result.output

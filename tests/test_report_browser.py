@@ -8,6 +8,7 @@ installs Debian's ``chromium``). The screenshot stays in the test's tmp folder.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import queue
@@ -37,9 +38,13 @@ class Browser:
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
 
-        def fds() -> None:  # in the child: the pipe ends where Chromium looks for them
-            os.dup2(to_child_r, 3)
-            os.dup2(from_child_w, 4)
+        def fds() -> None:  # in the child: the pipe ends where Chromium looks for them, fds 3 and 4
+            # Copied above 10 first: a pipe end may itself be fd 3 or 4, and dup2 onto itself would keep it
+            # close-on-exec (and the second dup2 could overwrite the first's source).
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_child_r, from_child_w)]
+            for target, fd in zip((3, 4), high):
+                os.dup2(fd, target)
+                os.close(fd)
 
         self.proc = subprocess.Popen([str(CHROMIUM), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                      preexec_fn=fds, close_fds=False, stdin=subprocess.DEVNULL,

@@ -122,16 +122,16 @@ class ScoresFile:
         """A record by the codecs' rules: an empty CSV cell or JSON null is a missing value."""
         error = record.get("error") or None
         prompt = _prompt(record.get("prompt"))
-        cells = [record.get(o) for o in self.outputs]
         scores: Optional[tuple[float, ...]] = None
         if error is None:
+            cells = [record.get(o) for o in self.outputs]
             try:
-                values = tuple(float(c) for c in cells)  # None/"" fail here: a row with neither scores nor error
+                values = tuple(map(float, cells))  # None/"" fail here: a row with neither scores nor error
             except (TypeError, ValueError):
                 raise IPIQAError(f"{self.path}: row {index + 1} ({record.get('image')!r}) has no error and "
                                  f"unreadable scores {cells}; the file was not written by 'ipiqa score' or was "
                                  "edited") from None
-            if not all(math.isfinite(v) for v in values):
+            if not all(map(math.isfinite, values)):
                 error = f"non-finite score {values}"
             else:
                 scores = values
