@@ -258,13 +258,17 @@ def test_a_shard_claimed_by_another_run_is_left_to_it(scorer, shards, tmp_path):
 def test_a_partial_file_left_by_a_killed_run_is_continued_not_duplicated(scorer, shards, tmp_path):
     whole, out = tmp_path / "whole", tmp_path / "out"
     score_partitions(scorer, RowSource(f"{shards}/00000.tar"), whole)
-    data = (whole / "00000.csv").read_bytes()
+    lines = (whole / "00000.csv").read_bytes().splitlines(keepends=True)
+    header, first, second, third = lines[:4]
+    cells = first.split(b",")
+    cells[2] = b"0.125"  # a mark: a continued file keeps the rows it had, a rewritten one would not
     out.mkdir()
-    (out / ".00000.csv.partial").write_bytes(data[:len(data) // 2])  # killed mid-shard: never under its final name
+    (out / ".00000.csv.partial").write_bytes(header + b",".join(cells) + second + third[:10])  # killed mid-row
     summary = score_partitions(scorer, RowSource(f"{shards}/00000.tar"), out)
     assert summary.scored == 1 and summary.rows == 4
-    assert [r["image"] for r in read_csv(out / "00000.csv")] == [r["image"] for r in read_csv(whole / "00000.csv")]
-    assert not (out / ".00000.csv.partial").exists()
+    got = read_csv(out / "00000.csv")
+    assert [r["image"] for r in got] == [r["image"] for r in read_csv(whole / "00000.csv")]  # each row once
+    assert got[0]["quality"] == "0.125" and not (out / ".00000.csv.partial").exists()
 
 
 def test_two_inputs_of_one_name_are_refused_for_one_output_dir(scorer, shards, tmp_path):
