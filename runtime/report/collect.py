@@ -4,7 +4,7 @@ Pass 1 reads every row once: counts, errors by cause, one histogram per output o
 the quality-alignment correlation, the N worst and best rows (bounded heaps), uniform samples for the gallery
 and the scatter (reservoirs), and each prompt's spread. Pass 2 reads the file again only to rank the images of
 the few prompts chosen from pass 1's spread (a bounded heap each): holding every prompt's images in pass 1 would
-grow with the file. Memory: the caps below, plus about 200 bytes per distinct prompt (``PromptSpread``).
+grow with the file. Memory: the caps below, plus about 0.5 KB per distinct prompt (``PromptSpread``).
 """
 from __future__ import annotations
 

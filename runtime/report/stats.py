@@ -272,8 +272,9 @@ class PromptStats:
 class PromptSpread:
     """Per-prompt count, mean, spread of the ranking score, for at most ``max_prompts`` distinct prompts.
 
-    Memory grows per distinct prompt (the prompt's text plus five numbers, about 200 bytes), capped: rows of
-    prompts first seen after the cap are counted in ``untracked_rows`` and left out of the spread."""
+    Memory grows per distinct prompt (its text plus five numbers: about 0.5 KB with Python's object overhead,
+    measured by benchmarks/report_bench.py), capped: rows of prompts first seen after the cap are counted in
+    ``untracked_rows`` and left out of the spread."""
 
     def __init__(self, max_prompts: int = 200_000):
         self.max_prompts = max_prompts
