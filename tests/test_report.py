@@ -287,3 +287,11 @@ def test_bundle_details_are_shown_and_a_foreign_bundle_is_refused(tmp_path, tiny
         w.write([Result(Row("a.png", "p"), (0.5,))])
     result = CliRunner().invoke(report_cmd, [str(other), "-o", str(tmp_path / "r.html"), "--bundle", str(tiny_bundle)])
     assert result.exit_code == 1 and "give the bundle that wrote these scores" in result.output
+
+
+def test_rows_inside_shards_get_a_placeholder_that_says_why(tmp_path):
+    scores = tmp_path / "shards.csv"
+    with ResultWriter(scores, OUTPUTS) as w:
+        w.write([Result(Row(str(tmp_path / "shard-000.tar::000017"), "a cat"), (0.5, 0.5))])
+    html, cards = page_of(scores)
+    assert not cards.srcs and "an image inside a shard or Parquet file" in html

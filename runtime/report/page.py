@@ -113,7 +113,11 @@ class _Cards:
 
     def card(self, row: ScoreRow, rank: Optional[int] = None) -> str:
         path = resolve_image(row.image, self.root)
-        t = self.thumb(path)
+        if "::" in row.image and not path.exists():  # SHARD::KEY / FILE::ROW rows: the image is inside a file
+            t = Thumbnail(None, f"{row.image}: an image inside a shard or Parquet file; the report shows no "
+                                "preview of those yet")
+        else:
+            t = self.thumb(path)
         name = escape(Path(row.image).name or row.image)
         img = (f'<img src="{t.uri}" alt="{name}">' if t.uri else
                f'<div class="noimg">no preview: {escape(t.why or "")}</div>')
