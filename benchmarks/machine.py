@@ -8,16 +8,13 @@ import subprocess
 import time
 from importlib import metadata
 
+from ipiqa.runtime.cpu import cpu_flags, cpu_model
+
 __all__ = ["machine_info", "machine_slug", "measured_peak_flops"]
 
-
-def _cpu_model() -> str:
-    try:
-        text = open("/proc/cpuinfo", encoding="utf-8").read()
-        match = re.search(r"model name\s*:\s*(.+)", text)
-        return match.group(1).strip() if match else platform.processor()
-    except OSError:
-        return platform.processor() or "unknown"
+# The flags the numbers depend on: FP32 width (AVX2/AVX-512), INT8 dot products (VNNI), BF16 (AVX512-BF16, AMX).
+_SIMD_FLAGS = frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8",
+                         "amx_tile", "avx512_fp16"})
 
 
 def _gpu() -> dict:
@@ -39,12 +36,14 @@ def _gpu() -> dict:
 
 def machine_info() -> dict:
     versions = {}
-    for dist in ("ipiqa", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy", "pillow"):
+    for dist in ("ipiqa", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt",
+                 "numpy", "pillow"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+    simd = sorted(f for f in cpu_flags() if f in _SIMD_FLAGS)
+    return {"cpu": cpu_model(), "cpu_flags": simd, "cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "gpu": _gpu(), "versions": versions}
 
 

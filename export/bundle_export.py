@@ -23,15 +23,15 @@ from ipiqa._optional import require
 from ipiqa.bundle import read_bundle, sha256_file, write_manifest
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import BundleError, IPIQAError
-from ipiqa.manifest import (BUNDLE_FORMAT, EngineGraph, Engines, Fp16Graph, Fp16Graphs, GraphEntry, Int8Calibration,
+from ipiqa.manifest import (BUNDLE_FORMAT, Bf16Gate, EngineGraph, Engines, Fp16Graph, Fp16Graphs, GraphEntry, Int8Calibration,
                             Int8Graph, Manifest, OnnxGraphs, Parity, Source, Tokenizer, io_shapes, to_plain)
 from ipiqa.model import IPIQA, pooling_mode, tokenize
 
 from .checks import Check, check_from_dict
 from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
 from .graphs import GATE_OUTPUTS, GraphSpec, build_graphs, graph_specs
-from .options import (DEFAULT_CALIBRATION_SIZE, ExportOptions, Fp16GateError, Int8Options,  # noqa: F401 (re-exported)
-                      ParityGateError)
+from .options import (DEFAULT_CALIBRATION_SIZE, Bf16GateError, check_bf16_gating, ExportOptions, Fp16GateError,  # noqa: F401 (re-exported)
+                      Int8Options, ParityGateError)
 from .parity import rule_record
 from .reuse_keys import library_versions, onnx_key, stage_key, weights_digest  # noqa: F401 (re-exported)
 from .to_onnx import export_onnx
@@ -49,9 +49,11 @@ class ExportReport:
     bundle: Path
     parity: list[Check]  # FP32 gate, then the engine gate
     fp16: Optional[dict] = None  # the manifest's onnx.fp16 entry as JSON (graphs, gate records) when written
+    bf16: Optional[dict] = None  # the manifest's onnx.bf16 entry as JSON (the BF16 gate on OpenVINO) when run
     int8: dict[str, dict] = field(default_factory=dict)  # the manifest's onnx.int8 entries as JSON, per target
     reused_onnx: bool = False
     reused_fp16: bool = False
+    reused_bf16: bool = False
     reused_int8: bool = False
     reused_engines: bool = False
 
@@ -154,6 +156,8 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
     _fp32_stage(ctx, source_files)
     if options.writes_fp16:
         _fp16_stage(ctx)
+    if options.bf16:
+        _bf16_stage(ctx)
     if options.int8 is not None:
         _int8_stage(ctx)
     if not options.onnx_only:
@@ -251,6 +255,37 @@ def _build_fp16(ctx: _Export, key: str, n: int) -> Fp16Graphs:
         graphs={name: Fp16Graph(f"fp16/{g.path.name}", g.fp16_nodes, len(g.fp32_nodes), g.casts)
                 for name, g in graphs.items()},
         gate=tuple(r.to_dict() for r in results))
+
+
+def _bf16_stage(ctx: _Export) -> None:
+    """The BF16 gate record: the FP32 graphs as ``OpenVinoBackend`` serves them at BF16, on this CPU's kernels."""
+    from ipiqa.runtime.cpu import bf16_flags, cpu_model
+
+    check_bf16_gating()
+    ov = require("openvino", extra="openvino")
+    n = ctx.options.fp16_images
+    cpu = f"{cpu_model()} ({', '.join(bf16_flags())})"
+    runtime = f"openvino {ov.__version__}"
+    key = stage_key(ctx.onnx_key, "bf16", n, runtime, cpu)
+    old = ctx.previous.onnx.bf16 if ctx.previous else None
+    entry, ctx.report.reused_bf16 = _stage(ctx, "BF16 gate", key, old.key if old else None, old,
+                                           lambda: _run_bf16_gate(ctx, key, n, runtime, cpu))
+    ctx.with_onnx(bf16=entry)
+    ctx.report.bf16 = to_plain(entry)
+
+
+def _run_bf16_gate(ctx: _Export, key: str, n: int, runtime: str, cpu: str) -> Bf16Gate:
+    from ipiqa.runtime.backends.openvino import inference_precisions
+
+    from .bf16_gate import bf16_gate
+
+    start = time.perf_counter()
+    x = gate_inputs(ctx.cfg, n, seed=1)  # the FP16 gate's inputs
+    results = _gate(bf16_gate(ctx.fp32_graphs(), x.image, x.tokens if ctx.cfg.text else None, ctx.cfg.outputs),
+                    ctx.progress, Bf16GateError)
+    served = {g: p for g, p in inference_precisions("bf16").items() if g in ctx.built.onnx.graphs}
+    return Bf16Gate(key=key, runtime=runtime, cpu=cpu, gate_images=n, served=served,
+                    gate=tuple(r.to_dict() for r in results), seconds=round(time.perf_counter() - start, 2))
 
 
 def _int8_stage(ctx: _Export) -> None:

@@ -13,7 +13,7 @@ import click
 from ipiqa.bundle import parse_batch_profile
 from ipiqa.console import InputPath, friendly, format_table, text_option
 
-from .options import DEFAULT_OPSET, ExportOptions, Int8Options, ParityGateError
+from .options import DEFAULT_OPSET, ExportOptions, Int8Options, ParityGateError, check_bf16_gating
 from .parity import ToleranceOverride
 from .trt import EngineSpec
 
@@ -82,6 +82,9 @@ def _check_table(checks) -> str:
                    "(always written for them), FP32 engines from the FP32 graphs.")
 @click.option("--fp16-onnx", is_flag=True,
               help="Also write the gated fp16/ ONNX graphs without building FP16 engines (ONNX Runtime GPU, Triton).")
+@click.option("--bf16", is_flag=True,
+              help="Gate the FP32 graphs at BF16 on OpenVINO (pip install 'ipiqa[openvino]'; run on a CPU with AMX or "
+                   "AVX512-BF16, like those that will serve it), so 'ipiqa score --precision bf16' may serve them.")
 @click.option("--int8", is_flag=True,
               help="Quantize the image graph to INT8 on --calibration images and gate it on held-out ones: for the "
                    "CPU always; with engines, also an INT8 image engine (text and fusion engines FP16).")
@@ -110,7 +113,7 @@ def _check_table(checks) -> str:
               help="Relative part of the override (scale: score range, or max |reference| for tensors).")
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
 @friendly
-def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, int8, calibration,
+def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, bf16, int8, calibration,
          calibration_size, int8_settings, batch, workspace, straightforward_pooling, opset, triton_dir, triton_backend, atol, rtol,
          verbose) -> None:
     """Export an IP-IQA model to a bundle the runtime scores with.
@@ -119,6 +122,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     Stages: ONNX graphs (image_encoder, text_encoder, fusion; FP32, dynamic batch, weights in
     .onnx.data) -> parity gate through the runtime's ONNX Runtime backend against PyTorch
     -> fp16/ graphs (for FP16/INT8 engines, or --fp16-onnx), gated against the FP32 graphs
+    -> BF16 gate (--bf16): the FP32 graphs as OpenVINO serves them at BF16 (text graph FP32),
+    cosine >= 0.999 on every intermediate tensor, scores within 5e-2 (Spearman >= 0.995)
     -> INT8 image graphs (--int8), gated on held-out calibration images (cosine >= 0.995;
     Spearman >= 0.99 where scores spread) -> TensorRT engines (FP16 by default; strongly typed,
     precision from the graph) -> the engine gate through the runtime's TensorRT backend
@@ -137,6 +142,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
       ipiqa-export --official agiqa3k_best.pth --clip RN50.pt -o bundle/
       ipiqa-export model.safetensors -o bundle/ --onnx-only --triton triton_repo/
       ipiqa-export model.safetensors -o bundle/ --onnx-only --int8 --calibration images.csv
+      ipiqa-export model.safetensors -o bundle/ --onnx-only --bf16
       ipiqa-export model.safetensors -o bundle/ --int8 --calibration photos/ --calibration-size 128
     """
     from ipiqa._optional import require
@@ -166,10 +172,12 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         raise click.BadParameter(str(exc), param_hint="'--atol' / '--rtol'") from None
     try:
         options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not straightforward_pooling,
-                                tolerance_override=override, fp16_onnx=fp16_onnx,
+                                tolerance_override=override, fp16_onnx=fp16_onnx, bf16=bf16,
                                 int8=Int8Options(calibration, calibration_size, int8_settings) if int8 else None)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if bf16:  # before minutes of ONNX work
+        check_bf16_gating()
     if model is not None:
         read_config(model)  # not an ipiqa model file: one line, before torch loads
     for module in EXPORT_MODULES:
@@ -217,6 +225,11 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         click.echo(f"\nFP16 graphs ({', '.join(g['file'] for g in fp16_info['graphs'].values())}), gated on "
                    f"{fp16_info['gate_images']} inputs against the FP32 graphs:")
         click.echo(_check_table(fp16_info["gate"]))
+    if report.bf16:
+        click.echo(f"\nBF16 on {report.bf16['runtime']} ({report.bf16['cpu']}; served: "
+                   f"{', '.join(f'{g} {p}' for g, p in report.bf16['served'].items())}), gated on "
+                   f"{report.bf16['gate_images']} inputs against the FP32 graphs:")
+        click.echo(_check_table(report.bf16["gate"]))
     for target, entry in report.int8.items():
         click.echo(f"\nINT8 [{target}] {entry['file']}: {entry['settings']['activation_type']} activations, "
                    f"{entry['settings']['weight_type']} weights, {len(entry['excluded_nodes'])} layers kept FP32, "

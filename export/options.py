@@ -13,8 +13,8 @@ from ipiqa.errors import IPIQAError
 from .parity import ToleranceOverride
 from .trt import EngineSpec
 
-__all__ = ["ExportOptions", "Int8Options", "ParityGateError", "Fp16GateError", "DEFAULT_OPSET",
-           "DEFAULT_CALIBRATION_SIZE"]
+__all__ = ["ExportOptions", "Int8Options", "ParityGateError", "Fp16GateError", "Bf16GateError", "DEFAULT_OPSET",
+           "DEFAULT_CALIBRATION_SIZE", "check_bf16_gating"]
 
 # The ONNX opset the graphs are exported at (export.to_onnx). 18: LayerNormalization as one op (>= 17) keeps it
 # fusable and FP32-pinnable in TensorRT.
@@ -34,6 +34,25 @@ class Fp16GateError(ParityGateError):
 
     def __init__(self, results: Sequence[Any]):
         super().__init__(results, "FP16 gate")
+
+
+class Bf16GateError(ParityGateError):
+    """The FP32 graphs at BF16 on OpenVINO missed the BF16 bounds."""
+
+    def __init__(self, results: Sequence[Any]):
+        super().__init__(results, "BF16 gate")
+
+
+def check_bf16_gating() -> None:
+    """``--bf16`` needs OpenVINO and a CPU with BF16: elsewhere OpenVINO runs the hint in FP32 and a gate
+    would pass without judging BF16. Checked by the CLI before any work and by the export stage."""
+    from ipiqa._optional import require
+    from ipiqa.runtime.cpu import bf16_refusal
+
+    require("openvino", extra="openvino")
+    reason = bf16_refusal()
+    if reason:
+        raise IPIQAError(f"--bf16: {reason}; gate BF16 on the machine class that will serve it")
 
 
 @dataclass(frozen=True)
@@ -60,6 +79,7 @@ class ExportOptions:
     fp16_onnx: bool = False  # FP16 graphs without FP16/INT8 engines (ONNX Runtime GPU, Triton)
     fp16_images: int = 16  # FP16 gate inputs (ONNX Runtime CPU, FP16 rounding emulated)
     int8: Optional[Int8Options] = None
+    bf16: bool = False  # gate the FP32 graphs at BF16 on OpenVINO (this CPU must have AMX or AVX512-BF16)
 
     def __post_init__(self) -> None:
         if self.int8 is not None and not self.onnx_only and self.engine.precision != "int8":

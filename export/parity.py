@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
-from .checks import BOUNDS, Check, known_fields
+from .checks import BOUNDS, Check, bounds_for, known_fields
 from ipiqa.metrics import srcc as spearman  # one rank implementation (below export and training), checked against scipy
 
 __all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "FP32_TOL", "FP16_ATOL",
@@ -71,12 +71,12 @@ def check_tolerance(scale: float, floor: Optional[float], precision: str = "fp32
     ``scale`` is the score range (scores) or ``max |ref|`` (tensors); ``floor`` the reference's own FP32
     error on the same inputs (None: not measured, the fixed part alone). An override replaces the rule.
     """
-    if precision == "fp16":
-        fixed = FP16_ATOL  # absolute, on MOS-scale scores and on embeddings alike
+    if precision in ("fp16", "bf16"):
+        fixed = float(bounds_for(precision).atol)  # absolute, on MOS-scale scores and on embeddings alike
     elif precision == "fp32":
         fixed = FP32_TOL * max(1.0, scale)
     else:
-        raise ValueError(f"precision must be fp16 or fp32, got {precision!r}")
+        raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
     if override is not None:
         return override.atol + override.rtol * scale, fixed
     if floor is None or not np.isfinite(floor):  # a non-finite reference must not loosen anything
@@ -161,13 +161,15 @@ class ParityResult(Check):
 
 
 def compare(name: str, ref: np.ndarray, out: np.ndarray, scores: bool = False, fp16: bool = False,
-            ref64: Optional[np.ndarray] = None, override: Optional[ToleranceOverride] = None) -> ParityResult:
+            ref64: Optional[np.ndarray] = None, override: Optional[ToleranceOverride] = None,
+            precision: str = "fp32") -> ParityResult:
     """Compare one output with the FP32 reference ``ref``.
 
     ``ref64``: the same reference in float64 on the same inputs; ``max |ref - ref64|`` is the floor the
     rule raises the tolerance to. ``scores`` measures scale by the score range; ``fp16`` uses the FP16
-    gate (and, for scores, the Spearman minimum).
+    gate (and, for scores, the Spearman minimum); ``precision="bf16"`` the BF16 row of ``BOUNDS``.
     """
+    precision = "fp16" if fp16 else precision
     ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
     floor = None
     if ref64 is not None:
@@ -183,10 +185,10 @@ def compare(name: str, ref: np.ndarray, out: np.ndarray, scores: bool = False, f
     max_rel = float((diff / np.maximum(np.abs(ref), 1e-6)).max()) if diff.size else 0.0
     mean_abs = float(diff.mean()) if diff.size else 0.0
     scale = float(np.ptp(ref)) if scores and ref.size else float(np.abs(ref).max(initial=0.0))
-    tolerance, fixed = check_tolerance(scale, floor, "fp16" if fp16 else "fp32", override)
+    tolerance, fixed = check_tolerance(scale, floor, precision, override)
     rho = rho_min = None
-    if fp16 and scores and ref.ndim == 2 and len(ref) > 2:  # the worst score column decides
+    if precision != "fp32" and scores and ref.ndim == 2 and len(ref) > 2:  # the worst score column decides
         rho = min(spearman(ref[:, j], out[:, j]) for j in range(ref.shape[1]))
-        rho_min = FP16_SPEARMAN
+        rho_min = bounds_for(precision).spearman_min
     return ParityResult(name, max_abs, mean_abs, max_rel, tolerance, rho, rho_min, floor, fixed,
                         FLOOR_MULTIPLE if floor is not None else None, override)

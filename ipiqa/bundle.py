@@ -115,7 +115,7 @@ def check_graph_metadata(manifest: Manifest, name: str, metadata: Mapping[str, s
     if IPIQAConfig.from_json(embedded) != manifest.config:
         raise BundleError(f"{path}: graph was exported for another config than the "
                           f"manifest says ({embedded} vs {manifest.config.to_json()}); {REBUILD}")
-    expected = precision if precision != "int8" or name == "image_encoder" else "fp32"
+    expected = "fp32" if precision == "bf16" or (precision == "int8" and name != "image_encoder") else precision
     if metadata.get(METADATA_PRECISION_KEY, "fp32") != expected:
         raise BundleError(f"{path}: graph is {metadata.get(METADATA_PRECISION_KEY, 'fp32')}, the manifest lists it "
                           f"as {expected}; {REBUILD}")

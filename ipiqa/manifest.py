@@ -25,7 +25,7 @@ from .config import IPIQAConfig
 from .errors import BundleError
 from .rebuild import rebuild_command
 
-__all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "ManifestError", "GraphEntry", "Fp16Graph", "Fp16Graphs",
+__all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "ManifestError", "GraphEntry", "Fp16Graph", "Fp16Graphs", "Bf16Gate",
            "Int8Calibration", "Int8Graph", "OnnxGraphs", "EngineGraph", "Engines", "Tokenizer", "Source",
            "Parity", "Manifest", "io_shapes", "check_batch_profile", "to_plain"]
 
@@ -40,7 +40,7 @@ FORMAT_CHANGES = {
                       "'outputs' and the tokenizer's ids are no longer stored",
 }
 GRAPHS = ("image_encoder", "text_encoder", "fusion")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8")  # of graph files and engines; bf16 is an OpenVINO inference precision
 INT8_TARGETS = ("cpu", "tensorrt")
 
 Shape = tuple[Optional[int], ...]
@@ -126,6 +126,20 @@ class Fp16Graphs:
 
 
 @dataclass(frozen=True)
+class Bf16Gate:
+    """``onnx.bf16``: the FP32 graphs passed the BF16 gate on OpenVINO. No files of its own: BF16 is how
+    OpenVINO runs the FP32 graphs (``served``: each graph's inference precision; the text graph stays FP32)."""
+
+    key: str  # reuse key: FP32 graphs + gate size + OpenVINO version + CPU
+    runtime: str  # e.g. "openvino 2026.4.1": the kernels that were gated
+    cpu: str  # the gating machine's CPU model and its BF16 flags
+    gate_images: int
+    served: Mapping[str, str]  # graph -> "bf16" | "fp32"
+    gate: tuple[dict[str, Any], ...]  # check records (export.checks), one per check
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class Int8Calibration:
     source: str  # the folder or CSV given to --calibration
     images: int  # used to calibrate
@@ -162,6 +176,7 @@ class OnnxGraphs:
     graphs: Mapping[str, GraphEntry]
     fp16: Optional[Fp16Graphs] = None
     int8: Mapping[str, Int8Graph] = field(default_factory=dict)
+    bf16: Optional[Bf16Gate] = None
 
     def __post_init__(self) -> None:
         _need(self.pooling in ("single_query", "straightforward"), "pooling",
@@ -176,9 +191,10 @@ class OnnxGraphs:
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        """fp32 always; fp16 (``fp16/``) and int8 (the CPU INT8 image graph, served with the FP32 text and
-        fusion graphs) when exported: what ``--precision`` can ask of ONNX Runtime."""
-        return ("fp32", *(("fp16",) if self.fp16 else ()), *(("int8",) if "cpu" in self.int8 else ()))
+        """fp32 always; fp16 (``fp16/``), bf16 (the FP32 graphs, gated at BF16 on OpenVINO) and int8 (the CPU
+        INT8 image graph, served with the FP32 text and fusion graphs) when exported: what ``--precision`` can ask."""
+        return ("fp32", *(("fp16",) if self.fp16 else ()), *(("bf16",) if self.bf16 else ()),
+                *(("int8",) if "cpu" in self.int8 else ()))
 
 
 @dataclass(frozen=True)
@@ -283,7 +299,8 @@ class Manifest:
         return self.engines.precision if self.engines else None
 
     def graph_path(self, name: str, precision: str = "fp32") -> Path:
-        """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph, FP32 otherwise)."""
+        """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph; bf16 and the rest
+        of int8: the FP32 graphs)."""
         if precision not in self.onnx_precisions:
             raise self.missing_precision(precision)
         if precision == "fp16":
@@ -294,8 +311,10 @@ class Manifest:
 
     def missing_precision(self, precision: str) -> BundleError:
         """The one refusal of a ``precision`` the bundle has no ONNX graphs for, naming the export that adds them."""
-        return BundleError(f"{self.root}: this bundle has no {precision} ONNX graphs (it has "
-                           f"{', '.join(self.onnx_precisions)}); rebuild it with: {rebuild_command(precision)}")
+        what = ("records no passing BF16 gate (BF16 runs the FP32 graphs on OpenVINO once gated)" if precision == "bf16"
+                else f"has no {precision} ONNX graphs")
+        return BundleError(f"{self.root}: this bundle {what} (it has {', '.join(self.onnx_precisions)}); "
+                           f"rebuild it with: {rebuild_command(precision)}")
 
     def engine_path(self, name: str) -> Optional[Path]:
         engine = self.engines.graphs.get(name) if self.engines else None

@@ -14,6 +14,8 @@ def rebuild_command(precision: str, engines: bool = False) -> str:
     """The export command that writes graphs (``engines``: TensorRT engines) of ``precision``."""
     if precision == "int8":
         tail = "--int8 --calibration IMAGES.csv|DIR"
+    elif precision == "bf16":  # a gate record on the FP32 graphs, run where BF16 is served (needs ipiqa[openvino])
+        tail = "--onnx-only --bf16"
     elif precision == "fp16":
         tail = "--fp16" if engines else "--onnx-only --fp16-onnx"
     else:

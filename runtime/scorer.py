@@ -32,8 +32,8 @@ from .tokenizer import ClipTokenizer
 __all__ = ["Scorer", "BACKENDS", "SCORER_PRECISIONS", "select_backend"]
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-SCORER_PRECISIONS = ("auto", "fp32", "fp16", "int8")
+BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
+SCORER_PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
 
@@ -60,10 +60,13 @@ def _engine_precision_refused(manifest: Manifest, precision: str) -> IPIQAError:
 
 def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str, Device] = "auto",
                    precision: str = "auto") -> Backend:
-    """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > ORT CPU.
+    """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > on CPU, the fastest
+    gated choice: OpenVINO BF16 (gate recorded, CPU with AMX/AVX512-BF16, openvino installed) > the INT8 image
+    graph on ORT (when exported) > FP32 on ORT.
 
-    ``precision``: ``auto`` serves what suits the device (CPU: the FP32 graphs; ORT GPU providers: the
-    FP16 graphs when the bundle has them; TensorRT: the engines' precision). ``fp32``/``fp16``/``int8``
+    ``precision``: ``auto`` serves what suits the device (CPU: as above; ORT GPU providers: the FP16 graphs
+    when the bundle has them; TensorRT: the engines' precision; ``--backend openvino``: BF16 where servable,
+    else FP32). ``bf16`` runs on OpenVINO. ``fp32``/``fp16``/``int8``
     ask for that precision and are refused, naming the rebuild command, where the bundle or the device
     cannot serve it. With ``backend`` and ``device`` auto, an explicit precision picks the first route
     that serves it (INT8 without INT8 engines: the CPU INT8 graph).
@@ -77,6 +80,10 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
     if backend == "torch":
         raise IPIQAError(f"{manifest.root}: the torch backend runs a model file (.safetensors), not a bundle; "
                          "pass the model file, or use --backend onnxruntime/tensorrt for the bundle")
+    if backend == "openvino" or (backend == "auto" and precision == "bf16"):
+        if kind == "cuda":
+            raise IPIQAError("the openvino backend runs on the CPU; use --device cpu (or --backend auto on GPU)")
+        return _openvino_backend(manifest, precision)
     engines_serve = precision in ("auto", manifest.engine_precision)
     if backend == "tensorrt" or (backend == "auto" and kind != "cpu" and _tensorrt_usable(manifest) and engines_serve):
         if kind == "cpu":
@@ -94,6 +101,10 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
     if provider is not None and provider != "cpu" and precision == "int8" and kind == "auto":
         provider = None  # device auto: INT8 without INT8 engines runs where the bundle's INT8 graph runs, the CPU
     provider = provider or "cpu"
+    if precision == "auto" and provider == "cpu" and backend == "auto":
+        if _bf16_servable(manifest):
+            return _openvino_backend(manifest, "bf16")
+        precision = "int8" if "int8" in manifest.onnx_precisions else "fp32"  # the faster gated CPU set
     if precision == "auto":
         precision = "fp16" if provider != "cpu" and "fp16" in manifest.onnx_precisions else "fp32"
     elif precision == "fp16" and provider == "cpu":
@@ -101,6 +112,27 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
     if precision not in manifest.onnx_precisions:
         raise manifest.missing_precision(precision)
     return OrtBackend(manifest, provider, index, precision=precision)
+
+
+def _bf16_servable(manifest: Manifest) -> bool:
+    """BF16 is the CPU's fastest gated choice where the bundle records its gate, the CPU has BF16 and
+    OpenVINO is installed."""
+    import importlib.util
+
+    from .cpu import bf16_refusal
+
+    return ("bf16" in manifest.onnx_precisions and bf16_refusal() is None
+            and importlib.util.find_spec("openvino") is not None)
+
+
+def _openvino_backend(manifest: Manifest, precision: str) -> Backend:
+    from .backends.openvino import OpenVinoBackend
+
+    if precision == "fp16":
+        raise IPIQAError("FP16 graphs are for GPUs; the openvino backend serves fp32, bf16 or int8")
+    if precision == "auto":
+        precision = "bf16" if _bf16_servable(manifest) else "fp32"
+    return OpenVinoBackend(manifest, precision)
 
 
 _END = object()

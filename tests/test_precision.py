@@ -203,7 +203,7 @@ def test_int8_scores_on_cpu_through_the_scorer_are_close_to_fp32(precise_bundle,
     assert embedding["min_cosine"] >= bounds_for("int8").cosine_min and not embedding["note"]
     files = sorted((images / "imgs").iterdir())
     prompts = [f"a photo number {i}" for i in range(len(files))]  # the CSV's prompts: the gate's held-out pairs
-    with Scorer(out, device="cpu", precision="int8") as int8, Scorer(out, device="cpu") as fp32:
+    with Scorer(out, device="cpu", precision="int8") as int8, Scorer(out, device="cpu", precision="fp32") as fp32:
         assert int8.backend.name == "onnxruntime-cpu-int8" and fp32.backend.name == "onnxruntime-cpu"
         columns = int8.outputs
         a = np.array([[r[k] for k in columns] for r in int8.score(files, prompts)])
@@ -263,14 +263,16 @@ def test_engines_of_another_precision_are_refused_naming_the_rebuild(tiny_bundle
         select_backend(manifest, "tensorrt", "cuda", "int8")
 
 
-def test_auto_precision_on_cpu_is_fp32_even_when_the_bundle_has_int8(precise_bundle):
-    with Scorer(precise_bundle[0], device="cpu") as s:
+def test_auto_precision_on_cpu_serves_the_gated_int8_graph_when_the_bundle_has_one(precise_bundle, tiny_bundle):
+    with Scorer(precise_bundle[0], device="cpu") as s:  # no BF16 gate recorded: INT8 is the fastest gated set
+        assert s.backend.name == "onnxruntime-cpu-int8" and s.backend.precision == "int8"
+    with Scorer(tiny_bundle, device="cpu") as s:
         assert s.backend.name == "onnxruntime-cpu" and s.backend.precision == "fp32"
 
 
 def test_unknown_precision_is_refused(tiny_bundle):
-    with pytest.raises(IPIQAError, match="unknown precision 'bf16'; choose from auto, fp32, fp16, int8"):
-        Scorer(tiny_bundle, device="cpu", precision="bf16")
+    with pytest.raises(IPIQAError, match="unknown precision 'fp8'; choose from auto, fp32, fp16, bf16, int8"):
+        Scorer(tiny_bundle, device="cpu", precision="fp8")
 
 
 def test_a_swapped_graph_file_of_another_precision_is_refused(precise_bundle, tmp_path):

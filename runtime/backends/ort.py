@@ -25,6 +25,7 @@ __all__ = ["OrtBackend", "ort_session", "PROVIDERS", "CPU_FP16_REFUSED", "GPU_IN
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 CPU_FP16_REFUSED = ("FP16 graphs are for GPUs (ONNX Runtime CPU has no FP16 conv kernels and runs them at 0.87x FP32); "
                     "use fp32 or int8 on CPU")
+BF16_ELSEWHERE = "bf16 runs on OpenVINO: --backend openvino (pip install 'ipiqa[openvino]'), on a CPU with AMX or AVX512-BF16"
 GPU_INT8_REFUSED = ("the bundle's INT8 ONNX graph is quantized for CPUs (asymmetric uint8); on a GPU, INT8 runs as "
                     "TensorRT engines ({rebuild}, then --backend tensorrt); or score on --device cpu")
 
@@ -65,6 +66,8 @@ class OrtBackend(Backend):
 
         if provider not in PROVIDERS:
             raise IPIQAError(f"unknown onnxruntime provider {provider!r}; choose from {sorted(PROVIDERS)}")
+        if precision == "bf16":
+            raise IPIQAError(BF16_ELSEWHERE)
         if precision not in PRECISIONS:
             raise IPIQAError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         if precision == "fp16" and provider == "cpu":

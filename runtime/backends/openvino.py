@@ -1,0 +1,186 @@
+"""OpenVINO backend: the bundle's ONNX graphs on the CPU through OpenVINO, in FP32, BF16 or INT8.
+
+Why a second CPU runtime: on CPUs with AMX or AVX512-BF16, OpenVINO runs the FP32 graphs with BF16
+arithmetic (``INFERENCE_PRECISION_HINT=bf16``) at several times ONNX Runtime's FP32 speed, which ONNX
+Runtime's CPU provider cannot do. What each precision runs:
+
+- ``fp32``: every graph at f32 (set explicitly: OpenVINO's own default on BF16 CPUs is BF16);
+- ``bf16``: the image and fusion graphs at BF16, the text graph at f32. The hint applies to a whole
+  compiled graph, FP32 islands included, and the text graph reads its [QA] row with an ArgMax over float
+  token ids, which BF16 cannot represent near 49407 (the wrong row is read: cosine 0.67 measured). The
+  text graph runs once per distinct prompt (cached), so f32 there costs little. Served only where the CPU
+  has the flags (``ipiqa.runtime.cpu``) and the bundle records a passing BF16 gate (``ipiqa-export --bf16``);
+  the compiled model's own precision is checked after compiling, so no silent FP32 fallback is served as BF16;
+- ``int8``: the bundle's CPU INT8 image graph (Q/DQ, OpenVINO's int8 kernels), text and fusion at f32.
+
+Compiled models are cached (``CACHE_DIR``) beside the bundle in ``cache/openvino/`` (or ``cache_dir``, or
+``$IPIQA_OPENVINO_CACHE``; a read-only bundle falls back to ``~/.cache/ipiqa/openvino``), so the second start
+skips compilation. All cores run each call (``PERFORMANCE_HINT=LATENCY``); OpenVINO releases the GIL while
+inferring, so the pipeline's decode threads overlap it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+import numpy as np
+
+from ipiqa._optional import require
+from ipiqa.bundle import Manifest, check_graph_metadata, embedded_config
+from ipiqa.config import IPIQAConfig
+from ipiqa.errors import IPIQAError
+from ipiqa.runtime.cpu import bf16_refusal
+
+from .base import Backend
+
+__all__ = ["OpenVinoBackend", "OPENVINO_PRECISIONS", "inference_precisions", "cache_folder"]
+
+OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
+_HINT = {"fp32": "f32", "bf16": "bf16"}
+
+
+def inference_precisions(precision: str) -> dict[str, str]:
+    """Each graph's inference precision for a served ``precision``: the one table the backend, the BF16
+    gate and the manifest's ``served`` record read."""
+    if precision not in OPENVINO_PRECISIONS:
+        raise IPIQAError(f"unknown openvino precision {precision!r}; choose from {', '.join(OPENVINO_PRECISIONS)}")
+    low = "bf16" if precision == "bf16" else "fp32"
+    return {"image_encoder": low, "text_encoder": "fp32", "fusion": low}
+
+
+def cache_folder(root: Optional[Path], override: Union[str, Path, None] = None) -> Optional[Path]:
+    """Where compiled models are cached: ``override``, ``$IPIQA_OPENVINO_CACHE``, the bundle's ``cache/openvino``
+    when writable, else the user's cache folder. ``""`` (either way): no cache."""
+    chosen = override if override is not None else os.environ.get("IPIQA_OPENVINO_CACHE")
+    if chosen is not None:
+        return Path(chosen) if str(chosen) else None
+    if root is not None:
+        folder = Path(root) / "cache" / "openvino"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                return folder
+        except OSError:
+            pass
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipiqa" / "openvino"
+
+
+def _core():
+    ov = require("openvino", extra="openvino")
+    return ov.Core()
+
+
+def _metadata(model) -> dict[str, str]:
+    """The ONNX graph's metadata_props, as OpenVINO's ONNX reader keeps them (rt_info ``framework``)."""
+    try:
+        framework = model.get_rt_info()["framework"]
+    except (KeyError, RuntimeError):
+        return {}
+    keys = framework.keys() if isinstance(framework, Mapping) else ()
+    return {k: model.get_rt_info(["framework", k]).astype(str) for k in keys}
+
+
+def _input_shapes(model) -> dict[str, list]:
+    return {i.get_any_name(): [d.get_length() if d.is_static else None for d in i.get_partial_shape()]
+            for i in model.inputs}
+
+
+class OpenVinoBackend(Backend):
+    """The bundle's graphs on OpenVINO's CPU plugin; ``name``: ``openvino-cpu``, ``openvino-cpu-bf16``,
+    ``openvino-cpu-int8``."""
+
+    name = "openvino"
+
+    def __init__(self, manifest: Manifest, precision: str = "fp32", threads: Optional[int] = None,
+                 cache_dir: Union[str, Path, None] = None):
+        served = inference_precisions(precision)  # refuses an unknown precision
+        if precision == "bf16":
+            reason = bf16_refusal()
+            if reason:
+                raise IPIQAError(f"--precision bf16: {reason}")
+        # bf16 without a passing gate record: the manifest's refusal names ``ipiqa-export --bf16``
+        paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}
+        self._open(manifest.config, paths, precision, served, threads, cache_folder(manifest.root, cache_dir),
+                   check=lambda name, model: check_graph_metadata(manifest, name, _metadata(model),
+                                                                  _input_shapes(model), precision))
+
+    @classmethod
+    def from_graphs(cls, graphs: Mapping[str, Path], precision: str = "fp32",
+                    served: Optional[Mapping[str, str]] = None, threads: Optional[int] = None,
+                    cache_dir: Union[str, Path, None] = "") -> "OpenVinoBackend":
+        """The BF16 gate's backend: graph files no manifest lists yet (config read from the graphs).
+        ``served``: each graph's inference precision (default ``inference_precisions``; the tests show the
+        gate catches the text graph at BF16 through it). No compile cache by default."""
+        backend = cls.__new__(cls)
+        backend._open(None, graphs, precision, dict(served or inference_precisions(precision)), threads,
+                      cache_folder(None, cache_dir))
+        return backend
+
+    def _open(self, cfg: Optional[IPIQAConfig], graphs: Mapping[str, Path], precision: str,
+              served: Mapping[str, str], threads: Optional[int], cache: Optional[Path],
+              check: Callable[[str, Any], None] = lambda name, model: None) -> None:
+        core = _core()
+        self.precision = precision
+        self.name = "openvino-cpu" + ("" if precision == "fp32" else f"-{precision}")
+        self.served = dict(served)
+        self.cache = cache
+        self.models: dict[str, Any] = {}
+        self.requests: dict[str, Any] = {}
+        metadata = {}
+        for name, path in graphs.items():
+            model = core.read_model(str(path))
+            check(name, model)
+            metadata[name] = _metadata(model)
+            config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[served[name]], "PERFORMANCE_HINT": "LATENCY",
+                                      "INFERENCE_NUM_THREADS": int(threads or os.cpu_count() or 1)}
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(cache)
+            # From the file path, so OpenVINO's cache key is the file (a second start imports, not compiles).
+            compiled = core.compile_model(str(path), "CPU", config)
+            hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+            got = getattr(hint, "get_type_name", lambda: str(hint))()
+            if served[name] == "bf16" and got != "bf16":
+                raise IPIQAError(f"{path}: OpenVINO compiled {name} at {got}, not bf16, on this CPU; "
+                                 f"{bf16_refusal() or 'this OpenVINO build does not run BF16 here'}")
+            self.models[name] = compiled
+            self.requests[name] = compiled.create_infer_request()
+        self.cfg = cfg if cfg is not None else embedded_config(metadata)
+        self._outputs = {name: [o.get_any_name() for o in m.outputs] for name, m in self.models.items()}
+        self._inputs = {name: [i.get_any_name() for i in m.inputs] for name, m in self.models.items()}
+
+    def _run(self, graph: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Outputs copied (share_outputs=False): a handle outlives the next call on the same request.
+        result = self.requests[graph].infer({k: np.ascontiguousarray(feeds[k]) for k in self._inputs[graph]},
+                                            share_inputs=True, share_outputs=False)
+        return {name: np.asarray(result[port]) for name, port in zip(self._outputs[graph], self.models[graph].outputs)}
+
+    def _encode_image(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run("image_encoder", {"image": images})
+
+    def _image_embedding(self, image_side: dict[str, np.ndarray]) -> np.ndarray:
+        return image_side["image_embedding"]
+
+    def _encode_text(self, tokens: np.ndarray) -> np.ndarray:
+        return self._run("text_encoder", {"tokens": tokens})["text_embedding"]
+
+    def _fusion_feeds(self, image_side: Mapping[str, np.ndarray], text: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+        feeds = {k: v for k, v in image_side.items() if k in self._inputs["fusion"]}
+        if text is not None:
+            feeds["text_embedding"] = np.asarray(text, np.float32)
+        return feeds
+
+    def _fuse(self, image_side: dict[str, np.ndarray], text_embedding: Optional[np.ndarray]) -> np.ndarray:
+        return self._run("fusion", self._fusion_feeds(image_side, text_embedding))["scores"]
+
+    def image_outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        self._check("image", images)
+        return self._encode_image(np.ascontiguousarray(images))
+
+    def fusion_outputs(self, image_side: Mapping[str, np.ndarray], text_embedding: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run("fusion", self._fusion_feeds(image_side, text_embedding))
+
+    def close(self) -> None:
+        self.requests.clear()
+        self.models.clear()
