@@ -305,3 +305,14 @@ def test_a_shard_is_read_as_a_stream_not_loaded_first(tmp_path):
         fh.write(b"\x01" * 512)
     rest = list(rows)
     assert len(rest) == 39 and rest[-1].image.endswith("::<truncated at byte %d>" % starts_of(path, "000039"))
+
+
+def test_the_shards_benchmark_reports_every_source_and_each_shard_count(tiny_bundle, tmp_path):
+    from benchmarks.shards import section
+
+    result = section(tmp_path, resolution=64, side=64, images=8, shards=2, repeats=1, shard_counts=(1, 2),
+                     per_shard=4, bundle=tiny_bundle)
+    assert [r["source"] for r in result["rates"]] == ["loose files", "tar shards", "parquet bytes"]
+    assert all(r["rows"] == 8 and r["rows_per_s"] > 0 for r in result["rates"])
+    assert [(m["shards"], m["rows"]) for m in result["memory"]] == [(1, 4), (2, 8)]
+    assert "peak RSS" in result["markdown"]
