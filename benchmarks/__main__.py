@@ -46,7 +46,9 @@ def _args(argv) -> argparse.Namespace:
     p.add_argument("--sections", default="engine,host,jobs",
                    help="comma list: engine (every backend engine-only, then end to end), host (decode + resize per "
                         "core, thread vs process pools, the fast path), jobs (memory and resume time against rows), "
-                        "export (INT8 export peak memory against calibration images; opt-in)")
+                        "export (INT8 export peak memory against calibration images; opt-in), report (ipiqa report "
+                        "and select on --report-rows; opt-in)")
+    p.add_argument("--report-rows", default="200000", help="scores-file sizes (rows) for the report section")
     p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
     p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
     p.add_argument("--jobs-rows", default="50000,200000", help="job sizes (rows) for the jobs section")
@@ -63,7 +65,7 @@ def _args(argv) -> argparse.Namespace:
         args.resolution, args.batches, args.warmup, args.iters, args.min_seconds = 224, "1,2", 1, 2, 0.0
         args.e2e_images, args.e2e_batch = 4, 2
         args.host_sources, args.host_images, args.jobs_rows, args.api_images = "256,512", 2, "500,2000", "8,32"
-        args.export_sizes = "2,4"
+        args.export_sizes, args.report_rows = "2,4", "2000"
         args.skip = ",".join(filter(None, [args.skip, "torch-compile"]))
     return args
 
@@ -102,11 +104,25 @@ def _setup(args, cuda: bool):
     make_jpegs(calibration, 512, 16 if args.smoke else 48, seed=11)  # smooth generated images, never the timed ones
     int8 = Int8Options(calibration, size=8 if args.smoke else 32)
     bundles = {}
+    bf16 = _bf16_available() is None  # the BF16 gate runs (and BF16 rows exist) only where BF16 runs natively
     for name, single in (("single_query", True), ("straightforward", False)):
-        options = ExportOptions(onnx_only=True, single_query_pooling=single, int8=int8 if single else None)
+        options = ExportOptions(onnx_only=True, single_query_pooling=single, int8=int8 if single else None,
+                                bf16=bf16 and single)
         export_bundle(model, [model_path], work / f"bundle-{name}", options, progress=lambda m: print(f"  {m}", file=sys.stderr))
         bundles[name] = work / f"bundle-{name}"
     return cfg, model, model_path, bundles
+
+
+def _bf16_available() -> Optional[str]:
+    """None where the OpenVINO BF16 rows can run, else why not (the row's note)."""
+    import importlib.util
+
+    from ipiqa.runtime.cpu import bf16_refusal
+
+    if importlib.util.find_spec("openvino") is None:
+        return "not available on this machine: openvino not installed (pip install 'ipiqa[openvino]')"
+    reason = bf16_refusal()
+    return None if reason is None else f"not available: no BF16 on this CPU ({reason.split(' has ')[0][10:]})"
 
 
 def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tuple[Optional[Callable], str, Optional[object]]]:
@@ -155,6 +171,17 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
     scorer_runner("onnxruntime-cpu-int8", bundles["single_query"], "INT8 image graph (QDQ U8S8 per-channel, "
                   "reduce_range, calibrated and gated at export), FP32 text and fusion, prompt cache",
                   backend="onnxruntime", device="cpu", precision="int8")
+    scorer_runner("openvino-cpu", bundles["single_query"], "OpenVINO FP32 (f32 hint), single-query pools, prompt cache",
+                  backend="openvino", device="cpu", precision="fp32")
+    bf16_missing = _bf16_available()
+    if bf16_missing:
+        out["openvino-cpu-bf16"] = (None, bf16_missing, None)
+    else:
+        scorer_runner("openvino-cpu-bf16", bundles["single_query"], "OpenVINO BF16 image + fusion graphs, FP32 text "
+                      "graph, BF16 gate passed at export, prompt cache", backend="openvino", device="cpu",
+                      precision="bf16")
+    scorer_runner("openvino-cpu-int8", bundles["single_query"], "OpenVINO on the bundle's CPU INT8 image graph, FP32 "
+                  "text and fusion, prompt cache", backend="openvino", device="cpu", precision="int8")
     scorer_runner("onnxruntime-cpu-straightforward-pools", bundles["straightforward"], "pools as written (before issue 9), prompt cache",
                   backend="onnxruntime", device="cpu")
     if cuda:
@@ -201,7 +228,8 @@ def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
         paths.append(p)
     rows = [Row(str(p), f"a generated image, prompt #{i // IMAGES_PER_PROMPT}") for i, p in enumerate(paths)]
     results = []
-    for name in ("onnxruntime-cpu", "onnxruntime-cpu-int8", "onnxruntime-gpu", "tensorrt", "torch-fp16"):
+    for name in ("onnxruntime-cpu", "onnxruntime-cpu-int8", "openvino-cpu", "openvino-cpu-bf16", "openvino-cpu-int8",
+                 "onnxruntime-gpu", "tensorrt", "torch-fp16"):
         fn, _, scorer = runners.get(name, (None, "", None))
         if fn is None:
             continue
@@ -360,9 +388,10 @@ def main(argv=None) -> int:
     import torch
 
     sections = set(filter(None, args.sections.split(",")))
-    unknown = sections - {"engine", "host", "jobs", "export"}
+    known = ("engine", "host", "jobs", "export", "report")
+    unknown = sections - set(known)
     if unknown:
-        raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from engine, host, jobs, export")
+        raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {', '.join(known)}")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     torch.set_num_threads(os.cpu_count() or 1)
     info = machine_info()
@@ -377,6 +406,10 @@ def main(argv=None) -> int:
         results["jobs"] = _jobs_section(args)
     if "export" in sections:
         results["export"] = _export_section(args)
+    if "report" in sections:
+        from .report_bench import measure_report
+
+        results["report"] = measure_report(args.workdir, [int(v) for v in args.report_rows.split(",")])
     info["slug"] = slug = machine_slug(info) + ("-smoke" if args.smoke else "")
     results.update(slug=slug, machine=info, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    smoke=args.smoke, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))

@@ -69,6 +69,12 @@ def markdown(results: dict) -> str:
     if results.get("export"):
         lines += ["", f"## INT8 export: peak RSS against calibration images ({results['export']['resolution']} px, "
                   "one fresh process per run)", "", results["export"]["markdown"]]
+    if results.get("report"):
+        lines += ["", "## `ipiqa report` and `ipiqa select` against scores-file rows (one fresh process per command)",
+                  "", results["report"]["markdown"]]
+    cpu_flags = (results.get("machine") or {}).get("cpu_flags")
+    if cpu_flags:
+        lines += ["", f"CPU flags the figures depend on: {', '.join(cpu_flags)}"]
     lines += ["", f"Command: `{results.get('command', 'python -m benchmarks')}`"]
     return "\n".join(lines) + "\n"
 
