@@ -170,8 +170,9 @@ class _ImagesPath(InputPath):
               "and cannot be resumed), '-' for stdout.")
 @click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="One output file per input shard or Parquet file (OUT/NAME.csv, or --format), renamed into place "
-                   "only when complete: a rerun skips complete ones, and runs on several machines sharing the list "
-                   "and the folder score each shard once.")
+                   "only when complete: a rerun skips complete ones (and continues a shard a killed run left "
+                   "half-written: --resume is implied), and runs on several machines sharing the list and the folder "
+                   "score each shard once.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]), default=None,
               help="Output format (default: from the file suffix, else csv).")
 @click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "openvino", "torch"]), default="auto",
