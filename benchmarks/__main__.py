@@ -47,7 +47,8 @@ def _args(argv) -> argparse.Namespace:
                    help="comma list: engine (every backend engine-only, then end to end), host (decode + resize per "
                         "core, thread vs process pools, the fast path), jobs (memory and resume time against rows), "
                         "export (INT8 export peak memory against calibration images; opt-in), report (ipiqa report "
-                        "and select on --report-rows; opt-in)")
+                        "and select on --report-rows; opt-in), shards (host rows/s from WebDataset shards and Parquet "
+                        "against loose files, memory against shard count; opt-in)")
     p.add_argument("--report-rows", default="200000", help="scores-file sizes (rows) for the report section")
     p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
     p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
@@ -388,7 +389,7 @@ def main(argv=None) -> int:
     import torch
 
     sections = set(filter(None, args.sections.split(",")))
-    known = ("engine", "host", "jobs", "export", "report")
+    known = ("engine", "host", "jobs", "export", "report", "shards")
     unknown = sections - set(known)
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {', '.join(known)}")
@@ -406,6 +407,13 @@ def main(argv=None) -> int:
         results["jobs"] = _jobs_section(args)
     if "export" in sections:
         results["export"] = _export_section(args)
+    if "shards" in sections:
+        from .shards import section as shards_section
+
+        results["shards"] = shards_section(args.workdir / "shards", resolution=args.resolution,
+                                           images=16 if args.smoke else 64, repeats=1 if args.smoke else 3,
+                                           shard_counts=(1, 2) if args.smoke else (2, 8, 32))
+        print(results["shards"]["markdown"], file=sys.stderr)
     if "report" in sections:
         from .report_bench import measure_report
 

@@ -69,6 +69,8 @@ def markdown(results: dict) -> str:
     if results.get("export"):
         lines += ["", f"## INT8 export: peak RSS against calibration images ({results['export']['resolution']} px, "
                   "one fresh process per run)", "", results["export"]["markdown"]]
+    if results.get("shards"):
+        lines += ["", "## Datasets as stored: shards and Parquet against loose files", "", results["shards"]["markdown"]]
     if results.get("report"):
         lines += ["", "## `ipiqa report` and `ipiqa select` against scores-file rows (one fresh process per command)",
                   "", results["report"]["markdown"]]

@@ -39,7 +39,7 @@ from ipiqa._optional import require
 from ipiqa.bundle import METADATA_PRECISION_KEY
 from ipiqa.errors import IPIQAError
 
-from .to_onnx import save_checked
+from .onnx_files import save_checked
 
 
 __all__ = ["FP32_OPS", "PRECISION_KEY", "FP16_MAX", "ONNX_FLOAT", "ONNX_FLOAT16", "Fp16Conversion", "convert_to_fp16",

@@ -17,11 +17,11 @@ import torch
 from ipiqa._optional import require
 from ipiqa.bundle import METADATA_CONFIG_KEY
 from ipiqa.config import IPIQAConfig
-from ipiqa.errors import IPIQAError
 
+from .onnx_files import save_checked
 from .options import DEFAULT_OPSET
 
-__all__ = ["DEFAULT_OPSET", "export_onnx", "save_checked"]
+__all__ = ["DEFAULT_OPSET", "export_onnx", "save_checked"]  # save_checked: from onnx_files
 
 
 def export_onnx(
@@ -53,23 +53,6 @@ def export_onnx(
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_CONFIG_KEY, cfg.to_json()
     save_checked(proto, path, "exported graph")
-    return path
-
-
-def save_checked(proto, path: Path, what: str) -> Path:
-    """Save with every weight in ``<name>.onnx.data`` beside the graph, then refuse a graph onnx.checker
-    rejects (full check), naming the file. Small constants (shapes, axes) stay inline so shape inference and
-    parsers can read them."""
-    onnx = require("onnx", extra="export")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data_file = path.name + ".data"
-    (path.parent / data_file).unlink(missing_ok=True)  # save_model appends to an existing data file
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_file, size_threshold=1024)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)  # path form: works with external data
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise IPIQAError(f"{path}: the {what} failed onnx.checker: {str(exc).splitlines()[0]}") from None
     return path
 
 

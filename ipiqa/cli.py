@@ -302,6 +302,11 @@ def _partitions_line(summary, output_dir, where: str) -> None:
 
 cli.add_command(score_cmd)
 
+from ipiqa.runtime.report.commands import report_cmd, select_cmd  # noqa: E402 (click only; numpy/PIL load inside)
+
+cli.add_command(report_cmd)
+cli.add_command(select_cmd)
+
 
 @cli.command("demo")
 @click.option("--out", default="ipiqa-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),

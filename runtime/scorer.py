@@ -24,9 +24,9 @@ from ipiqa.errors import IPIQAError
 
 from .backends import Backend
 from .cache import PromptCache
-from .io import OutputLock, ResultWriter, RowSource, refuse_same_file, resume_point, writable_rows
+from .io import OutputLock, ResultWriter, RowSource, resume_point, writable_rows
 from .pipeline import RunSummary, iter_results, score_rows
-from .rows import Result, Row, check_prompt_source, clean_prompt
+from .rows import Result, Row, clean_prompt
 from .tokenizer import ClipTokenizer
 
 __all__ = ["Scorer", "BACKENDS", "SCORER_PRECISIONS", "select_backend"]
@@ -61,8 +61,7 @@ def _engine_precision_refused(manifest: Manifest, precision: str) -> IPIQAError:
 def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str, Device] = "auto",
                    precision: str = "auto") -> Backend:
     """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > on CPU, the fastest
-    gated choice: OpenVINO BF16 (gate recorded, CPU with AMX/AVX512-BF16, openvino installed) > the INT8 image
-    graph on ORT (when exported) > FP32 on ORT.
+    gated choice (``cpu_auto_precision``): OpenVINO BF16 or the INT8 image graph on ORT, else FP32 on ORT.
 
     ``precision``: ``auto`` serves what suits the device (CPU: as above; ORT GPU providers: the FP16 graphs
     when the bundle has them; TensorRT: the engines' precision; ``--backend openvino``: BF16 where servable,
@@ -102,9 +101,9 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
         provider = None  # device auto: INT8 without INT8 engines runs where the bundle's INT8 graph runs, the CPU
     provider = provider or "cpu"
     if precision == "auto" and provider == "cpu" and backend == "auto":
-        if _bf16_servable(manifest):
+        precision = cpu_auto_precision(manifest)
+        if precision == "bf16":
             return _openvino_backend(manifest, "bf16")
-        precision = "int8" if "int8" in manifest.onnx_precisions else "fp32"  # the faster gated CPU set
     if precision == "auto":
         precision = "fp16" if provider != "cpu" and "fp16" in manifest.onnx_precisions else "fp32"
     elif precision == "fp16" and provider == "cpu":
@@ -123,6 +122,21 @@ def _bf16_servable(manifest: Manifest) -> bool:
 
     return ("bf16" in manifest.onnx_precisions and bf16_refusal() is None
             and importlib.util.find_spec("openvino") is not None)
+
+
+def cpu_auto_precision(manifest: Manifest) -> str:
+    """The fastest gated CPU choice for this bundle on this CPU: the one rule behind ``--precision auto`` on CPU.
+
+    Measured (benchmarks/results, RN50-512, batch 4): with AMX, OpenVINO BF16 runs 5.15x ONNX Runtime FP32 and
+    INT8 1.3-1.85x, so BF16 first; with AVX512-BF16 but no AMX (AMD Zen 4), BF16 ran 2.1x and ONNX Runtime INT8
+    2.8x, so INT8 first. INT8 is served by ONNX Runtime, the runtime its gate ran on; FP32 likewise (OpenVINO
+    FP32 ran 0.95x on the AMX machine)."""
+    from .cpu import cpu_flags
+
+    bf16, int8 = _bf16_servable(manifest), "int8" in manifest.onnx_precisions
+    if bf16 and ("amx_bf16" in cpu_flags() or not int8):
+        return "bf16"
+    return "int8" if int8 else "fp32"
 
 
 def _openvino_backend(manifest: Manifest, precision: str) -> Backend:

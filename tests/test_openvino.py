@@ -220,3 +220,21 @@ def test_export_bf16_on_a_cpu_without_bf16_is_refused_before_any_work(tiny_model
     res = CliRunner().invoke(main, [str(tiny_model_file), "-o", str(tmp_path / "b"), "--onnx-only", "--bf16"])
     assert res.exit_code != 0 and "--bf16: this CPU" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("flags, gated, chosen", [
+    ({"amx_bf16", "avx512_bf16"}, ("fp32", "bf16", "int8"), "bf16"),  # AMX: BF16 5x FP32, INT8 under 2x
+    ({"avx512_bf16"}, ("fp32", "bf16", "int8"), "int8"),  # AVX512-BF16 alone: INT8 ran faster than BF16
+    ({"avx512_bf16"}, ("fp32", "bf16"), "bf16"),
+    (set(NO_BF16), ("fp32", "bf16", "int8"), "int8"),  # BF16 gated elsewhere, not servable here
+    (set(NO_BF16), ("fp32", "bf16"), "fp32"),
+    ({"amx_bf16"}, ("fp32", "int8"), "int8"),  # no BF16 gate record: BF16 is never chosen
+    ({"amx_bf16"}, ("fp32",), "fp32"),
+])
+def test_auto_on_cpu_picks_the_fastest_choice_the_gates_and_the_cpu_allow(flags, gated, chosen, monkeypatch):
+    from types import SimpleNamespace
+
+    from ipiqa.runtime.scorer import cpu_auto_precision
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
+    assert cpu_auto_precision(SimpleNamespace(onnx_precisions=gated)) == chosen

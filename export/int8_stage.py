@@ -1,0 +1,91 @@
+"""The INT8 stage of ``export_bundle``: the image graph quantized per target on the user's images, gated on
+held-out ones; and the held-out inputs both INT8 gates (CPU graph, engines) judge on."""
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+from ipiqa.bundle import sha256_file
+from ipiqa.manifest import Int8Calibration, Int8Graph, to_plain
+from ipiqa.model import tokenize
+
+from .gate import PARITY_PROMPTS
+from .reuse_keys import stage_key
+from .stages import ExportContext, run_stage
+
+__all__ = ["int8_stage", "int8_held_out"]
+
+
+def int8_stage(ctx: ExportContext) -> None:
+    """The image graph quantized per target on the user's images and gated on held-out ones (Int8GateError
+    below the bar); text and fusion stay FP32 on the CPU and come from ``fp16/`` for engines."""
+    from .calibration import calibration_batches, split_calibration
+
+    opts, cfg = ctx.options.int8, ctx.cfg
+    if opts is None:
+        return
+    split = split_calibration(opts.calibration)
+    calibration_files = [(str(p), sha256_file(p)) for p in split.calibration + split.held_out if p.is_file()]
+    inputs: dict[str, Any] = {}  # calibration batches and held-out images, read once, when a target is built
+
+    def prepared() -> dict[str, Any]:
+        if not inputs:
+            start = time.perf_counter()
+            inputs["batches"] = list(calibration_batches(list(split.calibration), cfg.resolution, opts.size))
+            inputs["held"], inputs["tokens"], inputs["source"] = int8_held_out(ctx, split)
+            ctx.progress(f"INT8: {sum(len(b) for b in inputs['batches'])} calibration images, {len(inputs['held'])} "
+                         f"held out (prompts: {inputs['source']}) ({time.perf_counter() - start:.1f}s)")
+        return inputs
+
+    entries: dict[str, Int8Graph] = {}
+    reused = []
+    for target in ctx.options.int8_targets:
+        key = stage_key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})))
+        old = ctx.previous.onnx.int8.get(target) if ctx.previous else None
+        entries[target], again = run_stage(ctx, f"INT8 image graph for {target}", key, old.key if old else None, old,
+                                        lambda: _build_int8(ctx, target, key, prepared()))
+        reused.append(again)
+    ctx.report.reused_int8 = all(reused)
+    ctx.with_onnx(int8=entries)
+    ctx.report.int8 = {target: to_plain(e) for target, e in entries.items()}
+
+
+def _build_int8(ctx: ExportContext, target: str, key: str, inputs: Mapping[str, Any]) -> Int8Graph:
+    from .int8 import quantize_and_gate
+
+    opts = ctx.options.int8
+    assert opts is not None  # _int8_stage runs only with --int8
+    start = time.perf_counter()
+    rel = f"int8/image_encoder.{target}.onnx"
+    overrides = {"calibration_size": opts.size, **opts.settings.get(target, {})}
+    result = quantize_and_gate(ctx.fp32_graphs(), ctx.out / rel, inputs["batches"], inputs["held"], inputs["tokens"],
+                               target, ctx.cfg.outputs, **overrides)
+    for r in result.gate.results:
+        ctx.progress(f"[{target}] {r.line()}")
+    gate = result.gate
+    entry = Int8Graph(
+        file=rel, target=target, key=key, settings=gate.settings.to_dict(),
+        serves="image_encoder; text_encoder and fusion run from the " +
+               ("FP32 graphs" if target == "cpu" else "fp16/ graphs (engines)"),
+        excluded_nodes=tuple(gate.settings.nodes_to_exclude), attempts=tuple(result.attempts),
+        criterion=gate.criterion, gate=gate.to_dict(),
+        calibration=Int8Calibration(str(opts.calibration), gate.settings.calibration_size, len(inputs["held"]),
+                                    inputs["source"]),
+        seconds=round(time.perf_counter() - start, 2))
+    ctx.progress(f"INT8 image graph for {target}: {rel} ({entry.seconds:.1f}s; {gate.criterion})")
+    return entry
+
+
+def int8_held_out(ctx: ExportContext, split=None) -> tuple:
+    """(uint8 images, tokens or None, where the prompts came from): the held-out calibration images both INT8
+    gates judge (the CPU graph's and the engines'), never calibrated on."""
+    from .calibration import held_out_images, split_calibration
+
+    assert ctx.options.int8 is not None, "INT8 gates need --int8 --calibration"  # ExportOptions refuses otherwise
+    split = split or split_calibration(ctx.options.int8.calibration)
+    held, prompts = held_out_images(split, ctx.cfg.resolution)
+    source = "the CSV's prompt column" if prompts is not None else "the gate's prompts (PARITY_PROMPTS)"
+    if prompts is None:
+        prompts = [PARITY_PROMPTS[i % len(PARITY_PROMPTS)] for i in range(len(held))]
+    tokens = tokenize(prompts, ctx.cfg.context_length).numpy() if ctx.cfg.text else None
+    return held, tokens, source

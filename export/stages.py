@@ -1,0 +1,91 @@
+"""What every stage of ``export_bundle`` shares: the export context it reads and adds to, the reuse rule
+(``run_stage``) and the gate rule (``check_gate``). Imports nothing heavy."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+from ipiqa.config import IPIQAConfig
+from ipiqa.manifest import Manifest
+from ipiqa.model import IPIQA
+
+from .checks import Check
+from .graphs import GraphSpec
+from .options import ExportOptions, ParityGateError
+
+__all__ = ["ExportReport", "ExportContext", "run_stage", "check_gate"]
+T = TypeVar("T")
+
+
+@dataclass
+class ExportReport:
+    bundle: Path
+    parity: list[Check]  # FP32 gate, then the engine gate
+    fp16: Optional[dict] = None  # the manifest's onnx.fp16 entry as JSON (graphs, gate records) when written
+    bf16: Optional[dict] = None  # the manifest's onnx.bf16 entry as JSON (the BF16 gate on OpenVINO) when run
+    int8: dict[str, dict] = field(default_factory=dict)  # the manifest's onnx.int8 entries as JSON, per target
+    reused_onnx: bool = False
+    reused_fp16: bool = False
+    reused_bf16: bool = False
+    reused_int8: bool = False
+    reused_engines: bool = False
+
+
+@dataclass
+class ExportContext:
+    """What every stage reads and adds to: the model, the bundle folder, the previous manifest, the new one."""
+
+    model: IPIQA
+    out: Path
+    options: ExportOptions
+    progress: Callable[[str], None]
+    previous: Optional[Manifest]
+    report: ExportReport
+    specs: dict[str, GraphSpec]
+    manifest: Optional[Manifest] = None  # set by the FP32 stage, refined by each later stage
+
+    @property
+    def cfg(self) -> IPIQAConfig:
+        return self.model.cfg
+
+    @property
+    def onnx_key(self) -> str:
+        return self.built.source.key
+
+    @property
+    def built(self) -> Manifest:
+        assert self.manifest is not None, "the FP32 stage runs first"  # internal order, not user input
+        return self.manifest
+
+    def with_onnx(self, **changes: Any) -> None:
+        self.manifest = self.built.replace(onnx=dataclasses.replace(self.built.onnx, **changes))
+
+    def fp32_graphs(self) -> dict[str, Path]:
+        return {name: self.out / g.file for name, g in self.built.onnx.graphs.items()}
+
+    def invalidate(self) -> None:
+        """About to overwrite files: the old manifest (if any) must not describe them."""
+        (self.out / "manifest.json").unlink(missing_ok=True)
+
+
+def check_gate(results: list, progress: Callable[[str], None], error: type = ParityGateError) -> list:
+    """One line per check; any failure stops the export before a manifest exists."""
+    for r in results:
+        progress(r.line())
+    if not all(results):
+        raise error(results)
+    return results
+
+
+def run_stage(ctx: ExportContext, what: str, key: str, old_key: Optional[str], old: Optional[T],
+           build: Callable[[], T]) -> tuple[T, bool]:
+    """The reuse rule every stage follows: ``old`` when the previous manifest recorded the same ``key`` (and its
+    files still hash as recorded: ``read_bundle`` checked them), else the manifest removed and ``build()``.
+    Returns (entry, reused)."""
+    if old is not None and old_key == key:
+        ctx.progress(f"{what} unchanged: reused")
+        return old, True
+    ctx.invalidate()
+    return build(), False
