@@ -217,6 +217,27 @@ def test_int8_scores_on_cpu_through_the_scorer_are_close_to_fp32(precise_bundle,
         assert abs(seen - recorded) <= fixed, f"{name}: max |d| {seen:.3e} through the scorer, {recorded:.3e} gated"
 
 
+def test_int8_on_openvino_keeps_the_int8_bounds_on_the_held_out_images(precise_bundle, images):
+    """OpenVINO's int8 kernels on the bundle's INT8 image graph (opt-in: ``auto`` serves INT8 on ONNX Runtime, the
+    runtime its gate ran on) hold the INT8 gate's bounds against FP32 on the gate's held-out images."""
+    pytest.importorskip("openvino", reason="the OpenVINO backend needs ipiqa[openvino]")
+    from ipiqa.export.int8 import int8_checks
+    from ipiqa.runtime.pipeline import load_input
+
+    out, _ = precise_bundle
+    held = split_calibration(images / "images.csv").held_out
+    with Scorer(out, backend="openvino", device="cpu", precision="int8") as ov, \
+            Scorer(out, device="cpu", precision="fp32") as fp32:
+        assert ov.backend.name == "openvino-cpu-int8"
+        pixels = np.stack([load_input(str(p), ov.resolution) for p in held])
+        prompts = [f"a photo number {sorted((images / 'imgs').iterdir()).index(p)}" for p in held]
+        text = fp32.cache.lookup(fp32.tokenizer(prompts), fp32.backend.encode_text)
+        checks = int8_checks("openvino-int8", fp32.backend.embed_images(pixels), ov.backend.embed_images(pixels),
+                             fp32.backend.score(pixels, text), ov.backend.score(pixels, text), ov.outputs)
+        assert not np.array_equal(ov.backend.embed_images(pixels), fp32.backend.embed_images(pixels))  # INT8 ran
+    assert all(checks), "\n".join(c.line() for c in checks)
+
+
 def test_fp16_on_cpu_is_refused_with_the_reason(precise_bundle):
     with pytest.raises(IPIQAError, match=r"FP16 graphs are for GPUs \(ONNX Runtime CPU has no FP16 conv kernels and "
                                          r"runs them at 0.87x FP32\); use fp32 or int8 on CPU"):
