@@ -238,3 +238,15 @@ def test_auto_on_cpu_picks_the_fastest_choice_the_gates_and_the_cpu_allow(flags,
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert cpu_auto_precision(SimpleNamespace(onnx_precisions=gated)) == chosen
+
+
+def test_the_openvino_backend_imports_no_torch(tiny_bundle):
+    import subprocess
+    import sys
+
+    code = ("import sys; from ipiqa.runtime.scorer import Scorer\n"
+            f"s = Scorer({str(tiny_bundle)!r}, backend='openvino', device='cpu', precision='fp32')\n"
+            "assert s.backend.name == 'openvino-cpu'\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
