@@ -8,7 +8,6 @@ peak RSS is that command's alone (interpreter and numpy included). Public API on
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,8 +17,7 @@ from typing import Sequence
 __all__ = ["measure_report", "report_table"]
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+from .jobs import _peak_rss_mib  # noqa: E402 (VmHWM: ru_maxrss would carry the benchmark's own peak into the child)
 
 
 def write_scores(path: Path, rows: int, images: Sequence[str]) -> None:

@@ -94,19 +94,27 @@ class Int8GateError(IPIQAError):
 
 
 def int8_gate(fp32: Mapping[str, Path], int8_image: Path, settings: QuantSettings, images: np.ndarray,
-              tokens: Optional[np.ndarray] = None, columns: Sequence[str] = ()) -> Int8Gate:
+              tokens: Optional[np.ndarray] = None, columns: Sequence[str] = (), runtime: str = "onnxruntime") -> Int8Gate:
     """The INT8 image graph composed with the FP32 text and fusion graphs, against all-FP32, on ``images``.
 
     Through the runtime's ``OrtBackend`` on the set it serves (``OrtBackend.from_graphs``: the manifest is
     written only once every gate has passed). CPU target: optimized, the fused int8 kernels the served
     backend runs. TensorRT target: Q/DQ executed as written (fake quantization in FP32), which is what
     TensorRT's explicit quantization computes exactly, without the CPU kernels' u8 x s8 saturation.
+    ``runtime="openvino"``: the same set through ``OpenVinoBackend`` (its int8 kernels), checks named
+    ``openvino-int8/...``: what lets ``--precision auto`` serve INT8 there.
     """
     ref = run_graphs(fp32, images, tokens)
     served = {**fp32, "image_encoder": Path(int8_image)}  # the set OrtBackend(manifest, precision="int8") serves
-    with graph_backend(served, "int8", optimize=settings.target == "cpu") as backend:
+    if runtime == "openvino":
+        from ipiqa.runtime.backends.openvino import OpenVinoBackend
+
+        backend, label = OpenVinoBackend.from_graphs(served, "int8"), "openvino-int8"
+    else:
+        backend, label = graph_backend(served, "int8", optimize=settings.target == "cpu"), "int8"
+    with backend:
         low = run_graphs(backend, images, tokens, batch=8)
-    results = int8_checks("int8", ref["image_embedding"], low["image_embedding"], ref["scores"], low["scores"], columns)
+    results = int8_checks(label, ref["image_embedding"], low["image_embedding"], ref["scores"], low["scores"], columns)
     return Int8Gate(settings, tuple(results), len(images))
 
 

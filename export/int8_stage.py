@@ -3,7 +3,7 @@ held-out ones; and the held-out inputs both INT8 gates (CPU graph, engines) judg
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from ipiqa.bundle import sha256_file
 from ipiqa.manifest import Int8Calibration, Int8Graph, to_plain
@@ -39,8 +39,10 @@ def int8_stage(ctx: ExportContext) -> None:
 
     entries: dict[str, Int8Graph] = {}
     reused = []
+    openvino = _openvino_version()
     for target in ctx.options.int8_targets:
-        key = stage_key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})))
+        key = stage_key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})),
+                        openvino if target == "cpu" else None)
         old = ctx.previous.onnx.int8.get(target) if ctx.previous else None
         entries[target], again = run_stage(ctx, f"INT8 image graph for {target}", key, old.key if old else None, old,
                                         lambda: _build_int8(ctx, target, key, prepared()))
@@ -48,6 +50,31 @@ def int8_stage(ctx: ExportContext) -> None:
     ctx.report.reused_int8 = all(reused)
     ctx.with_onnx(int8=entries)
     ctx.report.int8 = {target: to_plain(e) for target, e in entries.items()}
+
+
+def _openvino_version() -> Optional[str]:
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    import openvino
+
+    return f"openvino {openvino.__version__}"
+
+
+def _openvino_gate(ctx: ExportContext, rel: str, settings: Any, inputs: Mapping[str, Any]) -> Optional[dict]:
+    """The CPU INT8 graph through OpenVINO's int8 kernels on the same held-out images; recorded, never fatal:
+    a failure only keeps ``auto`` on ONNX Runtime for INT8."""
+    from .int8 import int8_gate
+
+    runtime = _openvino_version()
+    if runtime is None:
+        return None
+    gate = int8_gate(ctx.fp32_graphs(), ctx.out / rel, settings, inputs["held"], inputs["tokens"], ctx.cfg.outputs,
+                     runtime="openvino")
+    for r in gate.results:
+        ctx.progress(f"[cpu on {runtime}] {r.line()}")
+    return {"runtime": runtime, "gate": gate.to_dict()}
 
 
 def _build_int8(ctx: ExportContext, target: str, key: str, inputs: Mapping[str, Any]) -> Int8Graph:
@@ -71,7 +98,8 @@ def _build_int8(ctx: ExportContext, target: str, key: str, inputs: Mapping[str, 
         criterion=gate.criterion, gate=gate.to_dict(),
         calibration=Int8Calibration(str(opts.calibration), gate.settings.calibration_size, len(inputs["held"]),
                                     inputs["source"]),
-        seconds=round(time.perf_counter() - start, 2))
+        seconds=round(time.perf_counter() - start, 2),
+        openvino=_openvino_gate(ctx, rel, gate.settings, inputs) if target == "cpu" else None)
     ctx.progress(f"INT8 image graph for {target}: {rel} ({entry.seconds:.1f}s; {gate.criterion})")
     return entry
 

@@ -148,6 +148,13 @@ class Int8Graph:
     excluded_nodes: tuple[str, ...] = ()
     attempts: tuple[str, ...] = ()
     seconds: float = 0.0
+    # cpu target, where openvino was installed at export: the same graph through OpenVINO's int8 kernels,
+    # gated on the same held-out images ({"runtime": "openvino X", "gate": Int8Gate.to_dict()})
+    openvino: Optional[Mapping[str, Any]] = None
+
+    @property
+    def openvino_passed(self) -> bool:
+        return bool(self.openvino and self.openvino.get("gate", {}).get("passed"))
 
     def __post_init__(self) -> None:
         _need(self.target in INT8_TARGETS, "target", f"must be one of {', '.join(INT8_TARGETS)}, got {self.target!r}")

@@ -61,7 +61,7 @@ def _engine_precision_refused(manifest: Manifest, precision: str) -> IPIQAError:
 def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str, Device] = "auto",
                    precision: str = "auto") -> Backend:
     """The fastest usable backend for a bundle: TensorRT engines > ORT TensorRT/CUDA EP > on CPU, the fastest
-    gated choice (``cpu_auto_precision``): OpenVINO BF16 or the INT8 image graph on ORT, else FP32 on ORT.
+    gated choice (``cpu_auto_choice``): OpenVINO BF16, or the INT8 image graph (on OpenVINO or ORT), else FP32 on ORT.
 
     ``precision``: ``auto`` serves what suits the device (CPU: as above; ORT GPU providers: the FP16 graphs
     when the bundle has them; TensorRT: the engines' precision; ``--backend openvino``: BF16 where servable,
@@ -101,9 +101,9 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
         provider = None  # device auto: INT8 without INT8 engines runs where the bundle's INT8 graph runs, the CPU
     provider = provider or "cpu"
     if precision == "auto" and provider == "cpu" and backend == "auto":
-        precision = cpu_auto_precision(manifest)
-        if precision == "bf16":
-            return _openvino_backend(manifest, "bf16")
+        runtime, precision = cpu_auto_choice(manifest)
+        if runtime == "openvino":
+            return _openvino_backend(manifest, precision)
     if precision == "auto":
         precision = "fp16" if provider != "cpu" and "fp16" in manifest.onnx_precisions else "fp32"
     elif precision == "fp16" and provider == "cpu":
@@ -124,19 +124,30 @@ def _bf16_servable(manifest: Manifest) -> bool:
             and importlib.util.find_spec("openvino") is not None)
 
 
-def cpu_auto_precision(manifest: Manifest) -> str:
-    """The fastest gated CPU choice for this bundle on this CPU: the one rule behind ``--precision auto`` on CPU.
+def cpu_auto_choice(manifest: Manifest) -> tuple[str, str]:
+    """(runtime, precision): the fastest gated CPU choice for this bundle on this CPU, the one rule behind
+    ``--precision auto`` on CPU. Only gated choices: BF16 needs the bundle's BF16 gate record, INT8 on OpenVINO
+    its OpenVINO INT8 gate record (both written by an export with ``ipiqa[openvino]`` installed).
 
-    Measured (benchmarks/results, RN50-512, batch 4): with AMX, OpenVINO BF16 runs 5.15x ONNX Runtime FP32 and
-    INT8 1.3-1.85x, so BF16 first; with AVX512-BF16 but no AMX (AMD Zen 4), BF16 ran 2.1x and ONNX Runtime INT8
-    2.8x, so INT8 first. INT8 is served by ONNX Runtime, the runtime its gate ran on; FP32 likewise (OpenVINO
-    FP32 ran 0.95x on the AMX machine)."""
+    Measured (``benchmarks/results``, RN50-512, batch 4, ratios to ONNX Runtime FP32 in one run): on an AMX Xeon,
+    OpenVINO BF16 5.15x, INT8 1.3-1.85x, so BF16 first; on AMD Zen 4 (AVX512-BF16 and VNNI, no AMX), ONNX
+    Runtime INT8 2.44x, OpenVINO INT8 2.99x, OpenVINO BF16 2.03x, so INT8 first, on OpenVINO where the CPU has
+    VNNI or AMX (its int8 kernels need them; without, ONNX Runtime's reduce_range graph is the measured one).
+    FP32 stays on ONNX Runtime (OpenVINO FP32 0.95x on the AMX machine)."""
+    import importlib.util
+
     from .cpu import cpu_flags
 
+    flags = cpu_flags()
+    have_ov = importlib.util.find_spec("openvino") is not None
     bf16, int8 = _bf16_servable(manifest), "int8" in manifest.onnx_precisions
-    if bf16 and ("amx_bf16" in cpu_flags() or not int8):
-        return "bf16"
-    return "int8" if int8 else "fp32"
+    if bf16 and ("amx_bf16" in flags or not int8):
+        return "openvino", "bf16"
+    if int8:
+        entry = manifest.onnx.int8["cpu"]
+        fast_ov = have_ov and entry.openvino_passed and bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        return ("openvino" if fast_ov else "onnxruntime"), "int8"
+    return "onnxruntime", "fp32"
 
 
 def _openvino_backend(manifest: Manifest, precision: str) -> Backend:

@@ -222,22 +222,23 @@ def test_export_bf16_on_a_cpu_without_bf16_is_refused_before_any_work(tiny_model
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("flags, gated, chosen", [
-    ({"amx_bf16", "avx512_bf16"}, ("fp32", "bf16", "int8"), "bf16"),  # AMX: BF16 5x FP32, INT8 under 2x
-    ({"avx512_bf16"}, ("fp32", "bf16", "int8"), "int8"),  # AVX512-BF16 alone: INT8 ran faster than BF16
-    ({"avx512_bf16"}, ("fp32", "bf16"), "bf16"),
-    (set(NO_BF16), ("fp32", "bf16", "int8"), "int8"),  # BF16 gated elsewhere, not servable here
-    (set(NO_BF16), ("fp32", "bf16"), "fp32"),
-    ({"amx_bf16"}, ("fp32", "int8"), "int8"),  # no BF16 gate record: BF16 is never chosen
-    ({"amx_bf16"}, ("fp32",), "fp32"),
+@pytest.mark.parametrize("flags, gated, ov_int8, chosen", [
+    ({"amx_bf16", "avx512_bf16"}, ("fp32", "bf16", "int8"), True, ("openvino", "bf16")),  # AMX: BF16 5x FP32
+    ({"avx512_bf16", "avx512_vnni"}, ("fp32", "bf16", "int8"), True, ("openvino", "int8")),  # Zen 4: INT8 first
+    ({"avx512_bf16", "avx512_vnni"}, ("fp32", "bf16", "int8"), False, ("onnxruntime", "int8")),  # OV gate absent
+    ({"avx512_bf16"}, ("fp32", "bf16"), False, ("openvino", "bf16")),
+    ({"avx2", "fma"}, ("fp32", "bf16", "int8"), True, ("onnxruntime", "int8")),  # no VNNI: ORT's graph
+    (set(NO_BF16), ("fp32", "bf16"), False, ("onnxruntime", "fp32")),  # BF16 gated elsewhere, not servable here
+    ({"amx_bf16"}, ("fp32",), False, ("onnxruntime", "fp32")),  # no gate record: nothing but FP32
 ])
-def test_auto_on_cpu_picks_the_fastest_choice_the_gates_and_the_cpu_allow(flags, gated, chosen, monkeypatch):
+def test_auto_on_cpu_picks_the_fastest_choice_the_gates_and_the_cpu_allow(flags, gated, ov_int8, chosen, monkeypatch):
     from types import SimpleNamespace
 
-    from ipiqa.runtime.scorer import cpu_auto_precision
+    from ipiqa.runtime.scorer import cpu_auto_choice
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
-    assert cpu_auto_precision(SimpleNamespace(onnx_precisions=gated)) == chosen
+    int8 = {"cpu": SimpleNamespace(openvino_passed=ov_int8)} if "int8" in gated else {}
+    assert cpu_auto_choice(SimpleNamespace(onnx_precisions=gated, onnx=SimpleNamespace(int8=int8))) == chosen
 
 
 def test_the_openvino_backend_imports_no_torch(tiny_bundle):

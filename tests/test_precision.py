@@ -225,6 +225,9 @@ def test_int8_on_openvino_keeps_the_int8_bounds_on_the_held_out_images(precise_b
     from ipiqa.runtime.pipeline import load_input
 
     out, _ = precise_bundle
+    entry = read_bundle(out).onnx.int8["cpu"]  # the export gated the graph on OpenVINO too, and recorded it
+    assert entry.openvino_passed and entry.openvino["runtime"].startswith("openvino ")
+    assert {r["name"] for r in entry.openvino["gate"]["results"]} >= {"openvino-int8/image_embedding"}
     held = split_calibration(images / "images.csv").held_out
     with Scorer(out, backend="openvino", device="cpu", precision="int8") as ov, \
             Scorer(out, device="cpu", precision="fp32") as fp32:
@@ -286,7 +289,7 @@ def test_engines_of_another_precision_are_refused_naming_the_rebuild(tiny_bundle
 
 def test_auto_precision_on_cpu_serves_the_gated_int8_graph_when_the_bundle_has_one(precise_bundle, tiny_bundle):
     with Scorer(precise_bundle[0], device="cpu") as s:  # no BF16 gate recorded: INT8 is the fastest gated set
-        assert s.backend.name == "onnxruntime-cpu-int8" and s.backend.precision == "int8"
+        assert s.backend.name.endswith("-cpu-int8") and s.backend.precision == "int8"  # runtime: cpu_auto_choice
     with Scorer(tiny_bundle, device="cpu") as s:
         assert s.backend.name == "onnxruntime-cpu" and s.backend.precision == "fp32"
 

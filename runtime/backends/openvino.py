@@ -11,7 +11,8 @@ Runtime's CPU provider cannot do. What each precision runs:
   text graph runs once per distinct prompt (cached), so f32 there costs little. Served only where the CPU
   has the flags (``ipiqa.runtime.cpu``) and the bundle records a passing BF16 gate (``ipiqa-export --bf16``);
   the compiled model's own precision is checked after compiling, so no silent FP32 fallback is served as BF16;
-- ``int8``: the bundle's CPU INT8 image graph (Q/DQ, OpenVINO's int8 kernels), text and fusion at f32.
+- ``int8``: the bundle's CPU INT8 image graph (Q/DQ, OpenVINO's int8 kernels), text and fusion at f32;
+  served where the export also gated it on OpenVINO (``onnx.int8.cpu.openvino``).
 
 Compiled models are cached (``CACHE_DIR``) beside the bundle in ``cache/openvino/`` (or ``cache_dir``, or
 ``$IPIQA_OPENVINO_CACHE``; a read-only bundle falls back to ``~/.cache/ipiqa/openvino``), so the second start
@@ -100,6 +101,10 @@ class OpenVinoBackend(Backend):
             if reason:
                 raise IPIQAError(f"--precision bf16: {reason}")
         # bf16 without a passing gate record: the manifest's refusal names ``ipiqa-export --bf16``
+        if precision == "int8" and "int8" in manifest.onnx_precisions and not manifest.onnx.int8["cpu"].openvino_passed:
+            raise IPIQAError(f"{manifest.root}: the bundle's INT8 graph has no passing OpenVINO gate record (exported "
+                             "without ipiqa[openvino], or OpenVINO's int8 kernels missed the INT8 bounds); re-export "
+                             "with openvino installed, or serve INT8 with --backend onnxruntime")
         paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}
         self._open(manifest.config, paths, precision, served, threads, cache_folder(manifest.root, cache_dir),
                    check=lambda name, model: check_graph_metadata(manifest, name, _metadata(model),
