@@ -152,7 +152,7 @@ class _ImagesPath(InputPath):
 
 
 @click.command("score")
-@click.argument("model", type=InputPath(exists=True, path_type=Path))
+@click.argument("model", required=False, type=InputPath(exists=True, path_type=Path))
 @click.option("--images", "--image", "source", required=True, type=_ImagesPath(exists=True, path_type=Path),
               help="A folder of images, one image, a CSV/TSV/JSONL manifest with columns image,prompt, WebDataset "
                    "tar shards ('DIR/{00000..00099}.tar', a glob, a folder of them or a text file listing them; rows "
@@ -206,11 +206,16 @@ class _ImagesPath(InputPath):
 @click.option("--allow-errors", is_flag=True, help=f"Exit 0 even when rows failed (default: exit {EXIT_ROW_ERRORS}).")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
               help="Score on a Ray cluster (ADDRESS, or a local one): decode in CPU tasks, one scorer per GPU.")
+@click.option("--server", default=None, callback=text_option, metavar="HOST:PORT",
+              help="Score on a running 'ipiqa serve' (or the NGC ensemble) at its gRPC address instead of a local "
+                   "MODEL: each row's image file is sent as one request; same output rows, --resume included.")
+@click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1),
+              help="--server: requests in flight at once.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly
 def score_cmd(model, source, prompt_field, image_column, prompt_column, prompt, output, output_dir, fmt, backend, device,
               batch, workers, decode, fast_decode, precision, fp16, compile_, resume, fail_fast, ray_address, allow_errors,
-              quiet) -> None:
+              server, concurrency, quiet) -> None:
     """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
 
     Every input row gets one output row, in input order: the scores, or an 'error' cell naming the
@@ -230,12 +235,20 @@ def score_cmd(model, source, prompt_field, image_column, prompt_column, prompt, 
       ipiqa score bundle/ --images data.csv -o scores.csv --ray ray://head:10001
       ipiqa score bundle/ --images 'shards/{00000..04999}.tar' --output-dir scores/ --prompt-field caption
       ipiqa score bundle/ --images train.parquet --prompt-column text -o scores.jsonl
+      ipiqa score --server localhost:8001 --images data.csv -o scores.csv --concurrency 16 --resume
     """
     from ipiqa.runtime.io import RowSource
 
     if output_dir is not None and str(output) != "-":
         raise IPIQAError("give -o FILE (one output) or --output-dir DIR (one output per shard), not both")
     options = dict(prompt_field=prompt_field, image_column=image_column, prompt_column=prompt_column)
+    if server is not None or model is None:
+        _score_remote(model, server, RowSource(source, prompt, **options), output, output_dir, fmt, batch, concurrency,
+                      quiet, resume, fail_fast, allow_errors,
+                      local=dict(backend=backend != "auto", device=device != "auto", decode=decode != "host",
+                                 fast_decode=fast_decode, precision=precision != "auto", fp16=fp16, compile=compile_,
+                                 ray=ray_address is not None))
+        return
     if ray_address is not None:
         require("ray", extra="ray")
         from ipiqa.runtime.distributed import score_with_ray
@@ -273,6 +286,25 @@ def score_cmd(model, source, prompt_field, image_column, prompt_column, prompt, 
         sys.exit(EXIT_ROW_ERRORS)
 
 
+def _score_remote(model, server, rows, output, output_dir, fmt, batch, concurrency, quiet, resume, fail_fast,
+                  allow_errors, local: dict) -> None:
+    """``score --server``: the rows scored by a running server (``runtime.serve.client``), written as a local run."""
+    if server is None:
+        raise IPIQAError("give a MODEL (bundle folder or .safetensors) or --server HOST:PORT")
+    if model is not None:
+        raise IPIQAError(f"--server scores with the server's bundle; drop MODEL ({model}) or drop --server")
+    given = [f"--{k.replace('_', '-')}" for k, v in local.items() if v]
+    if given or output_dir is not None:
+        raise IPIQAError(f"{', '.join(given + (['--output-dir'] if output_dir is not None else []))}: local scoring "
+                         "options; with --server the server's backend, device and decoding apply: drop them")
+    from ipiqa.runtime.serve.client import RemoteScorer
+
+    with RemoteScorer(server, concurrency=concurrency) as scorer:
+        summary = run_scoring(scorer, rows, output, fmt, batch, 1, quiet, None, resume, fail_fast)
+    if summary.errors and not allow_errors:
+        sys.exit(EXIT_ROW_ERRORS)
+
+
 def _score_partitions(scorer, rows, output_dir, fmt, batch, workers, quiet, fail_fast, decode, fast_decode):
     """``score --output-dir``: one file per shard (``runtime.io.partitions``), a progress bar over rows."""
     from tqdm import tqdm
@@ -301,6 +333,62 @@ def _partitions_line(summary, output_dir, where: str) -> None:
 
 
 cli.add_command(score_cmd)
+
+
+@cli.command("serve")
+@click.argument("bundle", type=InputPath(exists=True, file_okay=False, path_type=Path))
+@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "openvino"]), default="auto",
+              show_default=True, help="As for 'ipiqa score'.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+              show_default=True, help="As for 'ipiqa score'.")
+@click.option("--device", default="auto", show_default=True, callback=device_option, help=DEVICE_HELP)
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Triton's HTTP/REST port.")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535),
+              help="Triton's gRPC port (what 'ipiqa score --server HOST:PORT' connects to).")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
+              help="Triton's Prometheus metrics port (GET /metrics).")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
+              help="Largest batch Triton's dynamic batcher forms from waiting requests.")
+@click.option("--max-queue-delay-ms", default=2.0, show_default=True, type=click.FloatRange(0),
+              help="How long the batcher waits for more requests before running a smaller batch.")
+@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
+              help="Threads decoding the requests' images.")
+@click.option("--exit-timeout", default=30, show_default=True, type=click.IntRange(0),
+              help="Seconds Ctrl-C / SIGTERM waits for in-flight requests before the server exits.")
+@friendly
+def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
+              workers, exit_timeout) -> None:
+    """Serve a BUNDLE as the Triton model 'ipiqa' (Triton Inference Server through PyTriton; ipiqa[serve]).
+
+    Each request is one image file's bytes (IMAGE, BYTES) and its prompt (PROMPT, BYTES); the answer is the
+    bundle's scores (SCORES, FP32) and ERROR: empty, or why that request's row was not scored (corrupt, empty
+    or oversized image, missing prompt: the same text as a local run). Requests waiting together are scored as
+    one batch. Readiness, health, statistics and metrics are Triton's own endpoints
+    (/v2/health/ready, /v2/models/ipiqa/stats, :METRICS/metrics). Ctrl-C or SIGTERM finishes in-flight requests,
+    then exits.
+
+    \b
+    Examples:
+      ipiqa serve bundle/                                   # HTTP 8000, gRPC 8001, metrics 8002
+      ipiqa serve bundle/ --device cuda --max-batch 64 --max-queue-delay-ms 5
+      ipiqa score --server localhost:8001 --images data.csv -o scores.csv
+      curl -s localhost:8000/v2/health/ready && curl -s localhost:8002/metrics | grep nv_inference_count
+    """
+    from ipiqa.runtime.scorer import Scorer
+    from ipiqa.runtime.serve.server import ServeOptions, prepare_environment, serve_forever, start_server
+
+    options = ServeOptions(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch,
+                           max_queue_delay_ms, workers, exit_timeout)
+    require("pytriton", extra="serve")
+    prepare_environment()  # before the bundle loads: a refused environment costs nothing
+    with Scorer(bundle, backend=backend, device=device, precision=precision) as scorer:
+        triton, handler = start_server(options, scorer)
+        click.echo(f"serving {bundle} as model 'ipiqa' (backend {scorer.backend.name}, outputs "
+                   f"{','.join(scorer.outputs)}): gRPC :{grpc_port}, HTTP :{http_port}, metrics :{metrics_port}; "
+                   "Ctrl-C stops", err=True)
+        serve_forever(triton, handler, on_stop=lambda why: click.echo(
+            f"{why}: finishing in-flight requests (up to {exit_timeout}s), then exiting", err=True))
+    click.echo("server stopped", err=True)
 
 from ipiqa.runtime.report.commands import report_cmd, select_cmd  # noqa: E402 (click only; numpy/PIL load inside)
 
