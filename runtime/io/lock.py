@@ -1,6 +1,7 @@
 """Keeping runs off each other's outputs: one run per output file, and never an output over its own input."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import time
@@ -19,6 +20,32 @@ def refuse_same_file(source: object, output: object) -> None:
         raise OutputError(f"{out}: the output is the input manifest; choose another --output")
 
 
+def try_flock(path: Path, fix: str) -> Optional[IO[str]]:
+    """``path`` opened and locked exclusively without waiting, or None when another process holds it: the one
+    claim both the output lock and the per-shard claims (``partitions``) take. ``fix``: what the user should do
+    when the file cannot be created."""
+    import fcntl
+
+    try:
+        fh = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the lock file ({exc.strerror}); {fix}") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        return None
+    return fh
+
+
+def write_holder(fh: IO[str]) -> None:
+    """Who holds the lock (pid, host, start), for the refusal another run prints."""
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fh.flush()
+
+
 class OutputLock:
     """An advisory lock on ``<output>.lock`` for the length of a run: a second run on the same output refuses,
     naming the first (pid, host, start time). POSIX only (``fcntl``); elsewhere it does nothing."""
@@ -29,9 +56,7 @@ class OutputLock:
         self._fh: Optional[IO[str]] = None
 
     def __enter__(self) -> "OutputLock":
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows
+        if importlib.util.find_spec("fcntl") is None:  # pragma: no cover - Windows: no advisory locks
             return self
         if self.path is None:
             return self
@@ -41,20 +66,15 @@ class OutputLock:
             raise OutputError(f"{self.path.parent}: cannot create the output's folder ({exc.strerror}); choose "
                               "another --output") from None
         while True:
-            try:
-                fh = open(self.path, "a+", encoding="utf-8")
-            except OSError as exc:
-                raise OutputError(f"{self.path}: cannot create the output's lock file ({exc.strerror}); choose "
-                                  "an --output in a writable folder") from None
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.seek(0)
-                holder = fh.read().strip() or "another process"
-                fh.close()
+            fh = try_flock(self.path, "choose an --output in a writable folder")
+            if fh is None:
+                try:
+                    holder = self.path.read_text(encoding="utf-8").strip() or "another process"
+                except OSError:
+                    holder = "another process"
                 raise OutputError(f"{str(self.path)[:-5]}: another ipiqa run is writing this output ({holder}); "
                                   f"wait for it to finish, or choose another --output. If no such run exists, delete "
-                                  f"{self.path}.") from None
+                                  f"{self.path}.")
             try:
                 same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -62,10 +82,7 @@ class OutputLock:
             if same:  # not a lock file another run unlinked while we waited for it
                 break
             fh.close()
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        fh.flush()
+        write_holder(fh)
         self._fh = fh
         return self
 

@@ -21,6 +21,7 @@ from ipiqa.errors import IPIQAError
 
 from ..rows import Result
 from .formats import CODECS, OutputError
+from .lock import try_flock, write_holder
 from .shards import PARQUET_SUFFIXES, SHARD_SUFFIXES
 from .sources import RowSource
 
@@ -86,22 +87,9 @@ def partition_outputs(source: RowSource, output_dir: Union[str, Path], fmt: str 
 
 def _claim(final: Path) -> Optional[IO[str]]:
     """The lock on ``.NAME.lock`` beside ``final``, or None when another process holds it."""
-    import fcntl
-
-    path = final.with_name(f".{final.name}.lock")
-    try:
-        fh = open(path, "a+", encoding="utf-8")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot create the claim file ({exc.strerror}); choose a writable "
-                          "--output-dir") from None
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        return None
-    fh.truncate(0)
-    fh.write(f"pid {os.getpid()} on {os.uname().nodename}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    fh.flush()
+    fh = try_flock(final.with_name(f".{final.name}.lock"), "choose a writable --output-dir")
+    if fh is not None:
+        write_holder(fh)
     return fh
 
 
