@@ -136,6 +136,18 @@ def _add_parameters(triton: Any, parameters: dict[str, str]) -> None:
                          "install the version the serve extra pins") from None
 
 
+def _security() -> dict[str, Any]:
+    """PyTriton (0.7+) protects the statistics endpoint with a random token by default; the statistics (batch
+    sizes, queue times) are this server's monitoring, so they stay readable. Model loading and shared memory
+    stay protected."""
+    try:
+        from pytriton.triton import TritonSecurityConfig
+    except ImportError:  # older PyTriton: no restrictions at all
+        return {}
+    return {"security_config": TritonSecurityConfig(
+        restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"])}
+
+
 def start_server(options: ServeOptions, scorer: Any) -> tuple[Any, RequestHandler]:
     """Bind ``scorer`` and start Triton; returns (the running ``pytriton.triton.Triton``, its handler).
 
@@ -148,7 +160,7 @@ def start_server(options: ServeOptions, scorer: Any) -> tuple[Any, RequestHandle
     config = TritonConfig(http_port=options.http_port, grpc_port=options.grpc_port,
                           metrics_port=options.metrics_port, exit_timeout_secs=options.exit_timeout_s)
     handler = RequestHandler(scorer, options.workers)
-    triton = Triton(config=config)
+    triton = Triton(config=config, **_security())
     try:
         triton.bind(
             model_name=MODEL, infer_func=handler,
