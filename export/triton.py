@@ -22,6 +22,7 @@ from ipiqa.bundle import Manifest
 from ipiqa.errors import IPIQAError
 from ipiqa.manifest import io_shapes
 from ipiqa.runtime import triton_client, triton_model  # torch-free: they run beside the runtime, not the exporter
+from ipiqa.runtime.serve import contract  # the tensor names and config parameters ipiqa serve shares
 
 __all__ = ["write_triton_repository", "MODEL_NAMES", "SERVED_OUTPUTS", "PREPROCESS_SHIM", "CLIENT_SHIM"]
 
@@ -31,7 +32,7 @@ MODEL_NAMES = {"image_encoder": "ipiqa_image_encoder", "text_encoder": "ipiqa_te
 SERVED_OUTPUTS = {"image_encoder": ("feature_map", "image_embedding"), "text_encoder": ("text_embedding",),
                   "fusion": ("scores",)}
 PREPROCESS = triton_model.MODEL_NAME
-ENSEMBLE = triton_client.ENSEMBLE
+ENSEMBLE = contract.MODEL  # one model name for the ensemble and ipiqa serve
 _TYPES = {"tokens": "TYPE_INT64", "image": "TYPE_UINT8"}
 
 # model.py and client.py are shims over ipiqa's modules, not copies of them: Triton's Python needs ipiqa
@@ -112,8 +113,9 @@ def _write_preprocess(manifest: Manifest, out: Path, max_batch: int, instances: 
         f"instance_group [ {{ count: {max(2, instances)} kind: KIND_CPU }} ]", ""]))
 
 
-def _write_ensemble(out: Path, max_batch: int, num_outputs: int) -> None:
-    """IMAGE + PROMPT -> preprocess -> both encoders -> fusion -> SCORES."""
+def _write_ensemble(out: Path, max_batch: int, outputs: Sequence[str], bundle_sha256: str) -> None:
+    """IMAGE + PROMPT -> preprocess -> both encoders -> fusion -> SCORES; the config names the outputs and the
+    bundle as ``ipiqa serve``'s does (``runtime.serve.contract``), so one client reads both."""
     same = lambda names: {n: n for n in names}  # noqa: E731 - the graphs' tensor names are the ensemble's
     steps = [
         (PREPROCESS, same(("IMAGE", "PROMPT")), same(("image", "tokens"))),
@@ -126,7 +128,9 @@ def _write_ensemble(out: Path, max_batch: int, num_outputs: int) -> None:
     (out / ENSEMBLE / "config.pbtxt").write_text("\n".join([
         f'name: "{ENSEMBLE}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}",
         "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
-        "output [", _tensor("SCORES", [num_outputs]), "]",
+        "output [", _tensor(contract.SCORES, [len(outputs)]), "]",
+        f'parameters {{ key: "{contract.OUTPUTS_PARAMETER}" value {{ string_value: "{",".join(outputs)}" }} }}',
+        f'parameters {{ key: "{contract.BUNDLE_PARAMETER}" value {{ string_value: "{bundle_sha256}" }} }}',
         "ensemble_scheduling {", "  step [", ",\n".join(_step(*s) for s in steps), "  ]", "}", ""]))
 
 
@@ -157,6 +161,6 @@ def write_triton_repository(manifest: Manifest, out: Path, backend: str = "onnxr
     _write_graphs(manifest, out, backend=backend, max_batch=max_batch, instances=instances, kind=kind,
                   preferred=preferred, shapes=shapes)
     _write_preprocess(manifest, out, max_batch, instances, shapes)
-    _write_ensemble(out, max_batch, cfg.num_outputs)
+    _write_ensemble(out, max_batch, cfg.outputs, contract.bundle_sha256(manifest.root))
     (out / "client.py").write_text(CLIENT_SHIM.format(module=triton_client.__name__, outputs=list(cfg.outputs)))
     return out

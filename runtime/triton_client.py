@@ -1,4 +1,4 @@
-"""Score one image with the ``ipiqa`` ensemble on a running Triton server.
+"""Score one image with the ``ipiqa`` ensemble (or ``ipiqa serve``: the same contract) on a running Triton server.
 
     python -m ipiqa.runtime.triton_client IMAGE "PROMPT" [--url localhost:8001] [--outputs quality,alignment]
 
@@ -25,17 +25,18 @@ from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.preprocess import read_regular_file
 from ipiqa.runtime.rows import Row, clean_prompt, finish, row_error, scoring_failed
+from ipiqa.runtime.serve.contract import ERROR, IMAGE, MODEL, PROMPT, SCORES, row_answer
 
 __all__ = ["score", "build_inputs", "main", "ENSEMBLE", "DEFAULT_URL", "DEFAULT_OUTPUTS"]
 
-ENSEMBLE = "ipiqa"  # the ensemble model's name in the repository
+ENSEMBLE = MODEL  # the ensemble model's name in the repository, and ipiqa serve's model
 DEFAULT_URL = "localhost:8001"  # Triton's gRPC port
 DEFAULT_OUTPUTS = IPIQAConfig().outputs  # the authors' model; a repository's client.py passes its bundle's names
 
 
 def build_inputs(grpc: Any, image: bytes, prompt: str) -> list[Any]:
     """The ensemble's two inputs for one row: IMAGE (encoded file bytes) and PROMPT (UTF-8), each BYTES [1, 1]."""
-    inputs = [grpc.InferInput("IMAGE", [1, 1], "BYTES"), grpc.InferInput("PROMPT", [1, 1], "BYTES")]
+    inputs = [grpc.InferInput(IMAGE, [1, 1], "BYTES"), grpc.InferInput(PROMPT, [1, 1], "BYTES")]
     inputs[0].set_data_from_numpy(np.array([[image]], dtype=object))
     inputs[1].set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=object))
     return inputs
@@ -67,9 +68,13 @@ def _infer(url: str, model: str, image: bytes, prompt: str) -> tuple[Optional[li
     grpc = require("tritonclient.grpc", extra="triton")
     client = grpc.InferenceServerClient(url)
     try:
+        # ipiqa serve answers a bad row in ERROR; the ensemble (no ERROR output) refuses the request instead
+        names = [o["name"] for o in client.get_model_metadata(model, as_json=True).get("outputs", [])]
+        wanted = [SCORES] + ([ERROR] if ERROR in names else [])
         result = client.infer(model, build_inputs(grpc, image, prompt),
-                              outputs=[grpc.InferRequestedOutput("SCORES")])
-        return [float(v) for v in result.as_numpy("SCORES").reshape(-1)], None
+                              outputs=[grpc.InferRequestedOutput(n) for n in wanted])
+        scores = result.as_numpy(SCORES)
+        return row_answer(scores, result.as_numpy(ERROR) if ERROR in wanted else None, 0, scores.reshape(-1).size)
     except Exception as exc:  # noqa: BLE001 - a failed call is this row's error, as a failed batch is in the runtime
         return None, scoring_failed(exc)
     finally:

@@ -219,18 +219,22 @@ def test_one_bad_request_leaves_the_others_of_the_batch_scored(preprocess):
 @pytest.fixture
 def server(monkeypatch):
     """tritonclient.grpc's client replaced by a recorder that answers with fixed scores (or raises ``error``)."""
-    seen = types.SimpleNamespace(urls=[], calls=[], closed=0, error=None,
+    seen = types.SimpleNamespace(urls=[], calls=[], closed=0, error=None, outputs=["SCORES"], row_error=b"",
                                  scores=np.array([[0.25, 0.75]], dtype=np.float32))
 
     class Client:
         def __init__(self, url):
             seen.urls.append(url)
 
+        def get_model_metadata(self, model_name, as_json=False):
+            return {"name": model_name, "outputs": [{"name": n} for n in seen.outputs]}
+
         def infer(self, model_name, inputs, outputs=None):
             seen.calls.append((model_name, inputs, outputs))
             if seen.error is not None:
                 raise seen.error
-            return types.SimpleNamespace(as_numpy=lambda name: seen.scores if name == "SCORES" else None)
+            answers = {"SCORES": seen.scores, "ERROR": np.array([[seen.row_error]], dtype=object)}
+            return types.SimpleNamespace(as_numpy=lambda name: answers.get(name) if name in seen.outputs else None)
 
         def close(self):
             seen.closed += 1
@@ -318,3 +322,25 @@ def test_repository_client_py_prints_the_record_with_the_bundle_output_names(rep
 def test_client_main_exits_1_on_an_error_row(server, tmp_path, capsys):
     assert triton_client.main([str(tmp_path / "missing.png"), PROMPT]) == 1
     assert "file not found" in json.loads(capsys.readouterr().out)["error"] and server.urls == []
+
+
+def test_client_reads_ipiqa_serves_error_output_as_the_row_error(server, tmp_path):
+    """The same client talks to ``ipiqa serve``, which answers a bad row in ERROR instead of refusing the request."""
+    path = tmp_path / "fox.png"
+    path.write_bytes(b"junk")
+    server.outputs, server.row_error = ["SCORES", "ERROR"], b"IMAGE[0]: not a readable image"
+    server.scores = np.array([[np.nan, np.nan]], dtype=np.float32)
+    record = triton_client.score("triton:8001", path, PROMPT)
+    assert record == {"quality": None, "alignment": None, "error": "IMAGE[0]: not a readable image"}
+    (_, _, outputs), = server.calls
+    assert [o.name() for o in outputs] == ["SCORES", "ERROR"]
+
+
+def test_ensemble_config_names_outputs_and_bundle_as_ipiqa_serve_does(repo, bundle, tiny_bundle):
+    from ipiqa.runtime.serve.contract import bundle_sha256, served_model
+
+    config = json_format.MessageToDict(_config(repo, "ipiqa"), preserving_proto_field_name=True)
+    metadata = {"outputs": [{"name": o["name"]} for o in config["output"]]}
+    served = served_model(config, metadata, "repo")
+    assert served.outputs == bundle.config.outputs and served.bundle_sha256 == bundle_sha256(tiny_bundle)
+    assert served.has_error_output is False  # the ensemble refuses a bad request instead

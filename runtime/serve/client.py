@@ -97,9 +97,8 @@ class RemoteScorer:
         try:
             answer = self._client.infer(self.model, self._inputs(data, row.prompt or ""), outputs=outputs,
                                         client_timeout=self.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - the ensemble refuses a bad row with its text; a failed call too
-            why = getattr(exc, "message", lambda: None)() if callable(getattr(exc, "message", None)) else None
-            return finish(row, None, why or scoring_failed(exc))
+        except Exception as exc:  # noqa: BLE001 - a failed call (or the ensemble's refusal) is this row's error
+            return finish(row, None, scoring_failed(exc))  # as runtime.triton_client words it
         scores, why = row_answer(answer.as_numpy(SCORES), answer.as_numpy(ERROR) if self.served.has_error_output
                                  else None, 0, len(self.outputs))
         if why is not None and why.startswith("IMAGE[0]"):
