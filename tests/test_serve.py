@@ -211,6 +211,25 @@ def test_score_server_rows_equal_the_local_clis(served, tiny_bundle, manifest, t
     assert sum(bool(e) for e in errors) == 4 and MISSING_PROMPT in errors
 
 
+def test_score_server_sends_shard_members_as_the_local_run_reads_them(served, tiny_bundle, tmp_path):
+    import tarfile
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, blob in enumerate([_png(11), b"not an image", _png(12)]):
+            for name, data in ((f"s{i}.png", blob), (f"s{i}.txt", f"prompt {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    local, remote = tmp_path / "local.csv", tmp_path / "remote.csv"
+    _cli("score", str(tiny_bundle), "--images", str(shard), "-o", str(local), "--backend", "onnxruntime",
+         "--device", "cpu", "-q")
+    _cli("score", "--server", served.url, "--images", str(shard), "-o", str(remote), "-q")
+    rows = read_csv(remote)
+    _assert_same_rows(rows, read_csv(local), served.scorer.outputs)
+    assert [bool(r["error"]) for r in rows] == [False, True, False] and rows[0]["image"].endswith("::s0")
+
+
 def test_score_server_resume_continues_a_cut_output(served, manifest, tmp_path):
     full, cut = tmp_path / "full.csv", tmp_path / "cut.csv"
     assert _cli("score", "--server", served.url, "--images", str(manifest), "-o", str(full), "-q",
