@@ -383,3 +383,67 @@ def test_sigterm_drains_in_flight_requests_then_stops(tiny_bundle):
         running.handler.close()
         scorer.close()
 
+
+
+# ---------------------------------------------------------------- the NGC repository's python model, in the bundled server
+
+def test_ngc_repository_preprocess_model_runs_in_pytritons_tritonserver(tiny_bundle, tmp_path):
+    """The repository's ``ipiqa_preprocess`` (python backend) loaded by the real tritonserver that PyTriton ships;
+    its other models need Triton's onnxruntime backend, which that build does not carry."""
+    import shutil
+    import subprocess
+
+    from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+
+    from ipiqa.bundle import read_bundle
+    from ipiqa.export.triton import write_triton_repository
+    from ipiqa.runtime.pipeline import load_input
+
+    server_dir = tmp_path / "tritonserver"
+    shutil.copytree(get_root_module_path() / "tritonserver", server_dir, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
+                server_dir / "backends" / "python" / "triton_python_backend_stub")
+    repo = write_triton_repository(read_bundle(tiny_bundle), tmp_path / "models", kind="KIND_CPU")
+    only = tmp_path / "only"
+    shutil.copytree(repo / "ipiqa_preprocess", only / "ipiqa_preprocess")
+    serve_server.prepare_environment()  # this interpreter's libpython first, as ipiqa serve does
+    env = dict(os.environ, LD_LIBRARY_PATH=f"{os.environ.get('LD_LIBRARY_PATH', '')}:{get_libs_path()}",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    http, grpc_port, metrics = _free_ports(3)
+    log = tmp_path / "tritonserver.log"
+    proc = subprocess.Popen([str(server_dir / "bin" / "tritonserver"), f"--model-repository={only}",
+                             f"--backend-directory={server_dir / 'backends'}", f"--http-port={http}",
+                             f"--grpc-port={grpc_port}", f"--metrics-port={metrics}", "--exit-timeout-secs=3"],
+                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    client = grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if client.is_model_ready("ipiqa_preprocess"):
+                    break
+            except Exception:  # noqa: BLE001 - not listening yet
+                pass
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"tritonserver did not load ipiqa_preprocess: {log.read_text()[-2000:]}")
+        png = tmp_path / "a.png"
+        png.write_bytes(_png(4))
+        inputs = [grpc.InferInput(IMAGE, [1, 1], "BYTES"), grpc.InferInput(PROMPT, [1, 1], "BYTES")]
+        inputs[0].set_data_from_numpy(np.array([[png.read_bytes()]], dtype=object))
+        inputs[1].set_data_from_numpy(np.array([[PROMPT_TEXT.encode()]], dtype=object))
+        answer = client.infer("ipiqa_preprocess", inputs, client_timeout=TIMEOUT_S)
+        with Scorer(tiny_bundle, backend="onnxruntime", device="cpu") as scorer:
+            assert np.array_equal(answer.as_numpy("image")[0], load_input(str(png), scorer.resolution))
+            assert np.array_equal(answer.as_numpy("tokens"), scorer.tokenizer([PROMPT_TEXT]))
+        inputs[0].set_data_from_numpy(np.array([[b"junk"]], dtype=object))
+        with pytest.raises(Exception, match="not a readable image"):
+            client.infer("ipiqa_preprocess", inputs, client_timeout=TIMEOUT_S)
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
