@@ -28,6 +28,25 @@ from .contract import ERROR, IMAGE, MODEL, PROMPT, SCORES, ServedModel, row_answ
 __all__ = ["RemoteScorer", "RemoteBackend", "parse_server"]
 
 
+@dataclass(frozen=True)
+class PromptCacheCounts:
+    """A local ``Scorer.cache``'s counters, as the CLI's summary line reads them."""
+
+    hits: int = 0
+    misses: int = 0
+
+
+def _batches(results: Iterator[Result], size: int) -> Iterator[list[Result]]:
+    batch: list[Result] = []
+    for result in results:
+        batch.append(result)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def parse_server(address: str) -> str:
     """``HOST:PORT`` (Triton's gRPC port) checked; the URL tritonclient takes."""
     host, sep, port = address.rpartition(":")
@@ -147,30 +166,20 @@ class RemoteScorer:
             with ResultWriter(output, self.outputs, fmt, append=append, rows_before=skipped) as writer:
                 results = self.iter_results(rows)
                 try:
-                    batch: list[Result] = []
-                    for result in results:
-                        batch.append(result)
-                        if len(batch) >= batch_size:
-                            writer.write(batch), on_results(batch)
-                            n, errors = n + len(batch), errors + sum(r.error is not None for r in batch)
-                            batch = []
-                            if fail_fast and errors:
-                                stopped = True
-                                break
-                    if batch and not stopped:
-                        writer.write(batch), on_results(batch)
+                    for batch in _batches(results, batch_size):
+                        writer.write(batch)
+                        on_results(batch)
                         n, errors = n + len(batch), errors + sum(r.error is not None for r in batch)
-                        stopped = bool(fail_fast and errors)
+                        if fail_fast and errors:
+                            stopped = True
+                            break
                 finally:
                     results.close()
         return replace(RunSummary(rows=n, errors=errors, stopped=stopped), skipped=skipped,
                        seconds=time.perf_counter() - start)
 
-    # The CLI's summary line reads the prompt cache of a local scorer; the server keeps its own.
-    class _NoCache:
-        hits = misses = 0
-
-    cache = _NoCache()
+    # The CLI's summary line reads a local scorer's prompt cache; the server keeps its own, so none is counted here.
+    cache = PromptCacheCounts()
 
     def close(self) -> None:
         self._client.close()
