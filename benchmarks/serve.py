@@ -63,7 +63,7 @@ def _start(bundle: Path, backend: str, max_batch: int, delay_ms: float, log: Pat
     http, grpc_port, metrics = _free_ports(3)
     cmd = [sys.executable, "-m", "ipiqa.cli", "serve", str(bundle), "--backend", backend, "--device", "cpu",
            "--http-port", str(http), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics),
-           "--max-batch", str(max_batch), "--max-queue-delay-ms", str(delay_ms), "--exit-timeout", "5"]
+           "--max-batch", str(max_batch), "--max-queue-delay-ms", str(delay_ms), "--exit-timeout", "5", "--address", "127.0.0.1"]
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     client = grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
     deadline = time.monotonic() + 120

@@ -353,11 +353,13 @@ cli.add_command(score_cmd)
               help="How long the batcher waits for more requests before running a smaller batch.")
 @click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
               help="Threads decoding the requests' images.")
+@click.option("--address", default="0.0.0.0", show_default=True, callback=text_option,
+              help="Interface the endpoints listen on; 127.0.0.1 serves this machine only.")
 @click.option("--exit-timeout", default=30, show_default=True, type=click.IntRange(0),
               help="Seconds Ctrl-C / SIGTERM waits for in-flight requests before the server exits.")
 @friendly
 def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
-              workers, exit_timeout) -> None:
+              workers, address, exit_timeout) -> None:
     """Serve a BUNDLE as the Triton model 'ipiqa' (Triton Inference Server through PyTriton; ipiqa[serve]).
 
     Each request is one image file's bytes (IMAGE, BYTES) and its prompt (PROMPT, BYTES); the answer is the
@@ -378,7 +380,7 @@ def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_
     from ipiqa.runtime.serve.server import ServeOptions, prepare_environment, serve_forever, start_server
 
     options = ServeOptions(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch,
-                           max_queue_delay_ms, workers, exit_timeout)
+                           max_queue_delay_ms, workers, exit_timeout, address)
     require("pytriton", extra="serve")
     prepare_environment()  # before the bundle loads: a refused environment costs nothing
     with Scorer(bundle, backend=backend, device=device, precision=precision) as scorer:

@@ -56,7 +56,7 @@ def _free_ports(n: int) -> list[int]:
 def _options(bundle: Path, **kw) -> ServeOptions:
     http, grpc_port, metrics = _free_ports(3)
     return ServeOptions(bundle, backend="onnxruntime", device="cpu", http_port=http, grpc_port=grpc_port,
-                        metrics_port=metrics, exit_timeout_s=5, **kw)
+                        metrics_port=metrics, exit_timeout_s=5, address="127.0.0.1", **kw)
 
 
 class Running:

@@ -52,6 +52,7 @@ class ServeOptions:
     max_queue_delay_ms: float = 2.0  # how long the batcher waits to fill a batch
     workers: int = 4  # decode threads
     exit_timeout_s: int = 30  # how long stopping waits for in-flight requests
+    address: str = "0.0.0.0"  # the interface all three endpoints listen on (127.0.0.1: this machine only)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -158,7 +159,9 @@ def start_server(options: ServeOptions, scorer: Any) -> tuple[Any, RequestHandle
     from pytriton.triton import Triton, TritonConfig
 
     config = TritonConfig(http_port=options.http_port, grpc_port=options.grpc_port,
-                          metrics_port=options.metrics_port, exit_timeout_secs=options.exit_timeout_s)
+                          metrics_port=options.metrics_port, exit_timeout_secs=options.exit_timeout_s,
+                          http_address=options.address, grpc_address=options.address,
+                          metrics_address=options.address)
     handler = RequestHandler(scorer, options.workers)
     triton = Triton(config=config, **_security())
     try:
