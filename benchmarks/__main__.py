@@ -48,7 +48,8 @@ def _args(argv) -> argparse.Namespace:
                         "core, thread vs process pools, the fast path), jobs (memory and resume time against rows), "
                         "export (INT8 export peak memory against calibration images; opt-in), report (ipiqa report "
                         "and select on --report-rows; opt-in), shards (host rows/s from WebDataset shards and Parquet "
-                        "against loose files, memory against shard count; opt-in)")
+                        "against loose files, memory against shard count; opt-in), serve (ipiqa serve requests/s, "
+                        "p50/p99 at 1/4/16 clients vs the same backend locally; needs ipiqa[serve]; opt-in)")
     p.add_argument("--report-rows", default="200000", help="scores-file sizes (rows) for the report section")
     p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
     p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
     import torch
 
     sections = set(filter(None, args.sections.split(",")))
-    known = ("engine", "host", "jobs", "export", "report", "shards")
+    known = ("engine", "host", "jobs", "export", "report", "shards", "serve")
     unknown = sections - set(known)
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {', '.join(known)}")
@@ -414,6 +415,11 @@ def main(argv=None) -> int:
                                            images=16 if args.smoke else 64, repeats=1 if args.smoke else 3,
                                            shard_counts=(1, 2) if args.smoke else (2, 8, 32))
         print(results["shards"]["markdown"], file=sys.stderr)
+    if "serve" in sections:
+        from .serve import section as serve_section
+
+        results["serve"] = serve_section(args.workdir / "serve", requests_per_client=4 if args.smoke else 16)
+        print(results["serve"]["markdown"], file=sys.stderr)
     if "report" in sections:
         from .report_bench import measure_report
 

@@ -71,6 +71,8 @@ def markdown(results: dict) -> str:
                   "one fresh process per run)", "", results["export"]["markdown"]]
     if results.get("shards"):
         lines += ["", "## Datasets as stored: shards and Parquet against loose files", "", results["shards"]["markdown"]]
+    if results.get("serve"):
+        lines += ["", "## `ipiqa serve` under load against local scoring", "", results["serve"]["markdown"]]
     if results.get("report"):
         lines += ["", "## `ipiqa report` and `ipiqa select` against scores-file rows (one fresh process per command)",
                   "", results["report"]["markdown"]]
