@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import click
 
@@ -117,22 +118,28 @@ def info_cmd(target: Path) -> None:
     click.echo(read_config(target).to_json())
 
 
-def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None, resume=False, fail_fast=False,
-                decode="host", fast_decode=False):
-    """Shared by ``score`` and ``demo``: progress bar with img/s, incremental writing, summary on stderr."""
+@contextmanager
+def _progress(quiet: bool) -> Iterator[Callable[[list], None]]:
+    """A bar over scored rows (img/s) for a run, drawn after half a second and wiped if the run fails: a bad
+    manifest or output then ends in its one error line. Yields the ``on_results`` callback."""
     from tqdm import tqdm
 
-    # Drawn after half a second, and wiped if the run fails: a bad manifest or output ends in its one error line.
     bar = tqdm(unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5)
     try:
-        summary = scorer.score_files(source, output, prompt, fmt, batch, workers, resume, fail_fast,
-                                     on_results=lambda results: bar.update(len(results)), decode=decode,
-                                     fast_decode=fast_decode)
+        yield lambda results: bar.update(len(results))
     except BaseException:
         bar.leave = False
         raise
     finally:
         bar.close()
+
+
+def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None, resume=False, fail_fast=False,
+                decode="host", fast_decode=False):
+    """Shared by ``score`` and ``demo``: progress bar with img/s, incremental writing, summary on stderr."""
+    with _progress(quiet) as advance:
+        summary = scorer.score_files(source, output, prompt, fmt, batch, workers, resume, fail_fast,
+                                     on_results=advance, decode=decode, fast_decode=fast_decode)
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
     click.echo(f"{summary.rows} rows scored ({summary.errors} errors{resumed}) in {summary.seconds:.1f}s, "
                f"{summary.rows / max(summary.seconds, 1e-9):.1f} img/s, backend {scorer.backend.name}, "
@@ -307,20 +314,11 @@ def _score_remote(model, server, rows, output, output_dir, fmt, batch, concurren
 
 def _score_partitions(scorer, rows, output_dir, fmt, batch, workers, quiet, fail_fast, decode, fast_decode):
     """``score --output-dir``: one file per shard (``runtime.io.partitions``), a progress bar over rows."""
-    from tqdm import tqdm
-
     from ipiqa.runtime.io.partitions import score_partitions
 
-    bar = tqdm(unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5)
-    try:
-        summary = score_partitions(scorer, rows, output_dir, fmt, batch, workers, fail_fast,
-                                   on_results=lambda results: bar.update(len(results)), decode=decode,
-                                   fast_decode=fast_decode)
-    except BaseException:
-        bar.leave = False
-        raise
-    finally:
-        bar.close()
+    with _progress(quiet) as advance:
+        summary = score_partitions(scorer, rows, output_dir, fmt, batch, workers, fail_fast, on_results=advance,
+                                   decode=decode, fast_decode=fast_decode)
     _partitions_line(summary, output_dir, f"backend {scorer.backend.name}, ")
     return summary
 
@@ -335,64 +333,10 @@ def _partitions_line(summary, output_dir, where: str) -> None:
 cli.add_command(score_cmd)
 
 
-@cli.command("serve")
-@click.argument("bundle", type=InputPath(exists=True, file_okay=False, path_type=Path))
-@click.option("--backend", type=click.Choice(["auto", "tensorrt", "onnxruntime", "openvino"]), default="auto",
-              show_default=True, help="As for 'ipiqa score'.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
-              show_default=True, help="As for 'ipiqa score'.")
-@click.option("--device", default="auto", show_default=True, callback=device_option, help=DEVICE_HELP)
-@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Triton's HTTP/REST port.")
-@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535),
-              help="Triton's gRPC port (what 'ipiqa score --server HOST:PORT' connects to).")
-@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
-              help="Triton's Prometheus metrics port (GET /metrics).")
-@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
-              help="Largest batch Triton's dynamic batcher forms from waiting requests.")
-@click.option("--max-queue-delay-ms", default=2.0, show_default=True, type=click.FloatRange(0),
-              help="How long the batcher waits for more requests before running a smaller batch.")
-@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
-              help="Threads decoding the requests' images.")
-@click.option("--address", default="0.0.0.0", show_default=True, callback=text_option,
-              help="Interface the endpoints listen on; 127.0.0.1 serves this machine only.")
-@click.option("--exit-timeout", default=30, show_default=True, type=click.IntRange(0),
-              help="Seconds Ctrl-C / SIGTERM waits for in-flight requests before the server exits.")
-@friendly
-def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
-              workers, address, exit_timeout) -> None:
-    """Serve a BUNDLE as the Triton model 'ipiqa' (Triton Inference Server through PyTriton; ipiqa[serve]).
-
-    Each request is one image file's bytes (IMAGE, BYTES) and its prompt (PROMPT, BYTES); the answer is the
-    bundle's scores (SCORES, FP32) and ERROR: empty, or why that request's row was not scored (corrupt, empty
-    or oversized image, missing prompt: the same text as a local run). Requests waiting together are scored as
-    one batch. Readiness, health, statistics and metrics are Triton's own endpoints
-    (/v2/health/ready, /v2/models/ipiqa/stats, :METRICS/metrics). Ctrl-C or SIGTERM finishes in-flight requests,
-    then exits.
-
-    \b
-    Examples:
-      ipiqa serve bundle/                                   # HTTP 8000, gRPC 8001, metrics 8002
-      ipiqa serve bundle/ --device cuda --max-batch 64 --max-queue-delay-ms 5
-      ipiqa score --server localhost:8001 --images data.csv -o scores.csv
-      curl -s localhost:8000/v2/health/ready && curl -s localhost:8002/metrics | grep nv_inference_count
-    """
-    from ipiqa.runtime.scorer import Scorer
-    from ipiqa.runtime.serve.server import ServeOptions, prepare_environment, serve_forever, start_server
-
-    options = ServeOptions(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch,
-                           max_queue_delay_ms, workers, exit_timeout, address)
-    require("pytriton", extra="serve")
-    prepare_environment()  # before the bundle loads: a refused environment costs nothing
-    with Scorer(bundle, backend=backend, device=device, precision=precision) as scorer:
-        triton, handler = start_server(options, scorer)
-        click.echo(f"serving {bundle} as model 'ipiqa' (backend {scorer.backend.name}, outputs "
-                   f"{','.join(scorer.outputs)}): gRPC :{grpc_port}, HTTP :{http_port}, metrics :{metrics_port}; "
-                   "Ctrl-C stops", err=True)
-        serve_forever(triton, handler, on_stop=lambda why: click.echo(
-            f"{why}: finishing in-flight requests (up to {exit_timeout}s), then exiting", err=True))
-    click.echo("server stopped", err=True)
-
 from ipiqa.runtime.report.commands import report_cmd, select_cmd  # noqa: E402 (click only; numpy/PIL load inside)
+from ipiqa.runtime.serve.commands import serve_cmd  # noqa: E402 (click only; pytriton loads inside)
+
+cli.add_command(serve_cmd)
 
 cli.add_command(report_cmd)
 cli.add_command(select_cmd)

@@ -24,7 +24,8 @@ from ipiqa.errors import IPIQAError
 
 from .backends import Backend
 from .cache import PromptCache
-from .io import OutputLock, ResultWriter, RowSource, resume_point, writable_rows
+from .io import RowSource, writable_rows
+from .io.run_output import open_output
 from .pipeline import RunSummary, iter_results, score_rows
 from .rows import Result, Row, clean_prompt
 from .tokenizer import ClipTokenizer
@@ -293,20 +294,14 @@ class Scorer:
             rows: Iterator[Row] = iter(source)
         else:
             rows = writable_rows(source)
-        out_path = None if str(output) == "-" else Path(output)
-        if resume and out_path is None:
-            raise IPIQAError("--resume needs an --output file")
         start = time.perf_counter()
-        with OutputLock(out_path):
-            skipped = resume_point(out_path, rows, self.outputs, fmt) if resume and out_path is not None else 0
-            append = bool(resume and out_path is not None and out_path.is_file() and out_path.stat().st_size > 0)
-            with ResultWriter(output, self.outputs, fmt, append=append, rows_before=skipped) as writer:
-                def sink(results: list[Result]) -> None:
-                    writer.write(results)
-                    on_results(results)
+        with open_output(output, rows, self.outputs, fmt, resume) as (writer, skipped):
+            def sink(results: list[Result]) -> None:
+                writer.write(results)
+                on_results(results)
 
-                summary = score_rows(rows, self, batch_size, workers, sink, fail_fast, device_decode=device_decode,
-                                     fast=fast_decode)
+            summary = score_rows(rows, self, batch_size, workers, sink, fail_fast, device_decode=device_decode,
+                                 fast=fast_decode)
         return replace(summary, skipped=skipped, seconds=time.perf_counter() - start)
 
     def close(self) -> None:

@@ -20,7 +20,8 @@ from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
 from ipiqa.preprocess import read_regular_file
 
-from ..io import OutputLock, ResultWriter, RowSource, resume_point, writable_rows
+from ..io import RowSource, writable_rows
+from ..io.run_output import open_output
 from ..pipeline import RunSummary
 from ..rows import Result, Row, finish, row_error, scoring_failed
 from .contract import ERROR, IMAGE, MODEL, PROMPT, SCORES, ServedModel, row_answer, served_model
@@ -154,27 +155,21 @@ class RemoteScorer:
         source = source if isinstance(source, RowSource) else RowSource(source, prompt)
         source.refuse_run(self.needs_prompt, output)
         rows = writable_rows(source)
-        out_path = None if str(output) == "-" else Path(output)
-        if resume and out_path is None:
-            raise IPIQAError("--resume needs an --output file")
         start = time.perf_counter()
         n = errors = 0
         stopped = False
-        with OutputLock(out_path):
-            skipped = resume_point(out_path, rows, self.outputs, fmt) if resume and out_path is not None else 0
-            append = bool(resume and out_path is not None and out_path.is_file() and out_path.stat().st_size > 0)
-            with ResultWriter(output, self.outputs, fmt, append=append, rows_before=skipped) as writer:
-                results = self.iter_results(rows)
-                try:
-                    for batch in _batches(results, batch_size):
-                        writer.write(batch)
-                        on_results(batch)
-                        n, errors = n + len(batch), errors + sum(r.error is not None for r in batch)
-                        if fail_fast and errors:
-                            stopped = True
-                            break
-                finally:
-                    results.close()
+        with open_output(output, rows, self.outputs, fmt, resume) as (writer, skipped):
+            results = self.iter_results(rows)
+            try:
+                for batch in _batches(results, batch_size):
+                    writer.write(batch)
+                    on_results(batch)
+                    n, errors = n + len(batch), errors + sum(r.error is not None for r in batch)
+                    if fail_fast and errors:
+                        stopped = True
+                        break
+            finally:
+                results.close()
         return replace(RunSummary(rows=n, errors=errors, stopped=stopped), skipped=skipped,
                        seconds=time.perf_counter() - start)
 
