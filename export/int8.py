@@ -94,7 +94,8 @@ class Int8GateError(IPIQAError):
 
 
 def int8_gate(fp32: Mapping[str, Path], int8_image: Path, settings: QuantSettings, images: np.ndarray,
-              tokens: Optional[np.ndarray] = None, columns: Sequence[str] = (), runtime: str = "onnxruntime") -> Int8Gate:
+              tokens: Optional[np.ndarray] = None, columns: Sequence[str] = (), runtime: str = "onnxruntime",
+              reference: Optional[Mapping[str, np.ndarray]] = None) -> Int8Gate:
     """The INT8 image graph composed with the FP32 text and fusion graphs, against all-FP32, on ``images``.
 
     Through the runtime's ``OrtBackend`` on the set it serves (``OrtBackend.from_graphs``: the manifest is
@@ -102,9 +103,10 @@ def int8_gate(fp32: Mapping[str, Path], int8_image: Path, settings: QuantSetting
     backend runs. TensorRT target: Q/DQ executed as written (fake quantization in FP32), which is what
     TensorRT's explicit quantization computes exactly, without the CPU kernels' u8 x s8 saturation.
     ``runtime="openvino"``: the same set through ``OpenVinoBackend`` (its int8 kernels), checks named
-    ``openvino-int8/...``: what lets ``--precision auto`` serve INT8 there.
+    ``openvino-int8/...``: what lets ``--precision auto`` serve INT8 there. ``reference``: the FP32 graphs'
+    outputs on these images (``run_graphs``), computed once by a caller that gates more than once.
     """
-    ref = run_graphs(fp32, images, tokens)
+    ref = run_graphs(fp32, images, tokens) if reference is None else reference
     served = {**fp32, "image_encoder": Path(int8_image)}  # the set OrtBackend(manifest, precision="int8") serves
     if runtime == "openvino":
         from ipiqa.runtime.backends.openvino import OpenVinoBackend
@@ -141,6 +143,7 @@ class Int8Result:
     path: Path
     gate: Int8Gate
     attempts: tuple[str, ...] = field(default=())  # one line per re-gate, for the log
+    reference: Mapping[str, np.ndarray] = field(default_factory=dict)  # FP32 outputs on the held-out images
 
 
 def quantize_and_gate(fp32: Mapping[str, Path], out_onnx: Path, calibration: Iterable[np.ndarray],
@@ -154,10 +157,11 @@ def quantize_and_gate(fp32: Mapping[str, Path], out_onnx: Path, calibration: Ite
     batches = [np.asarray(b) for b in calibration]
     image = Path(fp32["image_encoder"])
     settings = quantize_image_graph(image, out_onnx, batches, target, **overrides)
-    gate = int8_gate(fp32, out_onnx, settings, held_out, tokens, columns)
+    reference = run_graphs(fp32, held_out, tokens)  # once: every re-gate compares against the same FP32 outputs
+    gate = int8_gate(fp32, out_onnx, settings, held_out, tokens, columns, reference=reference)
     attempts = [f"{len(settings.nodes_to_exclude)} excluded: {'PASS' if gate else 'FAIL'}"]
     if gate:
-        return Int8Result(Path(out_onnx), gate, tuple(attempts))
+        return Int8Result(Path(out_onnx), gate, tuple(attempts), reference)
     ranked = [n for n in sensitive_nodes(image, Path(out_onnx), batches, settings.op_types)
               if n not in settings.nodes_to_exclude]
     count = 1
@@ -167,9 +171,9 @@ def quantize_and_gate(fp32: Mapping[str, Path], out_onnx: Path, calibration: Ite
         overrides["nodes_to_exclude"] = settings.nodes_to_exclude + extra
         overrides["calibration_size"] = settings.calibration_size
         settings = quantize_image_graph(image, out_onnx, batches, target, **overrides)
-        gate = int8_gate(fp32, out_onnx, settings, held_out, tokens, columns)
+        gate = int8_gate(fp32, out_onnx, settings, held_out, tokens, columns, reference=reference)
         attempts.append(f"{len(settings.nodes_to_exclude)} excluded ({', '.join(extra)}): {'PASS' if gate else 'FAIL'}")
         log.info("INT8 gate: %s", attempts[-1])
     if not gate:
         raise Int8GateError(gate, Path(out_onnx))
-    return Int8Result(Path(out_onnx), gate, tuple(attempts))
+    return Int8Result(Path(out_onnx), gate, tuple(attempts), reference)

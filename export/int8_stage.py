@@ -62,7 +62,8 @@ def _openvino_version() -> Optional[str]:
     return f"openvino {openvino.__version__}"
 
 
-def _openvino_gate(ctx: ExportContext, rel: str, settings: Any, inputs: Mapping[str, Any]) -> Optional[dict]:
+def _openvino_gate(ctx: ExportContext, rel: str, settings: Any, inputs: Mapping[str, Any],
+                   reference: Mapping[str, Any]) -> Optional[dict]:
     """The CPU INT8 graph through OpenVINO's int8 kernels on the same held-out images; recorded, never fatal:
     a failure only keeps ``auto`` on ONNX Runtime for INT8."""
     from .int8 import int8_gate
@@ -71,7 +72,7 @@ def _openvino_gate(ctx: ExportContext, rel: str, settings: Any, inputs: Mapping[
     if runtime is None:
         return None
     gate = int8_gate(ctx.fp32_graphs(), ctx.out / rel, settings, inputs["held"], inputs["tokens"], ctx.cfg.outputs,
-                     runtime="openvino")
+                     runtime="openvino", reference=reference)
     for r in gate.results:
         ctx.progress(f"[cpu on {runtime}] {r.line()}")
     return {"runtime": runtime, "gate": gate.to_dict()}
@@ -99,7 +100,7 @@ def _build_int8(ctx: ExportContext, target: str, key: str, inputs: Mapping[str, 
         calibration=Int8Calibration(str(opts.calibration), gate.settings.calibration_size, len(inputs["held"]),
                                     inputs["source"]),
         seconds=round(time.perf_counter() - start, 2),
-        openvino=_openvino_gate(ctx, rel, gate.settings, inputs) if target == "cpu" else None)
+        openvino=_openvino_gate(ctx, rel, gate.settings, inputs, result.reference) if target == "cpu" else None)
     ctx.progress(f"INT8 image graph for {target}: {rel} ({entry.seconds:.1f}s; {gate.criterion})")
     return entry
 
