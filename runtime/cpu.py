@@ -7,12 +7,13 @@ would only be a slower FP32 run: it is refused instead, naming the flags.
 """
 from __future__ import annotations
 
+import os
 import platform
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["BF16_FLAGS", "cpu_flags", "cpu_model", "bf16_flags", "bf16_refusal"]
+__all__ = ["BF16_FLAGS", "cpu_flags", "cpu_model", "bf16_flags", "bf16_refusal", "usable_cores"]
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 _CPUINFO = Path("/proc/cpuinfo")
@@ -56,3 +57,15 @@ def bf16_refusal(flags: Optional[frozenset[str]] = None, model: Optional[str] = 
     return (f"this CPU ({where}) has neither AMX (amx_bf16) nor AVX512-BF16 (avx512_bf16), so BF16 would run "
             "as slower FP32 emulation; use --precision fp32 or int8 here, or a CPU with AMX/AVX512-BF16 "
             "(Intel Sapphire Rapids or later, AMD Zen 4 or later)")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), the one source of every thread count.
+
+    ``os.cpu_count()`` is the host's count: in a container limited to 2 CPUs of a 64-core host it says 64, and
+    64 intra-op threads on 2 cores thrash. ``sched_getaffinity`` is Linux's; elsewhere ``cpu_count`` is all there is.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

@@ -19,6 +19,7 @@ The rules (README "Row rules" repeats them for users):
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -27,7 +28,8 @@ import numpy as np
 from ipiqa.errors import IPIQAError
 
 __all__ = ["Row", "Result", "MISSING_PROMPT", "MISSING_IMAGE", "clean_prompt", "resolve_prompt", "row_error",
-           "load_pixels", "score_error", "scoring_failed", "finish", "check_prompt_source"]
+           "load_pixels", "score_error", "scoring_failed", "finish", "check_prompt_source",
+           "image_file", "image_bytes"]
 
 MISSING_PROMPT = "missing prompt: IP-IQA scores an image against its prompt; fill the prompt cell (or pass --prompt)"
 MISSING_IMAGE = "missing image path"
@@ -126,3 +128,27 @@ def check_prompt_source(needs_prompt: bool, has_prompt_column: bool, default: Op
         raise IPIQAError(f"{source}: no prompts; this model scores an image against its prompt: pass --prompt TEXT "
                          "or a manifest with a 'prompt' column")
 
+
+def image_file(row: Row) -> Optional[str]:
+    """The file a row's image is read from, or None where the image is in memory (shard member, Parquet bytes,
+    a Python API image). The one reader of ``row.image`` vs ``row.source`` for every consumer (local pipeline,
+    ``--server``, ``--ray``, calibration, report thumbnails): a Parquet row whose image cell holds only a path
+    carries that path in ``source`` (its label is ``FILE::ROW``)."""
+    if row.source is None:
+        return row.image
+    if isinstance(row.source, (str, os.PathLike)):
+        return os.fspath(row.source)
+    return None
+
+
+def image_bytes(row: Row) -> bytes:
+    """The row's encoded image: its in-memory bytes, else its file's (regular files only; ``ImageError`` names the
+    file otherwise). A decoded Python API image has no encoded bytes and is refused."""
+    if isinstance(row.source, (bytes, bytearray, memoryview)):
+        return bytes(row.source)
+    path = image_file(row)
+    if path is None:
+        raise IPIQAError(f"{row.image}: this row holds a decoded image, not an encoded file; pass a path or bytes")
+    from ipiqa.preprocess import read_regular_file
+
+    return read_regular_file(path)
