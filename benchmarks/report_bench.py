@@ -46,12 +46,12 @@ def write_scores(path: Path, rows: int, images: Sequence[str]) -> None:
 
 def _child(kind: str, scores: str, output: str) -> dict:
     if kind == "report":
-        from ipiqa.runtime.report.build import write_report
+        from ipiqa.runtime.results.build import write_report
 
         r = write_report(scores, output)
         return {"seconds": r.seconds, "bytes": r.bytes, "rows": r.rows, "thumbnails": r.thumbnails,
                 "peak_rss_mib": _peak_rss_mib()}
-    from ipiqa.runtime.report.select import Selection, write_selection
+    from ipiqa.runtime.results.select import Selection, write_selection
 
     s = write_selection(scores, output, Selection(top_k=1, per="prompt"))
     return {"seconds": s.seconds, "rows": s.rows, "kept": s.kept, "peak_rss_mib": _peak_rss_mib()}

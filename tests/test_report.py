@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ipiqa.runtime.io import Result, ResultWriter, Row
-from ipiqa.runtime.report import collect as collect_module
-from ipiqa.runtime.report.collect import ReportOptions, collect, error_cause
-from ipiqa.runtime.report.commands import report_cmd
-from ipiqa.runtime.report.read import open_scores
-from ipiqa.runtime.report.stats import DecimalHistogram, Extremes, Reservoir
+from ipiqa.runtime.results import collect as collect_module
+from ipiqa.runtime.results.collect import ReportOptions, collect, error_cause
+from ipiqa.runtime.results.commands import report_cmd
+from ipiqa.runtime.results.sets import open_scores
+from ipiqa.runtime.results.stats import DecimalHistogram, Extremes, Reservoir
 
 OUTPUTS = ("quality", "alignment")
 # (file, prompt, quality, alignment); None scores: an error row with that error text (after "<path>: ").
@@ -270,7 +270,7 @@ def test_report_and_select_never_import_torch(tmp_path):
     import sys
 
     scores = write_scenario(tmp_path)
-    code = ("import sys\nfrom ipiqa.runtime.report.commands import report_cmd, select_cmd\n"
+    code = ("import sys\nfrom ipiqa.runtime.results.commands import report_cmd, select_cmd\n"
             f"report_cmd.main([{str(scores)!r}, '-o', {str(tmp_path / 'r.html')!r}, '-q'], standalone_mode=False)\n"
             f"select_cmd.main([{str(scores)!r}, '-o', {str(tmp_path / 'k.csv')!r}, '--top-k', '1'], standalone_mode=False)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")

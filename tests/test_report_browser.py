@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ipiqa.runtime.report.commands import report_cmd
+from ipiqa.runtime.results.commands import report_cmd
 from test_report import BY_QUALITY, SCENARIO, write_scenario
 
 CHROMIUM = Path("/usr/bin/chromium")

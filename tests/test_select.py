@@ -9,9 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 from ipiqa.runtime.io import RowSource
-from ipiqa.runtime.report.commands import report_cmd, select_cmd
-from ipiqa.runtime.report.read import ScoreRow, open_scores
-from ipiqa.runtime.report.select import Selection, chosen_rows, parse_bound
+from ipiqa.runtime.results.commands import report_cmd, select_cmd
+from ipiqa.runtime.results.read import ScoreRow
+from ipiqa.runtime.results.sets import open_scores
+from ipiqa.runtime.results.select import Selection, chosen_rows, parse_bound
 from test_report import SCENARIO, write_scenario
 
 
@@ -114,7 +115,7 @@ def test_wrong_requests_are_one_clear_error(tmp_path):
         (["--min", "quality>0.6"], "write OUTPUT=NUMBER"),
         (["--min", "sharpness=0.6"], "'sharpness'"),
         (["--top-k", "1", "-o", str(tmp_path / "k.parquet")], "a manifest is .csv or .jsonl"),
-        (["--top-k", "1", "-o", str(scores)], "the output is the input manifest"),
+        (["--top-k", "1", "-o", str(scores)], "the output is the scores file it reads"),
         ([], "nothing to select by"),
     ]
     for args, message in cases:

@@ -135,10 +135,11 @@ class _Cards:
 
 
 def _summary(d: ReportData, run: Sequence[tuple[str, str]]) -> str:
-    rows = [("scores file", f"{escape(str(d.source))} ({d.fmt})"), ("rows", f"{d.rows:,}"), ("scored", f"{d.scored:,}"),
+    rows = [("scores file" if d.single else "scores set", escape(d.described)), ("rows", f"{d.rows:,}"), ("scored", f"{d.scored:,}"),
             ("errors", f"{d.errors:,}"), ("outputs", escape(", ".join(d.outputs))), ("images ranked by", escape(d.by))]
     if not d.complete:
-        rows.append(("note", '<span class="warn">the file ends in a partial record (a killed run?); the rows before '
+        which = "the file ends" if d.single else f"{', '.join(map(str, d.incomplete[:3]))} end{'s' if len(d.incomplete) == 1 else ''}"
+        rows.append(("note", f'<span class="warn">{escape(which)} in a partial record (a killed run?); the rows before '
                              "it are reported. Finish it with ipiqa score ... --resume</span>"))
     rows += [(escape(k), escape(v)) for k, v in run] or [
         ("run", '<span class="muted">bundle, backend and precision are not recorded in the scores file; '

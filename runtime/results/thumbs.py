@@ -1,7 +1,7 @@
 """Thumbnails as small JPEG data URIs, so the page carries its images and opens offline, anywhere.
 
-Images are opened by the scorer's own rules (``ipiqa.preprocess``: regular files only, the same errors), with
-libjpeg's reduced-scale decode where a JPEG is much larger than the thumbnail. Each file is read once per report.
+Images are read and decoded by the scorer's own public rules (``rows.image_bytes``: regular files only;
+``preprocess.decode_bytes``: the same modes and errors). Each file is read once per report.
 """
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import _load, to_rgb
+from ipiqa.preprocess import decode_bytes, to_rgb
+
+from ..rows import Row, image_bytes
 
 __all__ = ["Thumbnail", "Thumbnails"]
 
@@ -39,7 +41,7 @@ class Thumbnails:
 
     def _make(self, path: Path) -> Thumbnail:
         try:
-            img = to_rgb(_load(path, draft=self.size)[0])
+            img = to_rgb(decode_bytes(image_bytes(Row(str(path), None)), path))
             img.thumbnail((self.size, self.size))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=self.quality, optimize=True)

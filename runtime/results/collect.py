@@ -1,4 +1,4 @@
-"""What the report shows, gathered from a scores file of any size in two streamed passes.
+"""What the report shows, gathered from a scores set (one file or many) of any size in two streamed passes.
 
 Pass 1 reads every row once: counts, errors by cause, one histogram per output over all rows, mean/std/min/max,
 the quality-alignment correlation, the N worst and best rows (bounded heaps), uniform samples for the gallery
@@ -19,7 +19,8 @@ import numpy as np
 
 from ipiqa.errors import ConfigError
 
-from .read import ScoreRow, ScoresFile
+from .read import ScoreRow
+from .sets import ScoresSet
 from .stats import Covariance, DecimalHistogram, Extremes, Histogram, Moments, PromptSpread, PromptStats, Reservoir
 
 __all__ = ["ReportOptions", "OutputSummary", "PromptGroup", "ReportData", "collect", "error_cause"]
@@ -75,7 +76,10 @@ class ReportData:
     rows: int
     scored: int
     errors: int
-    complete: bool  # False: the file ends in a partial record (a killed run); rows before it are reported
+    complete: bool  # False: a file ends in a partial record (a killed run); rows before it are reported
+    described: str  # the set as the summary names it: "scores.csv (csv)", "scores/ (12 files: csv)"
+    single: bool  # one scores file (else a folder, list or pattern of them)
+    incomplete: tuple[Path, ...]  # the files that end in a partial record
     causes: tuple[tuple[str, int], ...]  # most frequent first
     summaries: tuple[OutputSummary, ...]
     pearson: Optional[float]  # first two outputs, over all scored rows (two-output models)
@@ -104,7 +108,7 @@ def error_cause(image: str, error: str) -> str:
 
 
 class _Pass1:
-    def __init__(self, scores: ScoresFile, by: int, o: ReportOptions):
+    def __init__(self, scores: ScoresSet, by: int, o: ReportOptions):
         self.scores, self.by, self.o = scores, by, o
         k = len(scores.outputs)
         self.hists = [DecimalHistogram(o.bins) for _ in range(k)]
@@ -157,7 +161,7 @@ class _Pass1:
             o.progress(self.rows)
 
 
-def _pass2(scores: ScoresFile, by: int, chosen: list[PromptStats], per_prompt: int) -> list[PromptGroup]:
+def _pass2(scores: ScoresSet, by: int, chosen: list[PromptStats], per_prompt: int) -> list[PromptGroup]:
     """Each chosen prompt's ``per_prompt`` best images (a bounded min-heap each; ties keep the earlier row)."""
     heaps: dict[Optional[str], list] = {s.prompt: [] for s in chosen}
     for row in scores.rows(prompts=heaps.keys()):
@@ -173,7 +177,7 @@ def _pass2(scores: ScoresFile, by: int, chosen: list[PromptStats], per_prompt: i
             for s in chosen]
 
 
-def collect(scores: ScoresFile, options: ReportOptions = ReportOptions()) -> ReportData:
+def collect(scores: ScoresSet, options: ReportOptions = ReportOptions()) -> ReportData:
     """Read ``scores`` (twice at most, streamed) into what the page shows."""
     by_name = options.by or scores.outputs[0]
     if by_name not in scores.outputs:
@@ -198,7 +202,8 @@ def collect(scores: ScoresFile, options: ReportOptions = ReportOptions()) -> Rep
     key = lambda r: (-r.scores[by], r.index)  # noqa: E731 - highest first, ties in file order
     return ReportData(
         source=scores.path, fmt=scores.fmt, outputs=scores.outputs, by=by_name, rows=p1.rows,
-        scored=p1.rows - p1.errors, errors=p1.errors, complete=complete, causes=tuple(p1.causes.most_common()),
+        scored=p1.rows - p1.errors, errors=p1.errors, complete=complete,
+        described=scores.describe(), single=scores.single, incomplete=scores.incomplete, causes=tuple(p1.causes.most_common()),
         summaries=summaries, pearson=p1.cov.pearson if p1.cov is not None and p1.cov.n >= 2 else None,
         scatter=tuple(p1.points.items), worst=tuple(p1.extremes.lowest()), best=tuple(p1.extremes.highest()),
         sample=tuple(sorted(p1.sample.items, key=key)), error_rows=tuple(p1.error_rows), prompts=len(p1.spread),

@@ -18,9 +18,10 @@ from ipiqa.errors import IPIQAError
 
 from ..io.formats import CODECS, output_columns, output_format
 
-__all__ = ["ScoreRow", "ScoresFile", "open_scores", "resolve_image"]
+__all__ = ["ScoreRow", "ScoresFile", "SCORE_SUFFIXES", "resolve_image"]
 
 PARQUET_BATCH = 65536  # rows per pyarrow batch (memory of a Parquet read)
+SCORE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")  # what ipiqa score writes (io.formats.output_format)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,8 @@ class ScoresFile:
     """A scores file whose layout was checked on construction; each iteration streams its rows anew.
 
     ``outputs``: the score columns between ``prompt`` and ``error``. ``complete`` (after an iteration): False
-    when the file ends in a partial record, as a killed run leaves it (the rows before it were read).
+    when the file ends in a partial record, as a killed run leaves it (the rows before it were read). One file
+    of a scores set (``sets.ScoresSet``), which is what the commands read.
     """
 
     def __init__(self, path: Union[str, Path]):
@@ -49,6 +51,7 @@ class ScoresFile:
         self.fmt = output_format(self.path)
         self.outputs: tuple[str, ...] = self._outputs()
         self.complete = True
+        self.count = 0  # rows read by the last complete iteration
 
     # -- layout
     def _refuse(self, why: str) -> IPIQAError:
@@ -88,14 +91,17 @@ class ScoresFile:
     def __iter__(self) -> Iterator[ScoreRow]:
         return self.rows()
 
-    def rows(self, prompts: Optional[Collection[Optional[str]]] = None) -> Iterator[ScoreRow]:
+    def rows(self, prompts: Optional[Collection[Optional[str]]] = None, start: int = 0) -> Iterator[ScoreRow]:
         """Every row in file order; with ``prompts``, only the rows of those prompts (the others are skipped
-        before their scores are parsed: the report's second pass wants a few prompts of a large file)."""
+        before their scores are parsed: the report's second pass wants a few prompts of a large file).
+        ``start``: the first row's index (a scores set numbers its files' rows on from the previous file's)."""
         records = self._parquet_records() if self.fmt == "parquet" else self._scanned_records()
-        for index, record in enumerate(records):
-            if prompts is not None and _prompt(record.get("prompt")) not in prompts:
-                continue
-            yield self._row(index, record)
+        index = start
+        for record in records:
+            if prompts is None or _prompt(record.get("prompt")) in prompts:
+                yield self._row(index, record, start)
+            index += 1
+        self.count = index - start
 
     def _scanned_records(self) -> Iterator[dict]:
         codec = CODECS[self.fmt]
@@ -118,7 +124,7 @@ class ScoresFile:
             for values in zip(*columns):
                 yield dict(zip(names, values))
 
-    def _row(self, index: int, record: dict) -> ScoreRow:
+    def _row(self, index: int, record: dict, start: int = 0) -> ScoreRow:
         """A record by the codecs' rules: an empty CSV cell or JSON null is a missing value."""
         error = record.get("error") or None
         prompt = _prompt(record.get("prompt"))
@@ -128,7 +134,7 @@ class ScoresFile:
             try:
                 values = tuple(map(float, cells))  # None/"" fail here: a row with neither scores nor error
             except (TypeError, ValueError):
-                raise IPIQAError(f"{self.path}: row {index + 1} ({record.get('image')!r}) has no error and "
+                raise IPIQAError(f"{self.path}: row {index - start + 1} ({record.get('image')!r}) has no error and "
                                  f"unreadable scores {cells}; the file was not written by 'ipiqa score' or was "
                                  "edited") from None
             if not all(map(math.isfinite, values)):
@@ -141,11 +147,6 @@ class ScoresFile:
 def _prompt(value: object) -> Optional[str]:
     """A prompt cell: an empty CSV cell or JSON null is no prompt (as the writer wrote a missing one)."""
     return None if value is None or value == "" else str(value)
-
-
-def open_scores(path: Union[str, Path]) -> ScoresFile:
-    """The scores file at ``path`` (CSV, JSONL or Parquet by suffix, as ``ipiqa score`` chose it)."""
-    return ScoresFile(path)
 
 
 def resolve_image(image: str, root: Optional[Path]) -> Path:

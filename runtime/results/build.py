@@ -1,4 +1,4 @@
-"""``write_report``: a scores file in, one HTML page out (what ``ipiqa report`` runs)."""
+"""``write_report``: a scores set (one file or many) in, one HTML page out (what ``ipiqa report`` runs)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ from ipiqa.errors import ConfigError, IPIQAError
 
 from .collect import ReportOptions, collect
 from .page import render_page
-from .read import open_scores
+from .sets import open_scores
 from .thumbs import Thumbnails
 
 __all__ = ["ReportResult", "write_report", "bundle_run_info"]
@@ -53,8 +53,7 @@ def write_report(scores: Union[str, Path], output: Union[str, Path], options: Re
     start = time.perf_counter()
     source = open_scores(scores)
     out = Path(output)
-    if out.exists() and os.path.samefile(out, source.path):
-        raise IPIQAError(f"{out}: the output is the scores file; choose another -o (e.g. report.html)")
+    source.refuse_output(out, "report.html")
     run = bundle_run_info(bundle, source.outputs) if bundle is not None else []
     data = collect(source, replace(options, progress=progress) if progress else options)
     thumbs = Thumbnails(thumb_size)
