@@ -25,6 +25,7 @@ from ipiqa.errors import IPIQAError
 from .backends import Backend
 from .cache import PromptCache
 from .io import RowSource, writable_rows
+from .io.provenance import Provenance, bundle_sha256, file_sha256, machine_name
 from .io.run_output import open_output
 from .pipeline import RunSummary, iter_results, score_rows
 from .rows import Result, Row, clean_prompt
@@ -91,7 +92,7 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
         if manifest.engine_precision is not None and not engines_serve:
             raise _engine_precision_refused(manifest, precision)
         from .backends.trt import TrtBackend
-        return TrtBackend(manifest, index)
+        return _on_gpu(TrtBackend(manifest, index), True)
     from .backends.ort import CPU_FP16_REFUSED, OrtBackend
 
     provider = "cpu" if kind == "cpu" else _ort_gpu_provider()
@@ -112,6 +113,14 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
     if precision not in manifest.onnx_precisions:
         raise manifest.missing_precision(precision)
     return OrtBackend(manifest, provider, index, precision=precision)
+
+
+def _on_gpu(backend: Backend, gpu: bool) -> Backend:
+    """Say where a backend's engines run where its class does not (``Backend.gpu``: the engine batch rule reads
+    it); ``OrtBackend`` sets it per provider itself."""
+    if "gpu" not in type(backend).__dict__ and "gpu" not in vars(backend):
+        backend.gpu = gpu
+    return backend
 
 
 def _bf16_servable(manifest: Manifest) -> bool:
@@ -192,9 +201,14 @@ class Scorer:
     """Scores (image, prompt) pairs with a bundle or a ``.safetensors`` model; text embeddings are cached."""
 
     def __init__(self, source: Union[str, Path], backend: str = "auto", device: Union[str, Device] = "auto",
-                 cache_size: int = 16384, fp16: bool = False, compile: bool = False, precision: str = "auto"):
+                 cache_size: int = 16384, fp16: bool = False, compile: bool = False, precision: str = "auto",
+                 reproducible: bool = False):
         """``precision``: ``auto`` | ``fp32`` | ``fp16`` | ``int8`` (see ``select_backend``); ``self.backend.name``
-        says what runs, e.g. ``onnxruntime-cpu-int8``. ``fp16=True`` is ``precision="fp16"`` (``scorer_precision``)."""
+        says what runs, e.g. ``onnxruntime-cpu-int8``. ``fp16=True`` is ``precision="fp16"`` (``scorer_precision``).
+
+        ``reproducible``: on a GPU, run every engine call at one fixed batch (``backends.base``), so a row's score
+        never depends on how it was batched; on the CPU that is always so. ``self.backend.engine_batch`` says
+        the size (None: free)."""
         source = Path(source)
         precision = scorer_precision(precision, fp16)
         if source.is_dir():
@@ -216,13 +230,28 @@ class Scorer:
             from .backends.pytorch import TorchBackend
 
             self.manifest = None
-            self.backend = TorchBackend(source, parse_device(device), fp16, compile)
+            torch_backend = TorchBackend(source, parse_device(device), fp16, compile)
+            self.backend = _on_gpu(torch_backend, torch_backend.device.type == "cuda")
             self.cfg = self.backend.cfg
             self.tokenizer = ClipTokenizer(default_bpe(), self.cfg.context_length)
         else:
             raise IPIQAError(f"{source}: no such bundle folder or model file")
-        log.info("backend: %s", self.backend.name)
+        if reproducible:
+            self.backend.make_reproducible()
+        self._source = source
+        self._digest: Optional[str] = None
+        log.info("backend: %s (engine batch %s)", self.backend.name, self.backend.engine_batch or "free")
         self.cache = PromptCache(cache_size)
+
+    @property
+    def provenance(self) -> Provenance:
+        """What this scorer's numbers are a function of (written beside every output ``score_files`` writes)."""
+        from ipiqa import __version__
+
+        if self._digest is None:  # a model file is hashed once, and only when an output is written
+            self._digest = bundle_sha256(self._source) if self.manifest is not None else file_sha256(self._source)
+        return Provenance(self._digest, self.backend.name, self.backend.precision, self.backend.engine_batch,
+                          __version__, machine_name(self.backend))
 
     # -- what the pipeline needs
     @property
@@ -295,7 +324,7 @@ class Scorer:
         else:
             rows = writable_rows(source)
         start = time.perf_counter()
-        with open_output(output, rows, self.outputs, fmt, resume) as (writer, skipped):
+        with open_output(output, rows, self.outputs, fmt, resume, self.provenance) as (writer, skipped):
             def sink(results: list[Result]) -> None:
                 writer.write(results)
                 on_results(results)

@@ -13,9 +13,21 @@ shapes are written down); a batch above ``max_batch`` is split; a batch below ``
 short batch of a run, or one uncached prompt) is padded by repeating its last row and the padding is
 trimmed from the outputs; outputs are checked for their shape. A padded row only repeats a real one, so no
 row's score depends on the padding (the graphs are row-independent: no batch statistics at inference).
+
+Reproducible scores (issue 28): the graphs are row-independent in exact arithmetic, but a kernel's blocking
+and summation order follow the batch size, so a row's last bits did change with it (2.4e-3 on ORT FP32, 5e-3
+on OpenVINO at batch 8 vs alone, RN50-512 steep head), while at one fixed size its bits depend neither on its
+neighbours nor on its position. So a backend with an ``engine_batch`` runs *every* image, text and fusion call
+at exactly that size (chunks of it, the last padded up): a row's score is then a function of (bundle, image,
+prompt, backend, precision, machine) only, whatever ``--batch``, the last short batch, the number of uncached
+prompts, a resume or the server's dynamic batcher made of it. ``engine_batch_for`` is the rule: on the CPU the
+default (``CPU_ENGINE_BATCH``, where throughput barely depends on the batch: ``benchmarks/fixed_batch.py``), on
+a GPU opt-in (``Scorer(reproducible=True)``, ``--reproducible``), where padding costs at low load. A closed
+backend refuses every later call with one line (``<name>: closed``).
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional
 
@@ -25,17 +37,41 @@ from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.manifest import io_shapes
 
-__all__ = ["Backend", "batch_spans"]
+__all__ = ["Backend", "batch_spans", "engine_batch_for", "CPU_ENGINE_BATCH", "GPU_ENGINE_BATCH"]
+
+# The engine batch of a CPU backend: RN50-512 FP32 on ONNX Runtime measured 4.47 / 4.48 / 4.17 img/s at batch
+# 1 / 4 / 8 (2-core Ice Lake, issue 28) and benchmarks/fixed_batch.py finds the same here: no size is faster, and
+# 1 wastes nothing on padding a short batch or a single uncached prompt.
+CPU_ENGINE_BATCH = 1
+# ``reproducible=True`` on a GPU: big enough to keep an RN50-512 engine busy, small enough that padding one
+# request up to it at low load stays cheap (clamped into a TensorRT profile's [min, max]).
+GPU_ENGINE_BATCH = 16
 
 
-def batch_spans(n: int, min_batch: int, max_batch: Optional[int]) -> list[tuple[int, int, int]]:
+def engine_batch_for(gpu: bool, reproducible: bool, min_batch: int = 1, max_batch: Optional[int] = None) -> Optional[int]:
+    """The one rule for the size every engine call runs at: None (the caller's batch, padded up to ``min_batch``
+    only) on a GPU unless ``reproducible``; else ``CPU_ENGINE_BATCH`` / ``GPU_ENGINE_BATCH`` moved into the
+    engines' range [``min_batch``, ``max_batch``]."""
+    if gpu and not reproducible:
+        return None
+    size = max(GPU_ENGINE_BATCH if gpu else CPU_ENGINE_BATCH, min_batch)
+    return size if max_batch is None else min(size, max_batch)
+
+
+def batch_spans(n: int, min_batch: int, max_batch: Optional[int],
+                engine_batch: Optional[int] = None) -> list[tuple[int, int, int]]:
     """``n`` rows as engine calls: (start, stop, padded size) with every padded size in [min, max].
 
     Pure, so the rule is tested without an engine: chunks of ``max_batch`` and a last, shorter chunk that
-    is padded up to ``min_batch`` when it falls below it.
+    is padded up to ``min_batch`` when it falls below it; with ``engine_batch``, chunks of that size, every
+    one (the last included) padded up to it, so every call has the same size.
     """
     if min_batch < 1 or (max_batch is not None and max_batch < min_batch):
         raise IPIQAError(f"invalid batch range [{min_batch}, {max_batch}]")
+    if engine_batch is not None:
+        if not min_batch <= engine_batch <= (max_batch or engine_batch):
+            raise IPIQAError(f"engine batch {engine_batch} is outside the batch range [{min_batch}, {max_batch}]")
+        return [(i, min(i + engine_batch, n), engine_batch) for i in range(0, n, engine_batch)]
     step = max_batch or max(n, 1)
     return [(i, min(i + step, n), max(min(i + step, n) - i, min_batch)) for i in range(0, n, step)]
 
@@ -52,6 +88,30 @@ def _dtype_name(x: Any) -> str:
     return str(getattr(x, "dtype", type(x))).replace("torch.", "")
 
 
+_UNSET: Any = object()
+_REFUSED_WHEN_CLOSED = ("image_outputs", "fusion_outputs")  # what a subclass serves beyond the contract's calls
+
+
+def _refusing_when_closed(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def guarded(self: "Backend", *args: Any, **kwargs: Any) -> Any:
+        self._refuse_closed()
+        return method(self, *args, **kwargs)
+
+    return guarded
+
+
+def _marking_closed(close: Callable) -> Callable:
+    @functools.wraps(close)
+    def closing(self: "Backend") -> None:
+        try:
+            close(self)
+        finally:
+            self._closed = True
+
+    return closing
+
+
 class Backend(ABC):
     """A model's three graphs behind ``encode_text`` and ``score``; see the module docstring."""
 
@@ -60,7 +120,42 @@ class Backend(ABC):
     min_batch: int = 1
     max_batch: Optional[int] = None  # None: any batch
     device_pixels: bool = False  # ``score`` also takes pixels already on the backend's device (decode_on_device)
+    gpu: bool = False  # the engines run on a GPU: the engine batch is then free unless made reproducible
     cfg: IPIQAConfig
+    _closed: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every backend's own ``close`` marks it closed (whether or not it calls this class's), and its own
+        gate methods refuse once closed: the next call is one line, never a ``KeyError`` on a cleared session."""
+        super().__init_subclass__(**kwargs)
+        if "close" in cls.__dict__:
+            cls.close = _marking_closed(cls.__dict__["close"])  # type: ignore[method-assign]
+        for name in _REFUSED_WHEN_CLOSED:
+            if name in cls.__dict__:
+                setattr(cls, name, _refusing_when_closed(cls.__dict__[name]))
+
+    # -- the engine batch (see the module docstring)
+    @property
+    def engine_batch(self) -> Optional[int]:
+        """The size every engine call runs at (None: the caller's batch, padded up to ``min_batch`` only)."""
+        fixed = self.__dict__.get("_engine_batch", _UNSET)
+        return engine_batch_for(self.gpu, False, self.min_batch, self.max_batch) if fixed is _UNSET else fixed
+
+    def fix_engine_batch(self, size: Optional[int]) -> None:
+        """Run every later engine call at ``size`` rows (None: follow the caller's batch, as the benchmark's
+        variable-batch row does); refused outside the engines' range."""
+        if size is not None and not (size >= self.min_batch and (self.max_batch is None or size <= self.max_batch)):
+            raise IPIQAError(f"{self.name}: engine batch {size} is outside the engines' batch range "
+                             f"[{self.min_batch}, {self.max_batch}]; choose a size in it (or rebuild the engines)")
+        self._engine_batch = size
+
+    def make_reproducible(self) -> None:
+        """Fix the engine batch on a GPU too (on the CPU it is fixed already): ``Scorer(reproducible=True)``."""
+        self.fix_engine_batch(engine_batch_for(self.gpu, True, self.min_batch, self.max_batch))
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise IPIQAError(f"{self.name}: closed; open a new backend (or Scorer) to score again")
 
     # -- the engine calls a backend implements (each sees a batch within [min_batch, max_batch])
     @abstractmethod
@@ -86,10 +181,12 @@ class Backend(ABC):
         raise IPIQAError(f"{self.name}: this backend does not expose its fusion graph's outputs")
 
     def close(self) -> None:
-        """Release engines and buffers; safe to call twice."""
+        """Release engines and buffers; safe to call twice. Later calls are refused (``<name>: closed``)."""
+        self._closed = True
 
     # -- the contract, the same for every backend
     def _check(self, tensor: str, x: Any, rows: Optional[int] = None) -> None:
+        self._refuse_closed()  # every public call checks its input first
         shape, dtype = io_shapes(self.cfg)[tensor]
         got = tuple(int(d) for d in getattr(x, "shape", ()))
         if len(got) != len(shape) or got[1:] != tuple(shape[1:]) or _dtype_name(x) != dtype:
@@ -142,7 +239,7 @@ class Backend(ABC):
         """``call(start, stop, padded size)`` over ``batch_spans``: each output checked, trimmed, joined."""
         per_row = tuple(io_shapes(self.cfg)[tensor][0][1:])
         out = [np.zeros((0, *per_row), np.float32)]
-        for start, stop, size in batch_spans(n, self.min_batch, self.max_batch):
+        for start, stop, size in batch_spans(n, self.min_batch, self.max_batch, self.engine_batch):
             y = np.asarray(call(start, stop, size), dtype=np.float32)
             if y.shape != (size, *per_row):
                 raise IPIQAError(f"{self.name}: the engine returned {tensor} of shape {y.shape}, expected "

@@ -13,7 +13,7 @@ import os
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Optional, Sequence, Union
+from typing import IO, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from ipiqa.errors import IPIQAError
 
@@ -29,6 +29,15 @@ class OutputError(IPIQAError):
     """The output file cannot be written (full disk, locked by another run, not resumable)."""
 
 
+def refuse_same_file(source: object, output: object) -> None:
+    """Writing the output over the manifest being read would destroy it before any row is read."""
+    if not isinstance(source, (str, Path)) or output is None or str(output) == "-":
+        return
+    src, out = Path(source), Path(str(output))
+    if src.is_file() and out.exists() and os.path.samefile(src, out):
+        raise OutputError(f"{out}: the output is the input manifest; choose another --output")
+
+
 def output_columns(outputs: Sequence[str]) -> list[str]:
     """The output schema: image, prompt, one column per score, error."""
     return ["image", "prompt", *outputs, "error"]
@@ -40,11 +49,13 @@ def output_format(path: Path) -> str:
 
 
 class Codec(ABC):
-    """One format on an open text stream. ``refusal``: why the format cannot resume (None: it can)."""
+    """One format on an open text stream. ``refusal``: why the format cannot resume (None: it can).
+    ``metadata``: key-value pairs a format with file metadata stores (Parquet: the run's provenance)."""
 
     refusal: Optional[str] = None
 
-    def __init__(self, fh: IO[str], outputs: Sequence[str], name: str, append: bool):
+    def __init__(self, fh: IO[str], outputs: Sequence[str], name: str, append: bool,
+                 metadata: Optional[Mapping[str, str]] = None):
         self.fh, self.outputs = fh, tuple(outputs)
 
     @classmethod
@@ -72,7 +83,8 @@ class Codec(ABC):
 class CsvCodec(Codec):
     """image, prompt, <outputs...>, error; an empty cell is a missing value, scores as ``repr(float)``."""
 
-    def __init__(self, fh: IO[str], outputs: Sequence[str], name: str, append: bool):
+    def __init__(self, fh: IO[str], outputs: Sequence[str], name: str, append: bool,
+                 metadata: Optional[Mapping[str, str]] = None):
         super().__init__(fh, outputs, name, append)
         self._csv = csv.writer(fh)
 
@@ -143,7 +155,8 @@ class ParquetCodec(Codec):
 
     refusal = "a Parquet output cannot be resumed (it is complete only once closed)"
 
-    def __init__(self, fh: IO[str], outputs: Sequence[str], name: str, append: bool):
+    def __init__(self, fh: IO[str], outputs: Sequence[str], name: str, append: bool,
+                 metadata: Optional[Mapping[str, str]] = None):
         from ipiqa._optional import require
 
         super().__init__(fh, outputs, name, append)
@@ -154,7 +167,8 @@ class ParquetCodec(Codec):
         if not hasattr(fh, "buffer") or fh is sys.stdout:
             raise OutputError("Parquet output needs a file (-o scores.parquet), not stdout")
         self.schema = self.pa.schema([("image", self.pa.string()), ("prompt", self.pa.string()),
-                                      *[(o, self.pa.float64()) for o in self.outputs], ("error", self.pa.string())])
+                                      *[(o, self.pa.float64()) for o in self.outputs], ("error", self.pa.string())],
+                                     metadata=dict(metadata) if metadata else None)
         self.writer = pq.ParquetWriter(fh.buffer, self.schema)
         self.pending: list[Result] = []
 
@@ -196,7 +210,7 @@ class ResultWriter:
     """
 
     def __init__(self, target: Union[str, Path, IO[str]], outputs: Sequence[str], fmt: Optional[str] = None,
-                 append: bool = False, rows_before: int = 0):
+                 append: bool = False, rows_before: int = 0, metadata: Optional[Mapping[str, str]] = None):
         self.outputs = tuple(outputs)
         self.rows_written = rows_before  # rows complete in the file (resumed ones included)
         self._failed = False
@@ -216,7 +230,7 @@ class ResultWriter:
             self._owned = False
         if self.fmt not in CODECS:
             raise IPIQAError(f"unknown output format {self.fmt!r}; use csv, jsonl or parquet")
-        self._codec = CODECS[self.fmt](self._fh, self.outputs, self.name, append)
+        self._codec = CODECS[self.fmt](self._fh, self.outputs, self.name, append, metadata)
         if not append:
             self._guarded(self._codec.begin, 0)
 

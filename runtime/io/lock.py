@@ -1,6 +1,14 @@
-"""Keeping runs off each other's outputs: one run per output file, and never an output over its own input."""
+"""Keeping runs off each other's outputs: one run per output file (``OutputLock``), one per shard output
+(``try_flock``, taken by ``partitions``).
+
+Only "would block" means another run holds a lock. Any other error from ``flock`` means this filesystem cannot
+lock (NFS mounted ``nolock``, Lustre without ``-o flock``: ENOLCK, ENOSYS, EOPNOTSUPP): reading it as "busy"
+made ``--output-dir`` skip every shard and exit 0, so it is one error naming the filesystem and the fix.
+(``refuse_same_file``, not a lock, lives with the output formats; imported here still for older callers.)
+"""
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import socket
@@ -8,22 +16,39 @@ import time
 from pathlib import Path
 from typing import IO, Optional, Union
 
-from .formats import OutputError
+from .formats import OutputError, refuse_same_file
+
+__all__ = ["OutputLock", "try_flock", "write_holder", "LockUnsupported", "refuse_same_file"]
+
+BUSY_ERRNOS = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})  # flock(LOCK_NB): another holder
 
 
-def refuse_same_file(source: object, output: object) -> None:
-    """Writing the output over the manifest being read would destroy it before any row is read."""
-    if not isinstance(source, (str, Path)) or output is None or str(output) == "-":
-        return
-    src, out = Path(source), Path(str(output))
-    if src.is_file() and out.exists() and os.path.samefile(src, out):
-        raise OutputError(f"{out}: the output is the input manifest; choose another --output")
+class LockUnsupported(OutputError):
+    """The filesystem holding an output cannot take advisory locks."""
+
+
+def _filesystem(path: Path) -> str:
+    """``TYPE at MOUNTPOINT`` for the filesystem holding ``path`` (from /proc/mounts; '' where unreadable)."""
+    try:
+        target = os.path.realpath(path.parent)
+        best = ("", "")
+        with open("/proc/mounts", encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3:
+                    mount = parts[1].replace("\\040", " ")
+                    inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                    if inside and len(mount) >= len(best[0]):
+                        best = (mount, parts[2])
+        return f"{best[1]} at {best[0]}" if best[0] else ""
+    except OSError:
+        return ""
 
 
 def try_flock(path: Path, fix: str) -> Optional[IO[str]]:
     """``path`` opened and locked exclusively without waiting, or None when another process holds it: the one
     claim both the output lock and the per-shard claims (``partitions``) take. ``fix``: what the user should do
-    when the file cannot be created."""
+    when the file cannot be created. A filesystem that cannot lock raises ``LockUnsupported``."""
     import fcntl
 
     try:
@@ -32,9 +57,17 @@ def try_flock(path: Path, fix: str) -> Optional[IO[str]]:
         raise OutputError(f"{path}: cannot create the lock file ({exc.strerror}); {fix}") from None
     try:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         fh.close()
-        return None
+        if exc.errno in BUSY_ERRNOS:
+            return None
+        fs = _filesystem(path)
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        raise LockUnsupported(
+            f"{path}: cannot lock ({exc.strerror or exc}, {name}): the filesystem holding it"
+            f"{f' ({fs})' if fs else ''} does not support flock (NFS mounted nolock, Lustre without -o flock); "
+            "write the output to a local disk or a filesystem mounted with locking (NFS: remove nolock; "
+            "Lustre: mount -o flock)") from None
     return fh
 
 

@@ -2,7 +2,8 @@
 
 ``--output-dir OUT``: partition ``DIR/00042.tar`` is written to ``OUT/.00042.csv.partial`` and renamed to
 ``OUT/00042.csv`` (``os.replace``: atomic on one filesystem) after its last row, so a file under its final
-name is always whole. Before writing, a run claims the partition with an advisory lock on
+name is always whole; its run record (``.00042.csv.partial.run.json``, ``io.provenance``) is renamed to
+``OUT/00042.csv.run.json`` just before. Before writing, a run claims the partition with an advisory lock on
 ``OUT/.00042.csv.lock`` (``fcntl.flock``, released by the kernel when the process dies); a partition whose
 final file exists is skipped, and one claimed by another process (another machine sharing the shard list
 and the folder) is left to it. A partial file left by a killed run is resumed (CSV/JSONL) or rewritten
@@ -22,6 +23,7 @@ from ipiqa.errors import IPIQAError
 from ..rows import Result
 from .formats import CODECS, OutputError
 from .lock import try_flock, write_holder
+from .provenance import sidecar_path
 from .shards import PARQUET_SUFFIXES, SHARD_SUFFIXES
 from .sources import RowSource
 
@@ -104,9 +106,12 @@ def _release(final: Path, fh: IO[str]) -> None:
 
 
 def _commit(partial: Path, final: Path) -> None:
-    """fsync, then rename: after a crash the final name holds either nothing or every row."""
+    """fsync, then rename: after a crash the final name holds either nothing or every row. The run record
+    (``<output>.run.json``) goes first, so a final file never appears without it."""
     with open(partial, "rb") as fh:
         os.fsync(fh.fileno())
+    if sidecar_path(partial).is_file():
+        os.replace(sidecar_path(partial), sidecar_path(final))
     os.replace(partial, final)
     try:
         fd = os.open(final.parent, os.O_RDONLY)
