@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import resource
 import sys
 import time
@@ -21,12 +20,16 @@ from typing import Callable, Optional
 import numpy as np
 
 from ipiqa.demo import SMOKE_ARCH
+from ipiqa.runtime.cpu import usable_cores
 
 from .flops import graph_flops
 from .machine import machine_info, machine_slug, measured_peak_flops
 from .report import write_report
 
 IMAGES_PER_PROMPT = 10  # AGIQA-3k: 2,982 images of 300 prompts
+# Every row the benchmark cannot measure says why, starting with one of these (the spec's guarantee).
+NOT_AVAILABLE, SKIPPED = "not available on this machine: ", "skipped"
+NOTE_PREFIXES = (NOT_AVAILABLE, SKIPPED)
 
 
 def _args(argv) -> argparse.Namespace:
@@ -119,12 +122,13 @@ def _bf16_available() -> Optional[str]:
     """None where the OpenVINO BF16 rows can run, else why not (the row's note)."""
     import importlib.util
 
-    from ipiqa.runtime.cpu import bf16_refusal
+    from ipiqa.runtime.cpu import BF16_FLAGS, bf16_flags, describe
 
     if importlib.util.find_spec("openvino") is None:
-        return "not available on this machine: openvino not installed (pip install 'ipiqa[openvino]')"
-    reason = bf16_refusal()
-    return None if reason is None else f"not available: no BF16 on this CPU ({reason.split(' has ')[0][10:]})"
+        return NOT_AVAILABLE + "openvino not installed (pip install 'ipiqa[openvino]')"
+    if bf16_flags():
+        return None
+    return NOT_AVAILABLE + f"no BF16 on this CPU ({describe()}: none of {', '.join(BF16_FLAGS)})"
 
 
 def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tuple[Optional[Callable], str, Optional[object]]]:
@@ -148,12 +152,12 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
 
     def scorer_runner(name, source, note, **kw):
         if name in skip:
-            out[name] = (None, "skipped (--skip)", None)
+            out[name] = (None, SKIPPED + " (--skip)", None)
             return
         try:
             s = Scorer(source, **kw)
         except Exception as exc:  # noqa: BLE001 - the reason goes into the table
-            out[name] = (None, f"not available on this machine: {exc}".split("; ")[0][:120], None)
+            out[name] = (None, (NOT_AVAILABLE + str(exc)).split("; ")[0][:120], None)
             return
         out[name] = (s.score_arrays, f"{note}; backend {s.backend.name}", s)
 
@@ -163,7 +167,7 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
         scorer_runner("torch-compile", model_path, "FP16, torch.compile reduce-overhead (CUDA graphs)",
                       backend="torch", device="cuda", fp16=True, compile=True)
     else:
-        out["torch-fp16"] = (None, "not available on this machine: FP16 needs CUDA", None)
+        out["torch-fp16"] = (None, NOT_AVAILABLE + "FP16 needs CUDA", None)
         scorer_runner("torch-compile", model_path, "FP32 torch.compile, single-query pools, prompt cache",
                       backend="torch", device="cpu", compile=True)
     scorer_runner("runtime-torch-fp32", model_path, "runtime torch backend, single-query pools, prompt cache",
@@ -190,8 +194,8 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
         scorer_runner("onnxruntime-gpu", bundles["single_query"], "CUDA/TensorRT EP", backend="onnxruntime", device="cuda")
         scorer_runner("tensorrt", bundles["single_query"], "TensorRT engines", backend="tensorrt", device="cuda")
     else:
-        out["onnxruntime-gpu"] = (None, "not available on this machine: no GPU", None)
-        out["tensorrt"] = (None, "not available on this machine: no GPU, tensorrt not installable here", None)
+        out["onnxruntime-gpu"] = (None, NOT_AVAILABLE + "no GPU", None)
+        out["tensorrt"] = (None, NOT_AVAILABLE + "no GPU, tensorrt not installable here", None)
     return out
 
 
@@ -239,7 +243,7 @@ def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
             scorer.cache = PromptCache(cache or 16384)
             ordered = rows if cache is None else [rows[i] for i in rng.permutation(len(rows))]
             summary = scorer.score_files(ordered, output=workdir / "e2e.csv", batch_size=args.e2e_batch,
-                                         workers=os.cpu_count() or 1)
+                                         workers=usable_cores())
             rate = summary.rows / summary.seconds
             engine = engine_rate.get((name, args.e2e_batch))
             results.append({"name": f"{name}, {label}", "batch": args.e2e_batch, "images": summary.rows,
@@ -395,7 +399,7 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {', '.join(known)}")
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     info = machine_info()
     print(f"machine: {info['cpu']} x{info['cores']}, GPU: {info['gpu'].get('name', 'none')}", file=sys.stderr)
     results: dict = {"resolution": args.resolution, "images_per_prompt": IMAGES_PER_PROMPT, "runs": [],

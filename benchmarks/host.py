@@ -32,9 +32,10 @@ from PIL import Image
 
 from ipiqa.config import CLIP_MEAN, CLIP_STD
 from ipiqa.preprocess import load_resized, normalize, preprocess_file
+from ipiqa.runtime.cpu import usable_cores
 
 __all__ = ["PathRate", "PoolRate", "FastDeviation", "HostReport", "make_jpegs", "legacy_preprocess_file",
-           "per_core_rates", "pool_scaling", "fast_deviation", "run", "markdown", "available_cores"]
+           "per_core_rates", "pool_scaling", "fast_deviation", "run", "markdown"]
 
 @dataclass(frozen=True)
 class PathRate:
@@ -88,14 +89,6 @@ class HostReport:
 
     def rate(self, source: int, path: str) -> Optional[float]:
         return next((r.images_per_s for r in self.per_core if r.source == source and r.path == path), None)
-
-
-def available_cores() -> int:
-    """CPUs this process may use (the affinity mask, which containers and taskset narrow), not the host's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def make_jpegs(folder: Path, side: int, count: int, seed: int = 0) -> list[Path]:
@@ -237,7 +230,7 @@ def run(resolution: int = 512, sources: Sequence[int] = (512, 1024, 2048), image
     Process pools are started with ``spawn``: a script calling this needs the ``if __name__ == "__main__"``
     guard (``python -m benchmarks`` has it).
     """
-    cores = available_cores()
+    cores = usable_cores()
     load_before = _load_average()
     workers = tuple(workers) if workers else tuple(sorted({1, cores}))
     with tempfile.TemporaryDirectory(prefix="ipiqa-host-") as tmp:

@@ -76,9 +76,12 @@ def markdown(results: dict) -> str:
     if results.get("report"):
         lines += ["", "## `ipiqa report` and `ipiqa select` against scores-file rows (one fresh process per command)",
                   "", results["report"]["markdown"]]
-    cpu_flags = (results.get("machine") or {}).get("cpu_flags")
-    if cpu_flags:
-        lines += ["", f"CPU flags the figures depend on: {', '.join(cpu_flags)}"]
+    machine = results.get("machine") or {}
+    if machine.get("cpu_flags"):
+        lines += ["", f"CPU flags the figures depend on: {', '.join(machine['cpu_flags'])}"]
+    if machine.get("cpu_flags_injected_by"):
+        lines += ["", f"The flags above were set by ${machine['cpu_flags_injected_by']} (the branches ran as that CPU "
+                      f"family); the instructions were this CPU's: {', '.join(machine.get('hardware_cpu_flags', []))}"]
     lines += ["", f"Command: `{results.get('command', 'python -m benchmarks')}`"]
     return "\n".join(lines) + "\n"
 

@@ -170,9 +170,9 @@ def section(workdir: Path, bundle: Optional[Path] = None, backend: str = "onnxru
         except subprocess.TimeoutExpired:
             proc.kill()
     rows.append(_local(Path(bundle), backend, blobs, max(clients) * requests_per_client))
-    from .host import available_cores
+    from ipiqa.runtime.cpu import usable_cores
 
-    return {"bundle": str(bundle), "backend": backend, "side": side, "cores": available_cores(),
+    return {"bundle": str(bundle), "backend": backend, "side": side, "cores": usable_cores(),
             "max_batch": max_batch, "max_queue_delay_ms": max_queue_delay_ms,
             "rows": [asdict(r) for r in rows], "markdown": markdown(rows, side, backend)}
 

@@ -91,11 +91,12 @@ def _rate(rows_of, resolution: int, workers: int, repeats: int) -> tuple[int, fl
 def measure_rates(workdir: Path, resolution: int = 512, side: int = 512, images: int = 64, shards: int = 4,
                   repeats: int = 3, workers: Optional[int] = None) -> list[SourceRate]:
     """Rows/s of the host path for the same ``images`` JPEGs as loose files, tar shards and Parquet bytes."""
+    from ipiqa.runtime.cpu import usable_cores
     from ipiqa.runtime.io import RowSource
 
-    from .host import available_cores, make_jpegs
+    from .host import make_jpegs
 
-    workers = workers or available_cores()
+    workers = workers or usable_cores()
     files = make_jpegs(workdir / "loose", side, images)
     blobs = [p.read_bytes() for p in files]
     manifest = workdir / "loose.csv"
@@ -187,9 +188,9 @@ def section(workdir: Path, resolution: int = 512, side: int = 512, images: int =
     workdir.mkdir(parents=True, exist_ok=True)
     rates = measure_rates(workdir / "rates", resolution, side, images, shards, repeats)
     memory = measure_memory(workdir / "memory", shard_counts, per_shard, bundle=bundle)
-    from .host import available_cores
+    from ipiqa.runtime.cpu import usable_cores
 
-    return {"resolution": resolution, "source_side": side, "workers": available_cores(),
+    return {"resolution": resolution, "source_side": side, "workers": usable_cores(),
             "rates": [asdict(r) for r in rates], "memory": [asdict(m) for m in memory],
             "markdown": markdown(rates, memory)}
 

@@ -185,12 +185,12 @@ def _build_fp16(ctx: ExportContext, key: str, n: int) -> Fp16Graphs:
 
 def _bf16_stage(ctx: ExportContext) -> None:
     """The BF16 gate record: the FP32 graphs as ``OpenVinoBackend`` serves them at BF16, on this CPU's kernels."""
-    from ipiqa.runtime.cpu import bf16_flags, cpu_model
+    from ipiqa.runtime.cpu import bf16_flags, describe
 
     check_bf16_gating()
     ov = require("openvino", extra="openvino")
     n = ctx.options.fp16_images
-    cpu = f"{cpu_model()} ({', '.join(bf16_flags())})"
+    cpu = f"{describe()} ({', '.join(bf16_flags())})"  # the stage key: another CPU class re-gates
     runtime = f"openvino {ov.__version__}"
     key = stage_key(ctx.onnx_key, "bf16", n, runtime, cpu)
     old = ctx.previous.onnx.bf16 if ctx.previous else None

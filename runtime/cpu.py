@@ -1,22 +1,34 @@
-"""What the CPU can do, read once from the kernel: the one owner of "does this CPU have BF16".
+"""What the CPU can do, read once from the kernel: the one owner of "does this CPU have BF16 / VNNI / AMX".
 
 Linux lists the instruction-set extensions in ``/proc/cpuinfo``'s ``flags``; BF16 arithmetic needs AMX
 (``amx_bf16``, Intel Sapphire Rapids and later) or AVX512-BF16 (``avx512_bf16``, Intel Cooper Lake and
 later, AMD Zen 4 and later). Without either, OpenVINO silently runs a BF16 hint in FP32, so a BF16 run there
 would only be a slower FP32 run: it is refused instead, naming the flags.
+
+``$IPIQA_CPU_FLAGS`` (flag names, comma- or space-separated) replaces the kernel's list for every decision
+that reads flags, in this process and the processes it starts: how the tests run each CPU family's branch on
+any machine. It decides branches only; arithmetic is still the hardware's (``hardware_flags``), and a BF16
+engine compiled where the hardware lacks BF16 is refused after compiling (``backends/openvino.py``).
 """
 from __future__ import annotations
 
 import os
 import platform
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["BF16_FLAGS", "cpu_flags", "cpu_model", "bf16_flags", "bf16_refusal", "usable_cores"]
+from ipiqa.errors import IPIQAError
+
+__all__ = ["BF16_FLAGS", "INT8_DOT_FLAGS", "FLAGS_ENV", "cpu_flags", "hardware_flags", "injected_flags", "cpu_model",
+           "describe", "bf16_flags", "bf16_refusal", "usable_cores"]
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")  # int8 dot products: what OpenVINO's int8 kernels need
+FLAGS_ENV = "IPIQA_CPU_FLAGS"
 _CPUINFO = Path("/proc/cpuinfo")
+_FLAG_NAME = re.compile(r"[a-z0-9_]+")
 
 
 @lru_cache(maxsize=1)
@@ -35,16 +47,42 @@ def _cpuinfo() -> dict[str, str]:
     return fields
 
 
-def cpu_flags() -> frozenset[str]:
+def hardware_flags() -> frozenset[str]:
+    """The kernel's list, whatever ``$IPIQA_CPU_FLAGS`` says: what the instructions really are."""
     return frozenset(_cpuinfo().get("flags", "").split())
+
+
+def injected_flags() -> Optional[frozenset[str]]:
+    """The flags ``$IPIQA_CPU_FLAGS`` sets (read at every call, so a test's environment takes effect at once),
+    or None when it is unset or empty."""
+    value = os.environ.get(FLAGS_ENV, "").strip()
+    if not value:
+        return None
+    names = [n for n in re.split(r"[\s,]+", value) if n]
+    bad = [n for n in names if not _FLAG_NAME.fullmatch(n)]
+    if bad:
+        raise IPIQAError(f"${FLAGS_ENV}: {bad[0]!r} is not a CPU flag name; write the names as /proc/cpuinfo does, "
+                         f"e.g. {FLAGS_ENV}=avx2,avx512f,avx512_vnni (or unset it to read this CPU's own)")
+    return frozenset(names)
+
+
+def cpu_flags() -> frozenset[str]:
+    """The flags every branch reads: ``$IPIQA_CPU_FLAGS`` where set, else this CPU's."""
+    injected = injected_flags()
+    return hardware_flags() if injected is None else injected
 
 
 def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
 
 
+def describe() -> str:
+    """The CPU as records name it: its model, and that its flags were injected when they were."""
+    return cpu_model() + (f", flags set by ${FLAGS_ENV}" if injected_flags() is not None else "")
+
+
 def bf16_flags(flags: Optional[frozenset[str]] = None) -> tuple[str, ...]:
-    """Which of ``BF16_FLAGS`` the CPU has (``flags``: this CPU's when None)."""
+    """Which of ``BF16_FLAGS`` the CPU has (``flags``: ``cpu_flags()`` when None)."""
     have = cpu_flags() if flags is None else flags
     return tuple(f for f in BF16_FLAGS if f in have)
 
@@ -53,7 +91,7 @@ def bf16_refusal(flags: Optional[frozenset[str]] = None, model: Optional[str] = 
     """None where BF16 runs natively, else why not, in words a user can act on."""
     if bf16_flags(flags):
         return None
-    where = model or cpu_model()
+    where = model or describe()
     return (f"this CPU ({where}) has neither AMX (amx_bf16) nor AVX512-BF16 (avx512_bf16), so BF16 would run "
             "as slower FP32 emulation; use --precision fp32 or int8 here, or a CPU with AMX/AVX512-BF16 "
             "(Intel Sapphire Rapids or later, AMD Zen 4 or later)")

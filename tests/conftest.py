@@ -1,8 +1,8 @@
 """Seeded tiny inputs and authors'-layout checkpoint files, made by the tests themselves."""
 from __future__ import annotations
 
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,55 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference needs ipiqa[t
 
 from authors_layout import authors_files  # noqa: E402
 from ipiqa.demo import SMOKE_ARCH  # noqa: E402
+from ipiqa.runtime.cpu import FLAGS_ENV, hardware_flags, usable_cores  # noqa: E402
 
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+torch.set_num_threads(usable_cores())
+
+
+# ---------------------------------------------------------------- CPU families: every flag branch on every machine
+
+
+@dataclass(frozen=True)
+class CpuFamily:
+    """One CPU family's flags (as /proc/cpuinfo lists them), set through ``$IPIQA_CPU_FLAGS`` for a test."""
+
+    name: str
+    flags: frozenset[str]
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.flags & {"amx_bf16", "avx512_bf16"})
+
+    @property
+    def amx(self) -> bool:
+        return "amx_bf16" in self.flags
+
+    @property
+    def vnni(self) -> bool:  # int8 dot products
+        return bool(self.flags & {"amx_int8", "avx512_vnni", "avx_vnni"})
+
+
+_BASE = frozenset({"sse4_2", "avx", "avx2", "fma"})
+CPU_FAMILIES = (
+    CpuFamily("amx-xeon", _BASE | {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}),
+    CpuFamily("zen4", _BASE | {"avx512f", "avx512_vnni", "avx512_bf16"}),  # AMD EPYC 9004: BF16 without AMX
+    CpuFamily("icelake", _BASE | {"avx512f", "avx512_vnni"}),  # VNNI, no BF16
+    CpuFamily("avx2", _BASE),  # Haswell to Zen 3: no AVX-512, no VNNI
+)
+
+
+@pytest.fixture(params=CPU_FAMILIES, ids=[f.name for f in CPU_FAMILIES])
+def cpu_family(request, monkeypatch) -> CpuFamily:
+    """The test runs once per CPU family, its flags injected (child processes inherit them)."""
+    family = request.param
+    monkeypatch.setenv(FLAGS_ENV, ",".join(sorted(family.flags)))
+    return family
+
+
+def needs_hardware(*flags: str):
+    """Skip unless this CPU really has one of ``flags``: for numerics, which injected flags cannot change."""
+    have = [f for f in flags if f in hardware_flags()]
+    return pytest.mark.skipif(not have, reason=f"needs the real instruction: this CPU has none of {', '.join(flags)}")
 
 
 def save_torchscript(state_dict: dict, path: Path) -> Path:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import fp32_rule_tolerance, make_image, read_csv
+from conftest import CPU_FAMILIES, fp32_rule_tolerance, make_image, needs_hardware, read_csv
 from ipiqa.bundle import read_bundle
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime import cpu
@@ -19,8 +19,8 @@ pytest.importorskip("openvino", reason="the OpenVINO backend needs ipiqa[openvin
 from ipiqa.runtime.backends.openvino import OpenVinoBackend, cache_folder, inference_precisions  # noqa: E402
 from ipiqa.runtime.backends.ort import OrtBackend  # noqa: E402
 
-BF16_HERE = cpu.bf16_refusal()
-needs_bf16 = pytest.mark.skipif(BF16_HERE is not None, reason=f"BF16 runs natively only with AMX/AVX512-BF16: {BF16_HERE}")
+BF16_HERE = cpu.bf16_refusal(cpu.hardware_flags())  # numerics: the hardware's flags, never injected ones
+needs_bf16 = needs_hardware(*cpu.BF16_FLAGS)
 NO_BF16 = frozenset({"sse4_2", "avx2", "fma", "avx512f"})  # an AVX-512 CPU without BF16 (Skylake-X, Zen 3 has no 512)
 PROMPTS = ["a red fox in snow", "", "日本の桜、水彩画 🎨", "word " * 90]
 
@@ -108,19 +108,14 @@ def test_a_file_run_on_openvino_names_its_backend_and_matches_onnxruntime(tiny_b
     assert d <= 2 * fp32_rule_tolerance(tiny_model_file, images, PROMPTS)
 
 
-def test_bf16_is_refused_on_a_cpu_without_it_naming_the_flags(tiny_bundle, monkeypatch):
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: NO_BF16)
-    with pytest.raises(IPIQAError, match="neither AMX \\(amx_bf16\\) nor AVX512-BF16"):
+def test_bf16_is_refused_naming_the_flags_or_else_the_missing_gate_record(tiny_bundle, cpu_family):
+    """The CPU's refusal on the families without BF16; elsewhere the bundle's (no BF16 gate record)."""
+    why = ("records no passing BF16 gate.*ipiqa-export MODEL.safetensors -o BUNDLE --onnx-only --bf16"
+           if cpu_family.bf16 else "neither AMX \\(amx_bf16\\) nor AVX512-BF16")
+    with pytest.raises(IPIQAError, match=why):
         Scorer(tiny_bundle, backend="openvino", device="cpu", precision="bf16")
-    with pytest.raises(IPIQAError, match="neither AMX"):
+    with pytest.raises(IPIQAError, match=why):
         Scorer(tiny_bundle, device="cpu", precision="bf16")  # backend auto: bf16 is OpenVINO's
-
-
-def test_bf16_without_a_passing_gate_record_is_refused_naming_the_export(tiny_bundle, monkeypatch):
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # the CPU is not the reason
-    with pytest.raises(IPIQAError, match="records no passing BF16 gate.*ipiqa-export MODEL.safetensors -o BUNDLE "
-                                         "--onnx-only --bf16"):
-        Scorer(tiny_bundle, backend="openvino", device="cpu", precision="bf16")
 
 
 def test_fp16_and_cuda_are_refused_on_openvino(tiny_bundle):
@@ -202,43 +197,26 @@ def test_bf16_scores_stay_within_the_gate_bounds_of_onnxruntime_fp32(bf16_bundle
 
 
 @needs_bf16
-def test_auto_on_this_cpu_serves_bf16_on_openvino_when_the_bundle_is_gated(bf16_bundle, images, tmp_path):
+def test_auto_serves_a_bf16_gated_bundle_on_openvino_exactly_on_the_families_with_bf16(bf16_bundle, images, tmp_path,
+                                                                                        cpu_family):
     from ipiqa.cli import cli
 
+    expected = "openvino-cpu-bf16" if cpu_family.bf16 else "onnxruntime-cpu"  # the bundle has no INT8 graph
     with Scorer(bf16_bundle[0], device="cpu") as s:
-        assert s.backend.name == "openvino-cpu-bf16"
+        assert s.backend.name == expected
     res = CliRunner().invoke(cli, ["score", str(bf16_bundle[0]), "--images", str(images[0]), "--prompt", "a fox",
                                    "-o", str(tmp_path / "o.csv"), "-q"])
     assert res.exit_code == 0, res.output
-    assert "backend openvino-cpu-bf16" in res.output
+    assert f"backend {expected}" in res.output
 
 
-def test_export_bf16_on_a_cpu_without_bf16_is_refused_before_any_work(tiny_model_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpu_family", [f for f in CPU_FAMILIES if not f.bf16], ids=lambda f: f.name, indirect=True)
+def test_export_bf16_on_a_cpu_without_bf16_is_refused_before_any_work(tiny_model_file, tmp_path, cpu_family):
     from ipiqa.export.cli import main
 
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: NO_BF16)
     res = CliRunner().invoke(main, [str(tiny_model_file), "-o", str(tmp_path / "b"), "--onnx-only", "--bf16"])
     assert res.exit_code != 0 and "--bf16: this CPU" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "b").exists()
-
-
-@pytest.mark.parametrize("flags, gated, ov_int8, chosen", [
-    ({"amx_bf16", "avx512_bf16"}, ("fp32", "bf16", "int8"), True, ("openvino", "bf16")),  # AMX: BF16 5x FP32
-    ({"avx512_bf16", "avx512_vnni"}, ("fp32", "bf16", "int8"), True, ("openvino", "int8")),  # Zen 4: INT8 first
-    ({"avx512_bf16", "avx512_vnni"}, ("fp32", "bf16", "int8"), False, ("onnxruntime", "int8")),  # OV gate absent
-    ({"avx512_bf16"}, ("fp32", "bf16"), False, ("openvino", "bf16")),
-    ({"avx2", "fma"}, ("fp32", "bf16", "int8"), True, ("onnxruntime", "int8")),  # no VNNI: ORT's graph
-    (set(NO_BF16), ("fp32", "bf16"), False, ("onnxruntime", "fp32")),  # BF16 gated elsewhere, not servable here
-    ({"amx_bf16"}, ("fp32",), False, ("onnxruntime", "fp32")),  # no gate record: nothing but FP32
-])
-def test_auto_on_cpu_picks_the_fastest_choice_the_gates_and_the_cpu_allow(flags, gated, ov_int8, chosen, monkeypatch):
-    from types import SimpleNamespace
-
-    from ipiqa.runtime.scorer import cpu_auto_choice
-
-    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
-    int8 = {"cpu": SimpleNamespace(openvino_passed=ov_int8)} if "int8" in gated else {}
-    assert cpu_auto_choice(SimpleNamespace(onnx_precisions=gated, onnx=SimpleNamespace(int8=int8))) == chosen
 
 
 def test_the_openvino_backend_imports_no_torch(tiny_bundle):

@@ -1,0 +1,136 @@
+"""One source of CPU flags that tests can set: every branch that reads flags runs as each CPU family, here.
+
+``$IPIQA_CPU_FLAGS`` replaces the kernel's list; the ``cpu_family`` fixture (conftest) runs a test once per family:
+an AMX Xeon, AMD Zen 4, Intel Ice Lake and an AVX2-only CPU. What each family gets is written out below, not
+re-derived from the rule under test.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import CPU_FAMILIES
+from ipiqa.errors import IPIQAError
+from ipiqa.runtime import cpu
+
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="the OpenVINO branches need ipiqa[openvino]")
+FAMILY_IDS = [f.name for f in CPU_FAMILIES]
+
+
+def test_injected_flags_replace_the_kernels_list_and_leave_the_hardware_list_alone(monkeypatch):
+    real = cpu.hardware_flags()
+    monkeypatch.setenv(cpu.FLAGS_ENV, "avx2, avx512f  avx512_vnni")
+    assert cpu.cpu_flags() == {"avx2", "avx512f", "avx512_vnni"} == cpu.injected_flags()
+    assert cpu.hardware_flags() == real
+    monkeypatch.setenv(cpu.FLAGS_ENV, " ")
+    assert cpu.injected_flags() is None and cpu.cpu_flags() == real  # empty: this CPU's own
+    monkeypatch.delenv(cpu.FLAGS_ENV)
+    assert cpu.cpu_flags() == real
+
+
+def test_a_malformed_flag_list_is_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv(cpu.FLAGS_ENV, "avx2;AVX512F")
+    with pytest.raises(IPIQAError, match=r"\$IPIQA_CPU_FLAGS: 'avx2;AVX512F' is not a CPU flag name"):
+        cpu.cpu_flags()
+
+
+def test_child_processes_decide_with_the_injected_flags(cpu_family):
+    code = "import json; from ipiqa.runtime import cpu; print(json.dumps(sorted(cpu.cpu_flags())))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == sorted(cpu_family.flags)
+
+
+def test_bf16_is_refused_exactly_on_the_families_without_it_and_the_refusal_says_the_flags_were_set(cpu_family):
+    reason = cpu.bf16_refusal()
+    if cpu_family.bf16:
+        assert reason is None
+    else:
+        assert "neither AMX (amx_bf16) nor AVX512-BF16 (avx512_bf16)" in reason
+        assert "flags set by $IPIQA_CPU_FLAGS" in reason and cpu.cpu_model() in reason
+
+
+@needs_openvino
+def test_export_bf16_is_refused_before_any_work_exactly_on_the_families_without_it(cpu_family):
+    from ipiqa.export.options import check_bf16_gating
+
+    if cpu_family.bf16:
+        check_bf16_gating()  # the CPU is no reason to refuse
+    else:
+        with pytest.raises(IPIQAError, match=r"--bf16: this CPU .* has neither AMX"):
+            check_bf16_gating()
+
+
+# The bundle's gate records -> what ``--precision auto`` serves on each family (amx-xeon, zen4, icelake, avx2).
+# Measured reasons in cpu_auto_choice's docstring: BF16 first on AMX, INT8 first elsewhere, OpenVINO's INT8 only
+# with int8 dot products (VNNI/AMX) and its own gate record.
+OV, ORT = "openvino", "onnxruntime"
+GATES = {  # name -> (the bundle's gated precisions, whether its INT8 graph passed the OpenVINO gate)
+    "bf16 + int8, openvino int8 gated": (("fp32", "bf16", "int8"), True),
+    "bf16 + int8, openvino int8 not gated": (("fp32", "bf16", "int8"), False),
+    "bf16 only": (("fp32", "bf16"), False),
+    "int8, openvino int8 gated": (("fp32", "int8"), True),
+    "fp32 only": (("fp32",), False),
+}
+AUTO_TABLE = {
+    "bf16 + int8, openvino int8 gated": [(OV, "bf16"), (OV, "int8"), (OV, "int8"), (ORT, "int8")],
+    "bf16 + int8, openvino int8 not gated": [(OV, "bf16"), (ORT, "int8"), (ORT, "int8"), (ORT, "int8")],
+    "bf16 only": [(OV, "bf16"), (OV, "bf16"), (ORT, "fp32"), (ORT, "fp32")],
+    "int8, openvino int8 gated": [(OV, "int8"), (OV, "int8"), (OV, "int8"), (ORT, "int8")],
+    "fp32 only": [(ORT, "fp32")] * 4,
+}
+
+
+def _manifest(gates: str) -> SimpleNamespace:
+    precisions, openvino_passed = GATES[gates]
+    int8 = {"cpu": SimpleNamespace(openvino_passed=openvino_passed)} if "int8" in precisions else {}
+    return SimpleNamespace(onnx_precisions=precisions, onnx=SimpleNamespace(int8=int8))
+
+
+@needs_openvino
+@pytest.mark.parametrize("gates", list(AUTO_TABLE))
+def test_auto_on_cpu_serves_the_fastest_gated_choice_each_family_allows(gates, cpu_family):
+    from ipiqa.runtime.scorer import cpu_auto_choice
+
+    expected = AUTO_TABLE[gates][FAMILY_IDS.index(cpu_family.name)]
+    assert cpu_auto_choice(_manifest(gates)) == expected
+
+
+def test_without_openvino_auto_serves_onnxruntime_on_every_family(cpu_family, monkeypatch):
+    from ipiqa.runtime import scorer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert scorer.cpu_auto_choice(_manifest("bf16 + int8, openvino int8 gated")) == (ORT, "int8")
+    assert scorer.cpu_auto_choice(_manifest("bf16 only")) == (ORT, "fp32")
+
+
+@needs_openvino
+def test_the_benchmarks_bf16_row_runs_or_says_why_not_in_the_tables_wording_on_every_family(cpu_family):
+    from benchmarks.__main__ import NOT_AVAILABLE, _bf16_available
+
+    note = _bf16_available()
+    if cpu_family.bf16:
+        assert note is None
+    else:
+        assert note.startswith(NOT_AVAILABLE) and "no BF16 on this CPU" in note and "amx_bf16" in note
+
+
+def test_the_benchmarks_machine_record_says_when_the_flags_were_injected(cpu_family, monkeypatch):
+    from benchmarks.machine import machine_info
+    from benchmarks.report import markdown
+
+    info = machine_info()
+    assert set(info["cpu_flags"]) <= cpu_family.flags and "avx2" in info["cpu_flags"]
+    assert info["cpu_flags_injected_by"] == "IPIQA_CPU_FLAGS"
+    assert set(info["hardware_cpu_flags"]) <= cpu.hardware_flags()
+    results = {"machine": info, "slug": "s", "resolution": 224, "images_per_prompt": 10, "timestamp": "t"}
+    assert "were set by $IPIQA_CPU_FLAGS" in markdown(results)
+    monkeypatch.delenv(cpu.FLAGS_ENV)
+    assert "cpu_flags_injected_by" not in machine_info()
