@@ -7,7 +7,7 @@
     ipiqa                ensemble: IMAGE (bytes), PROMPT (string) -> SCORES
 
 A client sends the raw image file and its prompt and gets the scores. The python model's code is
-``ipiqa.runtime.triton_model`` and the client's is ``ipiqa.runtime.triton_client``; the repository holds
+``ipiqa.runtime.serve.triton_model`` and the client's is ``ipiqa.runtime.serve.triton_client``; the repository holds
 two-line shims that import them (see ``PREPROCESS_SHIM``). Triton cannot run on this project's machines:
 the repository is validated structurally (configs parsed into Triton's ModelConfig message, names and
 shapes checked against the ONNX graphs), and the python model and client are run against stand-ins.
@@ -21,8 +21,8 @@ from typing import Sequence
 from ipiqa.bundle import Manifest
 from ipiqa.errors import IPIQAError
 from ipiqa.manifest import io_shapes
-from ipiqa.runtime import triton_client, triton_model  # torch-free: they run beside the runtime, not the exporter
-from ipiqa.runtime.serve import contract  # the tensor names and config parameters ipiqa serve shares
+from ipiqa.runtime.serve import contract  # the tensor names and the description ipiqa serve shares
+from ipiqa.runtime.serve import triton_client, triton_model  # torch-free: they run beside the runtime
 
 __all__ = ["write_triton_repository", "MODEL_NAMES", "SERVED_OUTPUTS", "PREPROCESS_SHIM", "CLIENT_SHIM"]
 
@@ -113,9 +113,9 @@ def _write_preprocess(manifest: Manifest, out: Path, max_batch: int, instances: 
         f"instance_group [ {{ count: {max(2, instances)} kind: KIND_CPU }} ]", ""]))
 
 
-def _write_ensemble(out: Path, max_batch: int, outputs: Sequence[str], bundle_sha256: str) -> None:
-    """IMAGE + PROMPT -> preprocess -> both encoders -> fusion -> SCORES; the config names the outputs and the
-    bundle as ``ipiqa serve``'s does (``runtime.serve.contract``), so one client reads both."""
+def _write_ensemble(out: Path, max_batch: int, description: dict[str, str]) -> None:
+    """IMAGE + PROMPT -> preprocess -> both encoders -> fusion -> SCORES; the config's parameters are the model's
+    description as ``ipiqa serve`` answers it (``runtime.serve.contract``), so one client reads both."""
     same = lambda names: {n: n for n in names}  # noqa: E731 - the graphs' tensor names are the ensemble's
     steps = [
         (PREPROCESS, same(("IMAGE", "PROMPT")), same(("image", "tokens"))),
@@ -128,9 +128,8 @@ def _write_ensemble(out: Path, max_batch: int, outputs: Sequence[str], bundle_sh
     (out / ENSEMBLE / "config.pbtxt").write_text("\n".join([
         f'name: "{ENSEMBLE}"', 'platform: "ensemble"', f"max_batch_size: {max_batch}",
         "input [", _tensor("IMAGE", [1], "TYPE_STRING") + ",", _tensor("PROMPT", [1], "TYPE_STRING"), "]",
-        "output [", _tensor(contract.SCORES, [len(outputs)]), "]",
-        f'parameters {{ key: "{contract.OUTPUTS_PARAMETER}" value {{ string_value: "{",".join(outputs)}" }} }}',
-        f'parameters {{ key: "{contract.BUNDLE_PARAMETER}" value {{ string_value: "{bundle_sha256}" }} }}',
+        "output [", _tensor(contract.SCORES, [len(description[contract.OUTPUTS_PARAMETER].split(","))]), "]",
+        *[f'parameters {{ key: "{k}" value {{ string_value: "{v}" }} }}' for k, v in description.items()],
         "ensemble_scheduling {", "  step [", ",\n".join(_step(*s) for s in steps), "  ]", "}", ""]))
 
 
@@ -161,6 +160,7 @@ def write_triton_repository(manifest: Manifest, out: Path, backend: str = "onnxr
     _write_graphs(manifest, out, backend=backend, max_batch=max_batch, instances=instances, kind=kind,
                   preferred=preferred, shapes=shapes)
     _write_preprocess(manifest, out, max_batch, instances, shapes)
-    _write_ensemble(out, max_batch, cfg.outputs, contract.bundle_sha256(manifest.root))
+    _write_ensemble(out, max_batch, contract.ServedModel.parameters(
+        cfg.outputs, contract.bundle_sha256(manifest.root), needs_prompt=True, resolution=cfg.resolution))
     (out / "client.py").write_text(CLIENT_SHIM.format(module=triton_client.__name__, outputs=list(cfg.outputs)))
     return out

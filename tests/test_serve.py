@@ -34,8 +34,8 @@ from ipiqa.runtime.rows import MISSING_PROMPT, Row  # noqa: E402
 from ipiqa.runtime.scorer import Scorer  # noqa: E402
 from ipiqa.runtime.serve import server as serve_server  # noqa: E402
 from ipiqa.runtime.serve.client import RemoteScorer  # noqa: E402
-from ipiqa.runtime.serve.contract import (BUNDLE_PARAMETER, ERROR, IMAGE, MODEL, OUTPUTS_PARAMETER, PROMPT,  # noqa: E402
-                                          SCORES, bundle_sha256)
+from ipiqa.runtime.serve.contract import (DESCRIBE_MODEL, ERROR, IMAGE, MODEL, PROMPT, SCORES,  # noqa: E402
+                                          bundle_sha256, describe)
 from ipiqa.runtime.serve.server import ServeOptions, serve_forever, start_server  # noqa: E402
 
 TIMEOUT_S = 30.0  # per client call: nothing here can hang CI
@@ -145,17 +145,22 @@ def test_bad_serve_options_are_refused_before_anything_starts(tiny_bundle):
 
 # ---------------------------------------------------------------- readiness, metadata, metrics
 
-def test_server_is_ready_and_metadata_names_outputs_and_bundle_hash(served, tiny_bundle):
-    assert served.client.is_server_live() and served.client.is_server_ready()
-    assert served.client.is_model_ready(MODEL)
-    with urllib.request.urlopen(f"http://127.0.0.1:{served.options.http_port}/v2/health/ready", timeout=10) as r:
+def test_started_server_has_model_ipiqa_ready(served):
+    """``start_server`` returns once the probe that means "can score" answers, not only the server's health."""
+    assert served.client.is_server_live() and served.client.is_model_ready(MODEL)
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.options.http_port}/v2/models/ipiqa/ready", timeout=10) as r:
         assert r.status == 200
     meta = served.client.get_model_metadata(MODEL, as_json=True)
     assert [o["name"] for o in meta["outputs"]] == [SCORES, ERROR]
     assert [i["name"] for i in meta["inputs"]] == [IMAGE, PROMPT]
-    params = served.client.get_model_config(MODEL, as_json=True)["config"]["parameters"]
-    assert params[OUTPUTS_PARAMETER]["string_value"] == ",".join(served.scorer.outputs)
-    assert params[BUNDLE_PARAMETER]["string_value"] == bundle_sha256(tiny_bundle)
+
+
+def test_server_describes_outputs_prompts_resolution_and_bundle_hash(served, tiny_bundle):
+    served_model = describe(grpc, served.client, served.url)
+    assert served_model.outputs == tuple(served.scorer.outputs)
+    assert served_model.bundle_sha256 == bundle_sha256(tiny_bundle)
+    assert served_model.needs_prompt is True and served_model.resolution == served.scorer.resolution
+    assert served_model.has_error_output is True and served.client.is_model_ready(DESCRIBE_MODEL)
 
 
 def test_metrics_port_counts_requests(served):

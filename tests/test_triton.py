@@ -16,7 +16,7 @@ from PIL import Image
 
 from ipiqa.bundle import read_bundle
 from ipiqa.errors import IPIQAError, MissingDependencyError
-from ipiqa.runtime import triton_client, triton_model
+from ipiqa.runtime.serve import triton_client, triton_model
 from ipiqa.export.triton import MODEL_NAMES, SERVED_OUTPUTS, write_triton_repository
 from ipiqa.runtime.pipeline import load_input
 from ipiqa.runtime.rows import MISSING_PROMPT
@@ -336,11 +336,12 @@ def test_client_reads_ipiqa_serves_error_output_as_the_row_error(server, tmp_pat
     assert [o.name() for o in outputs] == ["SCORES", "ERROR"]
 
 
-def test_ensemble_config_names_outputs_and_bundle_as_ipiqa_serve_does(repo, bundle, tiny_bundle):
+def test_ensemble_config_describes_the_model_as_ipiqa_serve_does(repo, bundle, tiny_bundle):
     from ipiqa.runtime.serve.contract import bundle_sha256, served_model
 
     config = json_format.MessageToDict(_config(repo, "ipiqa"), preserving_proto_field_name=True)
-    metadata = {"outputs": [{"name": o["name"]} for o in config["output"]]}
-    served = served_model(config, metadata, "repo")
+    params = {k: v["string_value"] for k, v in config["parameters"].items()}
+    served = served_model(params, [o["name"] for o in config["output"]], "repo")
     assert served.outputs == bundle.config.outputs and served.bundle_sha256 == bundle_sha256(tiny_bundle)
+    assert served.needs_prompt is True and served.resolution == bundle.config.resolution
     assert served.has_error_output is False  # the ensemble refuses a bad request instead

@@ -1,12 +1,20 @@
 """``ipiqa score --server HOST:PORT``: a local run's rows, scored by a running ``ipiqa serve`` (or the NGC ensemble).
 
-The rows, the writer, ``--resume`` and the output lock are the local run's (``RowSource``, ``ResultWriter``,
-``resume_point``, ``OutputLock``); only scoring differs: each row's encoded bytes go to the server as one request,
-up to ``concurrency`` at once, and the answers are written in input order. Rows refused before sending (missing
-prompt, not a regular file) get the runtime's own text, as ``rows.row_error`` and ``read_regular_file`` word it.
+The rows, the writer, ``--resume`` and the output lock are the local run's (``RowSource``, ``open_output``);
+only scoring differs: each row's encoded bytes go to the server as one request, up to ``concurrency`` at once,
+and the answers are written in input order. Rows refused before sending (missing prompt, not a regular file,
+above the size limits) get the runtime's own text, as ``rows.row_error`` and ``rows.image_bytes`` word it.
+
+Two kinds of failure, never confused:
+- **the row's**: the server's per-request ERROR output, or the NGC ensemble's refusal of the request
+  (INVALID_ARG, INTERNAL): an error row, and the run goes on.
+- **the connection's** (UNAVAILABLE, DEADLINE_EXCEEDED, reset, the server draining or its model not loaded):
+  the call is retried with backoff for up to ``retry_s``; past that the run stops with ``ServerUnavailable``:
+  every row answered so far is written in input order, nothing for the rest, so ``--resume`` continues it.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,19 +22,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
-import numpy as np
-
 from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import read_regular_file
 
 from ..io import RowSource, writable_rows
 from ..io.run_output import open_output
 from ..pipeline import RunSummary
-from ..rows import Result, Row, finish, row_error, scoring_failed
-from .contract import ERROR, IMAGE, MODEL, PROMPT, SCORES, ServedModel, row_answer, served_model
+from ..rows import Result, Row, finish, image_bytes, row_error, scoring_failed
+from .contract import ERROR, MODEL, SCORES, ServedModel, build_inputs, describe, row_answer
 
-__all__ = ["RemoteScorer", "RemoteBackend", "parse_server"]
+__all__ = ["RemoteScorer", "RemoteBackend", "ServerUnavailable", "parse_server", "is_connection_failure",
+           "RETRY_S"]
+
+RETRY_S = 60.0  # how long a call failing for the connection is retried before the run stops
+# gRPC status codes that say nothing about the row: the server is gone, restarting, draining or overloaded.
+CONNECTION_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED", "RESOURCE_EXHAUSTED",
+                              "NOT_FOUND"})
+_FIRST_DELAY_S, _MAX_DELAY_S = 0.25, 4.0
+# gRPC reconnects a lost channel with its own backoff (up to 120 s by default): kept short, so a restarted server
+# is found within seconds. Message sizes as tritonclient's own defaults.
+_CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+                 ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                 ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+class ServerUnavailable(IPIQAError):
+    """The server stopped answering for longer than the retry time: the run stops, its written rows intact."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +56,31 @@ class PromptCacheCounts:
 
     hits: int = 0
     misses: int = 0
+
+
+@dataclass(frozen=True)
+class RemoteBackend:
+    """What ``scorer.backend.name`` says for a remote run (the CLI's summary line prints it)."""
+
+    name: str
+
+
+def parse_server(address: str) -> str:
+    """``HOST:PORT`` (Triton's gRPC port) checked; the URL tritonclient takes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise IPIQAError(f"--server {address!r}: expected HOST:PORT of the server's gRPC endpoint, e.g. localhost:8001")
+    return address
+
+
+def is_connection_failure(exc: BaseException) -> bool:
+    """True when a failed call says nothing about its row (see the module docstring); False for the server's
+    answer about the request (INVALID_ARG, INTERNAL, ...)."""
+    status = getattr(exc, "status", None)
+    if callable(status):  # tritonclient's InferenceServerException: "StatusCode.UNAVAILABLE"
+        code = str(status() or "").rpartition(".")[2]
+        return code in CONNECTION_CODES
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
 
 
 def _batches(results: Iterator[Result], size: int) -> Iterator[list[Result]]:
@@ -48,77 +94,82 @@ def _batches(results: Iterator[Result], size: int) -> Iterator[list[Result]]:
         yield batch
 
 
-def parse_server(address: str) -> str:
-    """``HOST:PORT`` (Triton's gRPC port) checked; the URL tritonclient takes."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise IPIQAError(f"--server {address!r}: expected HOST:PORT of the server's gRPC endpoint, e.g. localhost:8001")
-    return address
-
-
-@dataclass(frozen=True)
-class RemoteBackend:
-    """What ``scorer.backend.name`` says for a remote run (the CLI's summary line prints it)."""
-
-    name: str
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 class RemoteScorer:
     """A running server behind the attributes a local ``Scorer`` run uses: ``outputs``, ``needs_prompt``,
-    ``backend.name``, ``score_files`` and ``close``; one row is one request (the server batches them)."""
+    ``backend.name``, ``score_files`` and ``close``; one row is one request (the server batches them).
 
-    needs_prompt = True  # every served model scores against a prompt (the ensemble requires the text branch)
+    ``timeout_s`` bounds one call; ``retry_s`` how long calls failing for the connection are retried."""
 
-    def __init__(self, address: str, model: str = MODEL, concurrency: int = 8, timeout_s: float = 60.0):
+    def __init__(self, address: str, model: str = MODEL, concurrency: int = 8, timeout_s: float = 60.0,
+                 retry_s: float = RETRY_S):
         if concurrency < 1:
             raise IPIQAError(f"--concurrency must be >= 1, got {concurrency}")
-        self.url, self.model, self.concurrency, self.timeout_s = parse_server(address), model, concurrency, timeout_s
+        if retry_s < 0:
+            raise IPIQAError(f"the retry time must be >= 0 seconds, got {retry_s}")
+        self.url, self.model, self.concurrency = parse_server(address), model, concurrency
+        self.timeout_s, self.retry_s = timeout_s, retry_s
         self._grpc = require("tritonclient.grpc", extra="serve")
-        self._client = self._grpc.InferenceServerClient(self.url)
-        self.served = self._contract()
-        self.outputs = self.served.outputs
+        self._client = self._grpc.InferenceServerClient(self.url, channel_args=_CHANNEL_ARGS)
+        self._stopping = threading.Event()
+        self.served = self._describe()
+        self.outputs, self.needs_prompt = self.served.outputs, self.served.needs_prompt
         digest = (self.served.bundle_sha256 or "unknown")[:12]
         self.backend = RemoteBackend(f"server {self.url} (model {model}, bundle {digest})")
+        self._wanted = [self._grpc.InferRequestedOutput(SCORES)]
+        if self.served.has_error_output:
+            self._wanted.append(self._grpc.InferRequestedOutput(ERROR))
 
-    def _contract(self) -> ServedModel:
+    def _describe(self) -> ServedModel:
         try:
             if not self._client.is_model_ready(self.model):
-                raise IPIQAError(f"{self.url}: model {self.model!r} is not ready (is the server still starting?)")
-            config = self._client.get_model_config(self.model, as_json=True)
-            metadata = self._client.get_model_metadata(self.model, as_json=True)
+                raise IPIQAError(f"{self.url}: model {self.model!r} is not ready (is the server still starting? "
+                                 f"GET /v2/models/{self.model}/ready says when it is)")
+            return describe(self._grpc, self._client, self.url, self.model, self.timeout_s)
         except IPIQAError:
             raise
         except Exception as exc:  # noqa: BLE001 - unreachable, refused: one line naming the server
-            raise IPIQAError(f"{self.url}: cannot reach an ipiqa server ({' '.join(str(exc).split())}); start one "
+            raise IPIQAError(f"{self.url}: cannot reach an ipiqa server ({_one_line(exc)}); start one "
                              "with: ipiqa serve BUNDLE") from None
-        return served_model(config, metadata, self.url, self.model)
 
     # -- one row
-    def _inputs(self, image: bytes, prompt: str) -> list[Any]:
-        grpc = self._grpc
-        inputs = [grpc.InferInput(IMAGE, [1, 1], "BYTES"), grpc.InferInput(PROMPT, [1, 1], "BYTES")]
-        inputs[0].set_data_from_numpy(np.array([[image]], dtype=object))
-        inputs[1].set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=object))
-        return inputs
+    def _infer(self, data: bytes, prompt: Optional[str]) -> Any:
+        """The call, retried while it fails for the connection; ``ServerUnavailable`` once ``retry_s`` is spent."""
+        deadline, delay = None, _FIRST_DELAY_S
+        while True:
+            try:
+                return self._client.infer(self.model, build_inputs(self._grpc, data, prompt), outputs=self._wanted,
+                                          client_timeout=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - sorted into the row's failure or the connection's
+                if not is_connection_failure(exc):
+                    raise
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + self.retry_s
+                if now >= deadline or self._stopping.is_set():
+                    raise ServerUnavailable(f"{self.url}: the server did not answer for {self.retry_s:.0f}s "
+                                            f"({_one_line(exc)})") from None
+                self._stopping.wait(min(delay, deadline - now))
+                delay = min(2 * delay, _MAX_DELAY_S)
 
     def score_row(self, row: Row) -> Result:
-        """One row -> its Result, by the runtime's rules; a failed call is this row's error, never an exception."""
+        """One row -> its Result, by the runtime's rules. The server's answer about the row (ERROR, a refused
+        request) is the row's error; a lost connection raises ``ServerUnavailable`` after the retries."""
         error = row_error(row, self.needs_prompt)
         if error is not None:
             return finish(row, None, error)
         try:
-            data = bytes(row.source) if isinstance(row.source, (bytes, bytearray, memoryview)) \
-                else read_regular_file(row.image)
+            data = image_bytes(row)
         except IPIQAError as exc:
             return finish(row, None, str(exc))
-        outputs = [self._grpc.InferRequestedOutput(SCORES)]
-        if self.served.has_error_output:
-            outputs.append(self._grpc.InferRequestedOutput(ERROR))
         try:
-            answer = self._client.infer(self.model, self._inputs(data, row.prompt or ""), outputs=outputs,
-                                        client_timeout=self.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a failed call (or the ensemble's refusal) is this row's error
-            return finish(row, None, scoring_failed(exc))  # as runtime.triton_client words it
+            answer = self._infer(data, row.prompt)
+        except ServerUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the ensemble's refusal of this request: the row's error
+            return finish(row, None, scoring_failed(exc))
         scores, why = row_answer(answer.as_numpy(SCORES), answer.as_numpy(ERROR) if self.served.has_error_output
                                  else None, 0, len(self.outputs))
         if why is not None and why.startswith("IMAGE[0]"):
@@ -126,8 +177,10 @@ class RemoteScorer:
         return finish(row, scores, why)
 
     def iter_results(self, rows: Iterable[Row], window: Optional[int] = None) -> Iterator[Result]:
-        """Results in input order, ``concurrency`` requests in flight, at most ``window`` rows held."""
+        """Results in input order, ``concurrency`` requests in flight, at most ``window`` rows held. A
+        ``ServerUnavailable`` surfaces at its row's turn: every earlier row has been yielded, no later one is."""
         window = window or 4 * self.concurrency
+        self._stopping.clear()
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="ipiqa-remote") as pool:
             pending: deque[Future] = deque()
             try:
@@ -138,6 +191,7 @@ class RemoteScorer:
                 while pending:
                     yield pending.popleft().result()
             finally:
+                self._stopping.set()  # calls still retrying give up now: the pool's exit does not wait out retry_s
                 for f in pending:
                     f.cancel()
 
@@ -145,7 +199,9 @@ class RemoteScorer:
                     prompt: Optional[str] = None, fmt: Optional[str] = None, batch_size: int = 8, workers: int = 4,
                     resume: bool = False, fail_fast: bool = False,
                     on_results: Callable[[list[Result]], None] = lambda r: None, **_host_only: Any) -> RunSummary:
-        """``Scorer.score_files``'s run (same rows, writer, resume and lock) with the server scoring.
+        """``Scorer.score_files``'s run (same rows, writer, resume, lock and ``on_results`` progress callback) with
+        the server scoring; ``ServerUnavailable`` (after the rows answered so far are written) names the
+        ``--resume`` command that continues it.
 
         ``batch_size`` only sets how many rows are written (and flushed) together; ``workers`` is unused (the
         server decodes). ``decode``/``fast_decode`` are host decoding options: given, they are refused."""
@@ -168,10 +224,20 @@ class RemoteScorer:
                     if fail_fast and errors:
                         stopped = True
                         break
+            except ServerUnavailable as exc:
+                raise ServerUnavailable(f"{exc}; {skipped + n} rows are in {output}"
+                                        f"{self._continue(source.path, output)}") from None
             finally:
                 results.close()
         return replace(RunSummary(rows=n, errors=errors, stopped=stopped), skipped=skipped,
                        seconds=time.perf_counter() - start)
+
+    def _continue(self, images: Path, output: Union[str, Path]) -> str:
+        """The command that scores the rest, as the stop line ends."""
+        if str(output) == "-":
+            return " (stdout); rerun with -o FILE, which --resume can continue"
+        return (f"; when the server is back, the same command with --resume scores the rest: ipiqa score --server "
+                f"{self.url} --images {images} -o {output} --resume")
 
     # The CLI's summary line reads a local scorer's prompt cache; the server keeps its own, so none is counted here.
     cache = PromptCacheCounts()

@@ -2,7 +2,6 @@
 backends load inside the command, so ``ipiqa --help`` stays instant."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -10,6 +9,7 @@ import click
 from ipiqa._optional import require
 from ipiqa.console import InputPath, device_option, friendly, text_option
 from ipiqa.device import DEVICE_HELP
+from ipiqa.runtime.cpu import usable_cores
 
 __all__ = ["serve_cmd"]
 
@@ -30,10 +30,11 @@ __all__ = ["serve_cmd"]
               help="Largest batch Triton's dynamic batcher forms from waiting requests.")
 @click.option("--max-queue-delay-ms", default=2.0, show_default=True, type=click.FloatRange(0),
               help="How long the batcher waits for more requests before running a smaller batch.")
-@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
+@click.option("--workers", default=min(8, usable_cores()), show_default=True, type=click.IntRange(1),
               help="Threads decoding the requests' images.")
-@click.option("--address", default="0.0.0.0", show_default=True, callback=text_option,
-              help="Interface the endpoints listen on; 127.0.0.1 serves this machine only.")
+@click.option("--address", default="127.0.0.1", show_default=True, callback=text_option,
+              help="Interface the endpoints listen on: this machine only by default; --address 0.0.0.0 serves "
+                   "other machines (every interface).")
 @click.option("--exit-timeout", default=30, show_default=True, type=click.IntRange(0),
               help="Seconds Ctrl-C / SIGTERM waits for in-flight requests before the server exits.")
 @friendly
@@ -43,20 +44,25 @@ def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_
 
     Each request is one image file's bytes (IMAGE, BYTES) and its prompt (PROMPT, BYTES); the answer is the
     bundle's scores (SCORES, FP32) and ERROR: empty, or why that request's row was not scored (corrupt, empty
-    or oversized image, missing prompt: the same text as a local run). Requests waiting together are scored as
-    one batch. Readiness, health, statistics and metrics are Triton's own endpoints
-    (/v2/health/ready, /v2/models/ipiqa/stats, :METRICS/metrics). Ctrl-C or SIGTERM finishes in-flight requests,
-    then exits.
+    or oversized image, missing or oversized prompt: the same text as a local run). Requests waiting together
+    are scored as one batch. The model describes itself (outputs, prompts needed, resolution, bundle hash) through
+    a second model, ipiqa_describe, which 'ipiqa score --server' reads.
+
+    "ready" is printed once model 'ipiqa' can score: the probe for that is GET /v2/models/ipiqa/ready
+    (HTTP 200), not /v2/health/ready (the server, which turns ready seconds earlier). Statistics and metrics are
+    Triton's own endpoints (/v2/models/ipiqa/stats, :METRICS/metrics). Ctrl-C or SIGTERM finishes in-flight
+    requests, then exits.
 
     \b
     Examples:
-      ipiqa serve bundle/                                   # HTTP 8000, gRPC 8001, metrics 8002
+      ipiqa serve bundle/                                   # 127.0.0.1: HTTP 8000, gRPC 8001, metrics 8002
+      ipiqa serve bundle/ --address 0.0.0.0                 # reachable from other machines
       ipiqa serve bundle/ --device cuda --max-batch 64 --max-queue-delay-ms 5
       ipiqa score --server localhost:8001 --images data.csv -o scores.csv
-      curl -s localhost:8000/v2/health/ready && curl -s localhost:8002/metrics | grep nv_inference_count
+      curl -sf localhost:8000/v2/models/ipiqa/ready && curl -s localhost:8002/metrics | grep nv_inference_count
     """
     from ipiqa.runtime.scorer import Scorer
-    from ipiqa.runtime.serve.server import ServeOptions, prepare_environment, serve_forever, start_server
+    from ipiqa.runtime.serve.server import READY_PATH, ServeOptions, prepare_environment, serve_forever, start_server
 
     options = ServeOptions(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch,
                            max_queue_delay_ms, workers, exit_timeout, address)
@@ -64,9 +70,9 @@ def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_
     prepare_environment()  # before the bundle loads: a refused environment costs nothing
     with Scorer(bundle, backend=backend, device=device, precision=precision) as scorer:
         triton, handler = start_server(options, scorer)
-        click.echo(f"serving {bundle} as model 'ipiqa' (backend {scorer.backend.name}, outputs "
-                   f"{','.join(scorer.outputs)}): gRPC :{grpc_port}, HTTP :{http_port}, metrics :{metrics_port}; "
-                   "Ctrl-C stops", err=True)
+        click.echo(f"ready: {bundle} as model 'ipiqa' (backend {scorer.backend.name}, outputs "
+                   f"{','.join(scorer.outputs)}) on {address}: gRPC :{grpc_port}, HTTP :{http_port} "
+                   f"(GET {READY_PATH}), metrics :{metrics_port}; Ctrl-C stops", err=True)
         serve_forever(triton, handler, on_stop=lambda why: click.echo(
             f"{why}: finishing in-flight requests (up to {exit_timeout}s), then exiting", err=True))
     click.echo("server stopped", err=True)

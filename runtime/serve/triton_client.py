@@ -1,6 +1,6 @@
 """Score one image with the ``ipiqa`` ensemble (or ``ipiqa serve``: the same contract) on a running Triton server.
 
-    python -m ipiqa.runtime.triton_client IMAGE "PROMPT" [--url localhost:8001] [--outputs quality,alignment]
+    python -m ipiqa.runtime.serve.triton_client IMAGE "PROMPT" [--url localhost:8001] [--outputs quality,alignment]
 
 (``client.py`` beside a written repository runs this with the bundle's output names.) It speaks gRPC through
 ``tritonclient.grpc``, the client the ``triton`` extra installs (``pip install 'ipiqa[triton]'``).
@@ -18,28 +18,18 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
-
 from ipiqa._optional import require
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
-from ipiqa.preprocess import read_regular_file
-from ipiqa.runtime.rows import Row, clean_prompt, finish, row_error, scoring_failed
-from ipiqa.runtime.serve.contract import ERROR, IMAGE, MODEL, PROMPT, SCORES, row_answer
+from ipiqa.runtime.rows import Row, clean_prompt, finish, image_bytes, row_error, scoring_failed
 
-__all__ = ["score", "build_inputs", "main", "ENSEMBLE", "DEFAULT_URL", "DEFAULT_OUTPUTS"]
+from .contract import ERROR, MODEL, SCORES, build_inputs, row_answer
+
+__all__ = ["score", "main", "ENSEMBLE", "DEFAULT_URL", "DEFAULT_OUTPUTS"]
 
 ENSEMBLE = MODEL  # the ensemble model's name in the repository, and ipiqa serve's model
 DEFAULT_URL = "localhost:8001"  # Triton's gRPC port
 DEFAULT_OUTPUTS = IPIQAConfig().outputs  # the authors' model; a repository's client.py passes its bundle's names
-
-
-def build_inputs(grpc: Any, image: bytes, prompt: str) -> list[Any]:
-    """The ensemble's two inputs for one row: IMAGE (encoded file bytes) and PROMPT (UTF-8), each BYTES [1, 1]."""
-    inputs = [grpc.InferInput(IMAGE, [1, 1], "BYTES"), grpc.InferInput(PROMPT, [1, 1], "BYTES")]
-    inputs[0].set_data_from_numpy(np.array([[image]], dtype=object))
-    inputs[1].set_data_from_numpy(np.array([[prompt.encode("utf-8")]], dtype=object))
-    return inputs
 
 
 def score(url: str, image_path: Union[str, Path], prompt: Optional[str], *,
@@ -50,7 +40,7 @@ def score(url: str, image_path: Union[str, Path], prompt: Optional[str], *,
     values = None
     if error is None:
         try:
-            data = read_regular_file(row.image)  # FIFOs/devices refused and errors worded as the runtime's
+            data = image_bytes(row)  # FIFOs/devices and oversized files refused, worded as the runtime's
         except IPIQAError as exc:
             error = str(exc)
     if error is None:
@@ -83,7 +73,7 @@ def _infer(url: str, model: str, image: bytes, prompt: str) -> tuple[Optional[li
 
 def main(argv: Optional[Sequence[str]] = None, outputs: Sequence[str] = DEFAULT_OUTPUTS) -> int:
     """Print the record as JSON; exit status 1 when the row has an error."""
-    p = argparse.ArgumentParser(prog="python -m ipiqa.runtime.triton_client", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ipiqa.runtime.serve.triton_client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("image")
     p.add_argument("prompt")

@@ -5,8 +5,10 @@ from here, so the code Triton runs is this module, which linters and tests see l
 Python environment needs ipiqa installed anyway (``pip install ipiqa`` there): the model decodes with
 ``ipiqa.preprocess`` and tokenizes with ``ipiqa.runtime.tokenizer``, so Triton's scores equal the runtime's.
 
-The rows follow ``ipiqa.runtime.rows``: a prompt is missing by ``clean_prompt`` (empty or blank; the words
-NaN/null/None are prompts), and an image is decoded and refused as the runtime decodes and refuses a file.
+The rows follow ``ipiqa.runtime.rows``, read as ``ipiqa serve`` reads them (``contract.request_rows``,
+``pipeline.decode_row``): a prompt is missing by ``clean_prompt`` (empty or blank; the words NaN/null/None are
+prompts) or refused above ``rows.MAX_PROMPT_CHARS``, and an image is decoded and refused as the runtime decodes and
+refuses a file.
 Triton answers per request, not per row: a request with one missing prompt or one bad image gets an error
 response (the runtime's row text, after this model's name) and the other requests of the batch go on.
 
@@ -23,8 +25,10 @@ import numpy as np
 
 from ipiqa.errors import IPIQAError
 from ipiqa.preprocess import decode_bytes, resized
-from ipiqa.runtime.rows import MISSING_PROMPT, clean_prompt
+from ipiqa.runtime.pipeline import decode_row
 from ipiqa.runtime.tokenizer import ClipTokenizer
+
+from .contract import IMAGE, PROMPT, request_rows
 
 __all__ = ["TritonPythonModel", "MODEL_NAME", "preprocess_request", "decode_image"]
 
@@ -32,31 +36,25 @@ MODEL_NAME = "ipiqa_preprocess"
 TOKENIZER_FILE = "tokenizer.json"  # beside model.py, in the model's version folder
 
 
-def _text(value: object) -> str:
-    """A BYTES tensor element (bytes from Triton; str from some clients) as text."""
-    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
-
-
 def decode_image(blob: bytes, name: str, resolution: int) -> np.ndarray:
     """Encoded image bytes -> uint8 (R, R, 3), by the runtime's rules; ImageError naming ``name`` and the cause."""
-    # ``decode_bytes`` is the runtime's own decoder (the torch backend reads bytes through it too): the same mode
-    # handling and the same refusals (empty, unreadable, corrupt/truncated, decompression bomb, mode F).
-    img = decode_bytes(blob, name)
-    return resized(img, resolution)
+    return resized(decode_bytes(blob, name), resolution)
 
 
 def preprocess_request(blobs: Sequence[object], prompts: Sequence[object], resolution: int,
                        tokenize: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """One request's rows -> (images uint8 (B, R, R, 3), tokens int64 (B, L)); IPIQAError with the row's error.
-
-    Prompts are checked first, as ``rows.row_error`` does, so a missing prompt is reported even when the
-    image is bad too. Triton gives both inputs of a request the same batch size.
-    """
-    texts = [clean_prompt(_text(p)) for p in prompts]
-    if any(t is None for t in texts):
-        raise IPIQAError(MISSING_PROMPT)
-    images = np.stack([decode_image(bytes(b), f"IMAGE[{i}]", resolution) for i, b in enumerate(blobs)])
-    return images, tokenize(texts)
+    """One request's rows -> (images uint8 (B, R, R, 3), tokens int64 (B, L)); IPIQAError with the first bad row's
+    error. The rows are ``contract.request_rows``'s and each is decoded by ``pipeline.decode_row``, as ``ipiqa serve``
+    reads them: the prompt checked (missing, above the size limit) before the image is opened, and before anything
+    is tokenized."""
+    rows = request_rows(blobs, prompts)
+    images = []
+    for row in rows:
+        pixels, error = decode_row(row, resolution, needs_prompt=True)
+        if error is not None:
+            raise IPIQAError(error)
+        images.append(pixels)
+    return np.stack(images), tokenize([row.prompt for row in rows])
 
 
 def _parameter(config: dict, key: str) -> str:
@@ -89,8 +87,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                blobs = pb_utils.get_input_tensor_by_name(request, "IMAGE").as_numpy().reshape(-1)
-                prompts = pb_utils.get_input_tensor_by_name(request, "PROMPT").as_numpy().reshape(-1)
+                blobs = pb_utils.get_input_tensor_by_name(request, IMAGE).as_numpy()
+                prompts = pb_utils.get_input_tensor_by_name(request, PROMPT).as_numpy()
                 images, tokens = preprocess_request(blobs, prompts, self.resolution, self.tokenizer)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("image", images), pb_utils.Tensor("tokens", tokens)]))
