@@ -17,7 +17,7 @@ from ipiqa.cli import EXIT_ROW_ERRORS, cli
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.io import Row, RowSource
 from ipiqa.runtime.io.partitions import score_partitions
-from ipiqa.runtime.io.shards import expand_braces, sample_key, shard_rows
+from ipiqa.runtime.io.shards import sample_key, shard_rows
 
 
 def jpeg(seed: int, size=(48, 40)) -> bytes:
@@ -59,14 +59,31 @@ def shards(tmp_path_factory):
 # ---------------------------------------------------------------- naming and grouping
 
 
-def test_brace_ranges_keep_zero_padding_and_lists_keep_their_order():
-    assert expand_braces("d/{00008..00011}.tar") == ["d/00008.tar", "d/00009.tar", "d/00010.tar", "d/00011.tar"]
-    assert expand_braces("{b,a}/{1..2}.tar") == ["b/1.tar", "b/2.tar", "a/1.tar", "a/2.tar"]
-
-
 def test_the_key_is_the_name_up_to_the_first_dot_of_the_base_name():
     assert sample_key("dir.v2/000017.seg.PNG") == ("dir.v2/000017", "seg.png")
     assert sample_key("000017.jpg") == ("000017", "jpg")
+
+
+def test_a_member_with_a_multi_part_extension_is_its_samples_image(tmp_path):
+    write_shard(tmp_path / "s.tar", [("a.b.c.jpg", jpeg(1)), ("a.txt", b"p"),
+                                     ("m.jpg", jpeg(2)), ("m.seg.png", jpeg(3)), ("m.txt", b"q")])
+    rows = list(shard_rows(str(tmp_path / "s.tar")))
+    assert [r.error for r in rows] == [None, None]
+    assert rows[0].source == jpeg(1) and rows[1].source == jpeg(2)  # KEY.jpg beside a KEY.seg.png mask: the image
+
+
+def test_streaming_a_shard_does_not_accumulate_its_members(tmp_path, monkeypatch):
+    write_shard(tmp_path / "many.tar", [(f"{i:05d}.txt", b"x") for i in range(500)])
+    opened = []
+    real_open = tarfile.open
+
+    def spy(*args, **kwargs):
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(tarfile, "open", spy)
+    assert len(list(shard_rows(str(tmp_path / "many.tar")))) == 500
+    assert len(opened[0].members) <= 1  # tarfile's stream mode keeps every TarInfo unless the reader clears them
 
 
 def test_a_pattern_a_glob_a_folder_and_a_list_file_name_the_same_rows(shards, tmp_path):

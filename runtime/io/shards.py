@@ -14,10 +14,7 @@ error row naming the shard and the byte offset of the cut. A file that is not a 
 """
 from __future__ import annotations
 
-import glob
 import json
-import os
-import re
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -28,17 +25,15 @@ from ipiqa.errors import IPIQAError
 
 from ..rows import Row, clean_prompt, resolve_prompt
 
-__all__ = ["SHARD_IMAGE_EXTS", "SHARD_SUFFIXES", "PARQUET_SUFFIXES", "sample_key", "expand_braces", "expand_inputs",
-           "input_suffix", "check_tar", "shard_rows", "truncated_label", "MAX_MEMBER_BYTES"]
+# Discovery (suffix tables, brace patterns) lives in ``inputs``; these three names are re-exported for the modules
+# that still import them from here (io.partitions, results.sets): import them from ``inputs``.
+from .inputs import PARQUET_SUFFIXES, SHARD_SUFFIXES, expand_braces  # noqa: F401
+
+__all__ = ["SHARD_IMAGE_EXTS", "sample_key", "check_tar", "shard_rows", "truncated_label", "MAX_MEMBER_BYTES"]
 
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # a sample's image member (WebDataset's usual image keys)
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # read with tarfile's stream mode "r|*"
-PARQUET_SUFFIXES = (".parquet",)
 MAX_MEMBER_BYTES = 256 << 20  # a member above this is an error row, never read into memory
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: checked when read
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-_PATTERN_CHARS = set("{}*?[")
 
 
 def sample_key(name: str) -> tuple[str, str]:
@@ -47,115 +42,6 @@ def sample_key(name: str) -> tuple[str, str]:
     folder, _, base = name.rpartition("/")
     stem, dot, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), (ext.lower() if dot else "")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``{a,b}`` alternatives and ``{00000..04999}`` ranges (zero padding kept), as WebDataset's ``braceexpand``
-    reads shard lists; left to right, in the order written."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body, head, tail = match.group(1), pattern[:match.start()], pattern[match.end():]
-    rng = _RANGE.match(body)
-    if rng:
-        lo, hi = int(rng.group(1)), int(rng.group(2))
-        width = len(rng.group(1)) if rng.group(1).lstrip("-").startswith("0") else 0
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        return [head + "{" + body + "}" + p for p in expand_braces(tail)]  # a literal brace pair
-    return [head + o + p for o in options for p in expand_braces(tail)]
-
-
-def input_suffix(path: Path) -> Optional[str]:
-    """``shards`` or ``parquet`` for a partitioned input file by its name, else None."""
-    name = path.name.lower()
-    if name.endswith(SHARD_SUFFIXES):
-        return "shards"
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    return None
-
-
-def _is_list_file(path: Path) -> bool:
-    """A text file whose first non-blank line names a shard or Parquet file (or a pattern of them)."""
-    try:
-        with open(path, "rb") as fh:
-            for line in fh:
-                text = line.decode("utf-8-sig", errors="replace").strip()
-                if text:
-                    return input_suffix(Path(expand_braces(text)[0])) is not None
-    except OSError:
-        return False
-    return False
-
-
-def _expand_one(pattern: str, missing: list[str]) -> list[Path]:
-    found: list[Path] = []
-    for name in expand_braces(pattern):
-        if _PATTERN_CHARS & set(name) and not os.path.exists(name):
-            found.extend(Path(p) for p in sorted(glob.glob(name)))  # a glob: sorted, as a shell would list it
-        elif os.path.exists(name):
-            found.append(Path(name))
-        else:
-            missing.append(name)
-    return found
-
-
-def expand_inputs(source: str) -> Optional[list[Path]]:
-    """The shard or Parquet files ``--images`` names, or None when it names a folder of images, one image or a
-    manifest. Takes a brace pattern or glob, one shard or Parquet file, a folder holding only shards or only
-    Parquet files, or a text file listing them one a line (relative lines resolve against its folder)."""
-    path = Path(source)
-    missing: list[str] = []
-    if path.is_dir():
-        files = []
-        with os.scandir(path) as entries:
-            for entry in entries:
-                if _is_image_name(Path(entry.name)):
-                    return None  # a folder of images: stop at the first (the folder may hold millions)
-                if input_suffix(Path(entry.name)) is not None and entry.is_file():
-                    files.append(Path(entry.path))
-        if not files:
-            return None  # nothing ipiqa reads: RowSource says so
-        files.sort()
-    elif path.is_file():
-        if input_suffix(path) is not None:
-            files = [path]
-        elif _is_list_file(path):
-            files = []
-            with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
-                for line in fh:
-                    text = line.strip()
-                    if text and not text.startswith("#"):
-                        entry = text if os.path.isabs(text) else str(path.parent / text)
-                        files.extend(_expand_one(entry, missing))
-        else:
-            return None
-    elif _PATTERN_CHARS & set(source):
-        files = _expand_one(source, missing)
-    else:
-        return None
-    if missing:
-        raise IPIQAError(f"{missing[0]}: no such shard or Parquet file ({len(missing)} of "
-                         f"{len(missing) + len(files)} named by {source} are missing); fix the pattern or the list")
-    if not files:
-        raise IPIQAError(f"{source}: matches no files; --images takes a folder, a manifest, shards "
-                         "('DIR/{00000..00099}.tar', a glob, or a list file) or Parquet files")
-    kinds = {input_suffix(p) for p in files}
-    if None in kinds or len(kinds) > 1:
-        odd = next((p for p in files if input_suffix(p) != input_suffix(files[0])), files[0])
-        raise IPIQAError(f"{odd}: {source} must name only tar shards ({', '.join(SHARD_SUFFIXES)}) or only Parquet "
-                         "files; score the others in their own run")
-    return files
-
-
-def _is_image_name(p: Path) -> bool:
-    from .sources import IMAGE_SUFFIXES
-
-    return p.suffix.lower() in IMAGE_SUFFIXES
 
 
 def check_tar(path: Path) -> None:
@@ -208,8 +94,21 @@ def truncated_label(shard: str, offset: int) -> str:
     return f"{shard}::<truncated at byte {offset}>"
 
 
+def _is_image(ext: str) -> bool:
+    """WebDataset decodes a member by the last part of its extension: ``KEY.b.c.jpg`` is a JPEG."""
+    return ext.rpartition(".")[2] in SHARD_IMAGE_EXTS
+
+
 def _wanted(ext: str) -> bool:
-    return ext in SHARD_IMAGE_EXTS or ext in ("txt", "json")
+    return _is_image(ext) or ext in ("txt", "json")
+
+
+def _image_members(sample: _Sample) -> list[str]:
+    """The sample's image members: those named ``KEY.jpg`` (one part) first, else the multi-part ones
+    (``KEY.b.c.jpg``), so a ``KEY.seg.png`` mask beside ``KEY.jpg`` is not a second image."""
+    images = sorted(e for e in sample.members if _is_image(e))
+    plain = [e for e in images if "." not in e]
+    return plain or images
 
 
 def _text(sample: _Sample, ext: str, label: str) -> Optional[str]:
@@ -248,13 +147,13 @@ def _sample_row(shard: str, sample: _Sample, seen: dict, default: Optional[str],
                                       "each key names one sample: the first is scored")
     seen[sample.key] = sample.at
     prompt = _prompt(sample, label, default, prompt_field)
-    images = [e for e in SHARD_IMAGE_EXTS if e in sample.members]
+    images = _image_members(sample)
     if sample.errors:
         return Row(label, prompt, error="; ".join(sample.errors))
     if not images:
         found = ", ".join(sorted(sample.members)) or "nothing"
         return Row(label, prompt, error=f"{label}: no image member (found {found}); a sample's image is "
-                                        f"KEY.{'/.'.join(SHARD_IMAGE_EXTS)}")
+                                        f"KEY.{'/.'.join(SHARD_IMAGE_EXTS)} (or KEY.anything.jpg)")
     if len(images) > 1:
         return Row(label, prompt, error=f"{label}: {len(images)} image members ({', '.join(images)}); a row scores "
                                         "one image: keep one per key")
@@ -269,6 +168,7 @@ def shard_rows(shard: str, prompt: Optional[str] = None, prompt_field: str = "pr
     try:
         with open(shard, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=_MarkedInfo) as tf:
             for member in tf:
+                tf.members = []  # stream mode keeps every TarInfo (~450 B each) otherwise: webdataset clears it too
                 if not member.isfile():
                     continue
                 key, ext = sample_key(member.name)

@@ -20,10 +20,11 @@ from ipiqa.errors import IPIQAError
 from ..rows import Row, check_prompt_source, resolve_prompt
 from .formats import RESUME_HINT, OutputError
 from .lock import refuse_same_file
+from .inputs import IMAGE_SUFFIXES, discover
 from .parquet_source import ParquetColumns, parquet_columns, parquet_rows
-from .shards import SHARD_SUFFIXES, check_tar, expand_inputs, shard_rows
+from .shards import check_tar, shard_rows
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
+__all__ = ["IMAGE_SUFFIXES", "RowSource", "manifest_lines", "csv_manifest", "writable_rows", "read_rows"]
 
 
 class RowSource:
@@ -43,29 +44,16 @@ class RowSource:
         self.prompt = prompt
         self.prompt_field = prompt_field or "prompt"
         self._columns: list[ParquetColumns] = []
-        files = expand_inputs(str(source))
-        if files is not None:
-            self.kind = "shards" if files[0].name.lower().endswith(SHARD_SUFFIXES) else "parquet"
-        elif self.path.is_dir():
-            self.kind = "folder"
-        elif not self.path.is_file():
-            raise IPIQAError(f"{self.path}: no such folder or manifest")
-        elif self.path.suffix.lower() in IMAGE_SUFFIXES:
-            self.kind = "image"
-        elif self.path.suffix.lower() in (".jsonl", ".ndjson"):
-            self.kind = "jsonl"
-        else:
-            self.kind = "csv"
+        found = discover(str(source))
+        self.kind = found.kind
+        self._images = found.images
         self._refuse_options(prompt_field, image_column, prompt_column)
-        self.partitions: tuple[Path, ...] = tuple(files) if files is not None else (self.path,)
+        self.partitions: tuple[Path, ...] = found.files or (self.path,)
         self.has_prompt_column = False
         if self.kind == "csv":
             self._check_columns(self._csv_columns())
         elif self.kind in ("jsonl", "shards"):
             self.has_prompt_column = True  # any record/sample may carry a prompt; an absent one is a missing prompt
-        elif self.kind == "folder" and not any(True for _ in self._folder_files()):
-            raise IPIQAError(f"{self.path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))}, "
-                             f"tar shards and Parquet files)")
         if self.kind == "shards":
             for shard in self.partitions:  # one header each: a non-tar is refused before any row is scored
                 check_tar(shard)
