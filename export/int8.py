@@ -59,10 +59,11 @@ class Int8Gate:
     settings: QuantSettings
     results: tuple[Union[CosineResult, RankResult], ...]
     held_out: int
+    error: Optional[str] = None  # the runtime raised instead of running the set: a failed gate, with its reason
 
     @property
     def passed(self) -> bool:
-        return all(self.results)
+        return self.error is None and all(self.results)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -73,6 +74,8 @@ class Int8Gate:
     @property
     def criterion(self) -> str:
         """What decided the gate, in words (an untrained model's scores cannot rank, so there it is the embedding)."""
+        if self.error is not None:
+            return f"not judged: the runtime raised ({self.error})"
         ranked = [r for r in self.results if isinstance(r, RankResult)]
         if ranked and all(r.spearman is None for r in ranked):
             return ("image-embedding cosine only: the held-out scores barely spread (untrained model?), so "
@@ -81,7 +84,8 @@ class Int8Gate:
 
     def to_dict(self) -> dict:
         return {"settings": self.settings.to_dict(), "held_out_images": self.held_out, "passed": self.passed,
-                "criterion": self.criterion, "results": [r.to_dict() for r in self.results]}
+                "criterion": self.criterion, "results": [r.to_dict() for r in self.results],
+                **({} if self.error is None else {"error": self.error})}
 
 
 class Int8GateError(IPIQAError):

@@ -65,14 +65,20 @@ def _openvino_version() -> Optional[str]:
 def _openvino_gate(ctx: ExportContext, rel: str, settings: Any, inputs: Mapping[str, Any],
                    reference: Mapping[str, Any]) -> Optional[dict]:
     """The CPU INT8 graph through OpenVINO's int8 kernels on the same held-out images; recorded, never fatal:
-    a failure only keeps ``auto`` on ONNX Runtime for INT8."""
-    from .int8 import int8_gate
+    a failure, an exception from OpenVINO included (a graph its reader or CPU plugin refuses), is a failed gate
+    with its reason, and only keeps ``auto`` on ONNX Runtime for INT8."""
+    from .int8 import Int8Gate, int8_gate
 
     runtime = _openvino_version()
     if runtime is None:
         return None
-    gate = int8_gate(ctx.fp32_graphs(), ctx.out / rel, settings, inputs["held"], inputs["tokens"], ctx.cfg.outputs,
-                     runtime="openvino", reference=reference)
+    try:
+        gate = int8_gate(ctx.fp32_graphs(), ctx.out / rel, settings, inputs["held"], inputs["tokens"],
+                         ctx.cfg.outputs, runtime="openvino", reference=reference)
+    except Exception as exc:  # noqa: BLE001 - any OpenVINO failure is this optional gate's result, not the export's
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        ctx.progress(f"[cpu on {runtime}] OpenVINO INT8 gate failed ({reason}); INT8 is served on ONNX Runtime")
+        return {"runtime": runtime, "gate": Int8Gate(settings, (), len(inputs["held"]), error=reason).to_dict()}
     for r in gate.results:
         ctx.progress(f"[cpu on {runtime}] {r.line()}")
     return {"runtime": runtime, "gate": gate.to_dict()}

@@ -228,3 +228,30 @@ def test_the_cpu_int8_gate_runs_through_the_backend_that_serves_the_int8_graph(s
     monkeypatch.setattr(OrtBackend, "_encode_image", broken)
     failed = [r.name for r in int8_gate(graphs, out, settings, held, tokens, cfg.outputs).results if not r]
     assert "int8/image_embedding" in failed
+
+
+def test_an_exception_from_openvino_in_its_int8_gate_is_a_failed_gate_with_its_reason_and_the_export_goes_on(
+        tiny_model_file, tmp_path, monkeypatch):
+    pytest.importorskip("openvino", reason="the OpenVINO INT8 gate runs where ipiqa[openvino] is installed")
+    from ipiqa.bundle import read_bundle
+    from ipiqa.checkpoint import load_model
+    from ipiqa.export.bundle_export import ExportOptions, Int8Options, export_bundle
+    from ipiqa.runtime.backends.openvino import OpenVinoBackend
+    from ipiqa.runtime.scorer import Scorer
+
+    def refuse(cls, *args, **kwargs):
+        raise RuntimeError("Exception from src/plugins/intel_cpu/src/node.cpp:1: Unsupported operation\nstack ...")
+
+    monkeypatch.setattr(OpenVinoBackend, "from_graphs", classmethod(refuse))
+    write_images(tmp_path / "calibration", 12, seed=4)
+    lines: list[str] = []
+    out = tmp_path / "bundle"
+    export_bundle(load_model(tiny_model_file), [tiny_model_file], out,
+                  ExportOptions(onnx_only=True, int8=Int8Options(tmp_path / "calibration", size=8)), progress=lines.append)
+    entry = read_bundle(out).onnx.int8["cpu"]  # the export finished: the CPU INT8 graph is served
+    assert entry.gate["passed"] and not entry.openvino_passed
+    assert entry.openvino["gate"]["error"] == ("RuntimeError: Exception from src/plugins/intel_cpu/src/node.cpp:1: "
+                                               "Unsupported operation")
+    assert any("OpenVINO INT8 gate failed (RuntimeError: " in line for line in lines)
+    with Scorer(out, device="cpu") as s:  # auto keeps INT8 on the runtime whose gate passed
+        assert s.backend.name == "onnxruntime-cpu-int8"
