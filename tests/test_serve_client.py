@@ -1,0 +1,164 @@
+"""``RemoteScorer`` against a scripted stand-in for tritonclient's gRPC client: which failures are a row's and
+which the connection's, the retries, the stop line and what the client learns from the server's description.
+(The real server, killed and restarted, is ``test_serve_outage.py``.)"""
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pytest
+
+from conftest import make_image, read_csv
+from ipiqa.errors import IPIQAError
+from ipiqa.runtime.io import RowSource
+from ipiqa.runtime.serve import client as client_module
+from ipiqa.runtime.serve.client import RemoteScorer, ServerUnavailable, is_connection_failure
+from ipiqa.runtime.serve.contract import DESCRIBE_MODEL, DESCRIPTION, ERROR, SCORES, ServedModel
+
+grpc = pytest.importorskip("tritonclient.grpc", reason="needs ipiqa[serve] (tritonclient)")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+URL = "127.0.0.1:8001"
+
+
+def _failure(code: str, text: str = "failed") -> InferenceServerException:
+    return InferenceServerException(msg=text, status=f"StatusCode.{code}")
+
+
+class Server:
+    """What the stand-in client answers: ``fail(call_number)`` returns an exception to raise, or None to score."""
+
+    def __init__(self, needs_prompt: bool = True):
+        self.description = ServedModel.parameters(("quality", "alignment"), "ab" * 32, needs_prompt, 64)
+        self.calls = 0
+        self.fail = lambda call: None
+
+    def client(self, url, channel_args=None):
+        server = self
+
+        class Client:
+            def is_model_ready(self, name):
+                return True
+
+            def get_model_metadata(self, name, as_json=False):
+                return {"outputs": [{"name": SCORES}, {"name": ERROR}]}
+
+            def get_model_config(self, name, as_json=False):
+                return {"config": {"parameters": {"workspace-path": {"string_value": "/tmp/x"}}}}
+
+            def infer(self, model, inputs, outputs=None, client_timeout=None):
+                if model == DESCRIBE_MODEL:
+                    answer = np.array([json.dumps(server.description).encode()], dtype=object)
+                    return types.SimpleNamespace(as_numpy=lambda name: answer if name == DESCRIPTION else None)
+                server.calls += 1
+                exc = server.fail(server.calls)
+                if exc is not None:
+                    raise exc
+                answers = {SCORES: np.array([[0.25, 0.75]], dtype=np.float32),
+                           ERROR: np.array([[b""]], dtype=object)}
+                return types.SimpleNamespace(as_numpy=answers.get)
+
+            def close(self):
+                pass
+
+        return Client()
+
+
+@pytest.fixture
+def server(monkeypatch):
+    fake = Server()
+    monkeypatch.setattr(grpc, "InferenceServerClient", fake.client)
+    monkeypatch.setattr(client_module, "_FIRST_DELAY_S", 0.01)
+    return fake
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("remote_rows")
+    for i in range(8):
+        make_image(d / f"img{i}.png", seed=i)
+    return d
+
+
+def _scorer(**kw) -> RemoteScorer:
+    return RemoteScorer(URL, concurrency=1, **kw)
+
+
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "RESOURCE_EXHAUSTED"])
+def test_connection_codes_say_nothing_about_the_row(code):
+    assert is_connection_failure(_failure(code))
+
+
+@pytest.mark.parametrize("code", ["INVALID_ARGUMENT", "INTERNAL", "UNKNOWN"])
+def test_the_servers_answer_about_a_request_is_not_a_connection_failure(code):
+    assert not is_connection_failure(_failure(code))
+
+
+def test_a_reset_connection_is_a_connection_failure():
+    assert is_connection_failure(ConnectionResetError("reset by peer")) and not is_connection_failure(ValueError("x"))
+
+
+def test_a_call_failing_for_the_connection_is_retried_and_its_row_scored(server, folder, tmp_path):
+    server.fail = lambda call: _failure("UNAVAILABLE", "connection refused") if call in (3, 4) else None
+    with _scorer(retry_s=30) as scorer:
+        summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv")
+    rows = read_csv(tmp_path / "o.csv")
+    assert summary.rows == 8 and summary.errors == 0 and all(r["error"] == "" for r in rows)
+    assert server.calls == 8 + 2
+
+
+def test_the_ensembles_refusal_is_that_rows_error_and_never_retried(server, folder, tmp_path):
+    server.fail = lambda call: _failure("INVALID_ARGUMENT", "ipiqa_preprocess: IMAGE[0]: corrupt") if call == 2 else None
+    with _scorer() as scorer:
+        summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv")
+    errors = [r["error"] for r in read_csv(tmp_path / "o.csv")]
+    assert summary.errors == 1 and "IMAGE[0]: corrupt" in errors[1] and server.calls == 8
+
+
+def test_past_the_retry_time_the_run_stops_naming_the_server_and_the_resume_command(server, folder, tmp_path):
+    server.fail = lambda call: _failure("UNAVAILABLE", "connection refused") if call > 5 else None
+    out = tmp_path / "o.csv"
+    with _scorer(retry_s=0.3) as scorer, pytest.raises(ServerUnavailable) as stop:
+        scorer.score_files(RowSource(folder, "a fox"), out, batch_size=1)
+    assert isinstance(stop.value, IPIQAError)
+    text = str(stop.value)
+    assert URL in text and "--resume" in text and str(out) in text and "5 rows" in text, text
+    rows = read_csv(out)  # the rows answered before the outage, in input order; nothing for the rest
+    assert [r["image"] for r in rows] == [str(folder / f"img{i}.png") for i in range(5)]
+    assert all(r["error"] == "" for r in rows)
+
+
+def test_resume_after_an_outage_writes_every_row_once(server, folder, tmp_path):
+    out = tmp_path / "o.csv"
+    server.fail = lambda call: _failure("UNAVAILABLE") if call > 3 else None
+    with _scorer(retry_s=0.2) as scorer, pytest.raises(ServerUnavailable):
+        scorer.score_files(RowSource(folder, "a fox"), out, batch_size=1)
+    server.fail = lambda call: None
+    with _scorer() as scorer:
+        summary = scorer.score_files(RowSource(folder, "a fox"), out, resume=True)
+    rows = read_csv(out)
+    assert summary.skipped == 3 and [r["image"] for r in rows] == [str(folder / f"img{i}.png") for i in range(8)]
+    assert all(r["error"] == "" for r in rows)
+
+
+def test_progress_callback_gets_every_written_batch(server, folder, tmp_path):
+    seen: list[int] = []
+    with _scorer() as scorer:
+        scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv", batch_size=3,
+                           on_results=lambda batch: seen.append(len(batch)))
+    assert seen == [3, 3, 2]
+
+
+def test_needs_prompt_comes_from_the_servers_description(monkeypatch, folder, tmp_path):
+    image_only = Server(needs_prompt=False)
+    monkeypatch.setattr(grpc, "InferenceServerClient", image_only.client)
+    with _scorer() as scorer:
+        assert scorer.needs_prompt is False and scorer.served.resolution == 64
+        summary = scorer.score_files(folder, tmp_path / "o.csv")  # a folder, no --prompt
+    assert summary.rows == 8 and summary.errors == 0
+
+
+def test_a_text_model_still_refuses_a_folder_without_prompts(server, folder, tmp_path):
+    with _scorer() as scorer, pytest.raises(IPIQAError, match="no prompts"):
+        scorer.score_files(folder, tmp_path / "o.csv")
