@@ -135,7 +135,6 @@ class ShardsWriter:
 
     def _copy(self, shard: Path, pending: dict[str, ScoreRow]) -> list[str]:
         """Copy the pending samples' members as the shard streams past; the keys it did not hold."""
-        seen: set[str] = set()
         key: Optional[str] = None
         exts: set[str] = set()
         copying: Optional[ScoreRow] = None
@@ -151,8 +150,7 @@ class ShardsWriter:
                         if copying is not None:
                             self._scores_member(key, copying, mtime)
                         key, exts = k, set()
-                        copying = pending.pop(k, None) if k not in seen else None
-                        seen.add(k)
+                        copying = pending.pop(k, None)  # popped: a later sample of the key is never copied
                         if copying is not None:
                             self._begin_sample(k)
                     exts.add(ext)
