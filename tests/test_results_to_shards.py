@@ -126,6 +126,9 @@ def test_rows_not_from_shards_are_refused_in_one_line_and_nothing_is_left(tmp_pa
     assert res.exit_code == 1 and "photos/a.jpg: not a shard sample (SHARD::KEY)" in res.output
     assert "Traceback" not in res.output and not (tmp_path / "keep.csv").exists()
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    scores = write_scores(tmp_path / "p.csv", [("data/train.parquet::7", (0.9, 0.5))])  # a Parquet row
+    res = select(scores, "--min", "quality=0", "--to-shards", tmp_path / "out")
+    assert res.exit_code == 1 and "data/train.parquet::7: not a shard sample" in res.output
 
 
 def test_a_repeated_key_in_a_source_shard_copies_only_its_first_sample(tmp_path):

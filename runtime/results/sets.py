@@ -17,7 +17,7 @@ from typing import Collection, Iterator, Optional, Union
 
 from ipiqa.errors import IPIQAError
 
-from ..io.shards import expand_braces
+from ..io.inputs import expand_braces
 from .read import SCORE_SUFFIXES, ScoreRow, ScoresFile
 
 __all__ = ["ScoresSet", "open_scores", "score_files"]

@@ -28,7 +28,8 @@ from typing import IO, Optional, Sequence
 
 from ipiqa.errors import IPIQAError
 
-from ..io.shards import SHARD_SUFFIXES, sample_key
+from ..io.inputs import SHARD_SUFFIXES, split_reference
+from ..io.shards import sample_key
 from .read import ScoreRow, resolve_image
 
 __all__ = ["SCORES_EXT", "ShardsResult", "ShardsWriter", "shard_of"]
@@ -38,14 +39,12 @@ DEFAULT_SHARD_SIZE = 10_000  # samples per output shard (DataComp's and img2data
 
 
 def shard_of(image: str, root: Optional[Path] = None) -> Optional[tuple[Path, str]]:
-    """(shard file, key) of a ``SHARD::KEY`` row, or None for any other row (a file path, Parquet's ``FILE::ROW``)."""
-    at = image.find("::")
-    while at >= 0:
-        shard = image[:at]
-        if shard.lower().endswith(SHARD_SUFFIXES):
-            return resolve_image(shard, root), image[at + 2:]
-        at = image.find("::", at + 2)
-    return None
+    """(shard file, key) of a ``SHARD::KEY`` row (``io.inputs.split_reference``, the one reading of such a cell),
+    or None for any other row (a file path, a Parquet file's ``FILE::ROW``)."""
+    found = split_reference(image)
+    if found is None or not found[0].name.lower().endswith(SHARD_SUFFIXES):
+        return None
+    return resolve_image(str(found[0]), root), found[1]
 
 
 @dataclass(frozen=True)
