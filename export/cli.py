@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import click
 
 from ipiqa.bundle import parse_batch_profile
 from ipiqa.console import InputPath, friendly, format_table, text_option
+from ipiqa.runtime.cpu import usable_cores
 
 from .options import DEFAULT_OPSET, ExportOptions, Int8Options, ParityGateError, check_bf16_gating
 from .parity import ToleranceOverride
@@ -198,7 +198,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--int8-setting'") from None
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     start = time.perf_counter()
 
     def progress(msg: str) -> None:

@@ -24,7 +24,7 @@ def _is_fp16(source: Union[Path, bytes]) -> bool:
     return not isinstance(source, bytes) and graph_precision(Path(source)) == "fp16"
 
 
-def graph_session(source: Union[Path, bytes], threads: int = 0, optimize: bool = True):
+def graph_session(source: Union[Path, bytes], threads: Optional[int] = None, optimize: bool = True):
     """A quiet CPU session for one FP32, FP16 or QDQ graph (a file, or a serialized model with its weights
     inline): the INT8 layer ranking reads arbitrary tensors of one graph, which no backend exposes."""
     return ort_session(source, threads, optimize=optimize, fp16=_is_fp16(source), quiet=True)

@@ -134,3 +134,64 @@ def test_the_benchmarks_machine_record_says_when_the_flags_were_injected(cpu_fam
     assert "were set by $IPIQA_CPU_FLAGS" in markdown(results)
     monkeypatch.delenv(cpu.FLAGS_ENV)
     assert "cpu_flags_injected_by" not in machine_info()
+
+
+# ---------------------------------------------------------------- thread counts: the process's cores, not the host's
+
+
+@pytest.fixture
+def two_of_64_cores(monkeypatch):
+    """A container limited to 2 CPUs of a 64-core host: the affinity says 2, ``os.cpu_count`` 64."""
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+
+
+def test_onnxruntime_sessions_take_the_process_cores_served_and_in_the_gates(tiny_bundle, two_of_64_cores):
+    from ipiqa.bundle import read_bundle
+    from ipiqa.export.graph_runs import graph_backend, graph_session
+    from ipiqa.runtime.backends.ort import OrtBackend
+
+    m = read_bundle(tiny_bundle)
+    graphs = {name: m.graph_path(name) for name in m.onnx.graphs}
+    with OrtBackend(m) as served, graph_backend(graphs) as gate:
+        for backend in (served, gate):
+            assert {s.get_session_options().intra_op_num_threads for s in backend.sessions.values()} == {2}
+    assert graph_session(graphs["fusion"]).get_session_options().intra_op_num_threads == 2
+
+
+@needs_openvino
+def test_openvino_compiles_for_the_process_cores(tiny_bundle, monkeypatch):
+    """One core of 64 (OpenVINO caps a larger count at the cores it finds, so 1 is what shows the count asked)."""
+    import os
+
+    from ipiqa.bundle import read_bundle
+    from ipiqa.runtime.backends.openvino import OpenVinoBackend
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    with OpenVinoBackend(read_bundle(tiny_bundle), "fp32", cache_dir="") as ov:
+        assert {int(c.get_property("INFERENCE_NUM_THREADS")) for c in ov.models.values()} == {1}
+
+
+def test_the_export_runs_torch_on_the_process_cores(tiny_model_file, tmp_path, two_of_64_cores, monkeypatch):
+    import torch
+    from click.testing import CliRunner
+
+    import ipiqa.export.bundle_export as bundle_export
+    from ipiqa.export.cli import main
+
+    seen = []
+    before = torch.get_num_threads()
+
+    def stop(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise IPIQAError("stopped here")
+
+    monkeypatch.setattr(bundle_export, "export_bundle", stop)
+    try:
+        res = CliRunner().invoke(main, [str(tiny_model_file), "-o", str(tmp_path / "b"), "--onnx-only"])
+    finally:
+        torch.set_num_threads(before)
+    assert "stopped here" in res.output and seen == [2]

@@ -16,7 +16,7 @@ Runtime's CPU provider cannot do. What each precision runs:
 
 Compiled models are cached (``CACHE_DIR``) beside the bundle in ``cache/openvino/`` (or ``cache_dir``, or
 ``$IPIQA_OPENVINO_CACHE``; a read-only bundle falls back to ``~/.cache/ipiqa/openvino``), so the second start
-skips compilation. All cores run each call (``PERFORMANCE_HINT=LATENCY``); OpenVINO releases the GIL while
+skips compilation. All the process's cores (``cpu.usable_cores``) run each call (``PERFORMANCE_HINT=LATENCY``); OpenVINO releases the GIL while
 inferring, so the pipeline's decode threads overlap it.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from ipiqa._optional import require
 from ipiqa.bundle import Manifest, check_graph_metadata, embedded_config
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
-from ipiqa.runtime.cpu import bf16_refusal
+from ipiqa.runtime.cpu import bf16_refusal, usable_cores
 
 from .base import Backend
 
@@ -138,7 +138,7 @@ class OpenVinoBackend(Backend):
             check(name, model)
             metadata[name] = _metadata(model)
             config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[served[name]], "PERFORMANCE_HINT": "LATENCY",
-                                      "INFERENCE_NUM_THREADS": int(threads or os.cpu_count() or 1)}
+                                      "INFERENCE_NUM_THREADS": int(threads or usable_cores())}
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
                 config["CACHE_DIR"] = str(cache)

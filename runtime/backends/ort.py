@@ -8,7 +8,6 @@ CPUs; GPUs run INT8 as TensorRT engines); a set the bundle does not hold.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -17,6 +16,7 @@ import numpy as np
 from ipiqa.bundle import PRECISIONS, Manifest, check_graph_metadata, embedded_config, rebuild_command
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
+from ipiqa.runtime.cpu import usable_cores
 
 from .base import Backend
 
@@ -30,12 +30,13 @@ GPU_INT8_REFUSED = ("the bundle's INT8 ONNX graph is quantized for CPUs (asymmet
                     "TensorRT engines ({rebuild}, then --backend tensorrt); or score on --device cpu")
 
 
-def ort_session(source: Union[str, Path, bytes], threads: int = 0, optimize: bool = True, fp16: bool = False,
+def ort_session(source: Union[str, Path, bytes], threads: Optional[int] = None, optimize: bool = True, fp16: bool = False,
                 providers: Sequence[Any] = (PROVIDERS["cpu"],), quiet: bool = False):
     """The one ONNX Runtime session factory: the runtime's backend and every export gate load graphs here.
 
     ``source``: a graph file, or a serialized model with its weights inline. ``threads``: intra-op threads
-    (0: ONNX Runtime's default), one op at a time (best for conv nets on CPU). ``optimize=False`` runs
+    (None: the process's cores, ``cpu.usable_cores``; ONNX Runtime's own default counts the host's cores, 64
+    threads on 2 in a container limited to 2 CPUs of a 64-core host), one op at a time (best for conv nets on CPU). ``optimize=False`` runs
     Q/DQ as written (fake quantization, what TensorRT's explicit quantization computes). ``fp16``: ONNX
     Runtime 1.32's NCHWc layout pass (``NchwcTransformer``, which re-lays FP32 convolutions) crashes the
     process while loading FP16 graphs; they are loaded without it.
@@ -45,9 +46,8 @@ def ort_session(source: Union[str, Path, bytes], threads: int = 0, optimize: boo
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else
                                         ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.intra_op_num_threads = usable_cores() if threads is None else threads
+    options.inter_op_num_threads = 1
     if quiet:
         options.log_severity_level = 3
     return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
@@ -90,7 +90,6 @@ class OrtBackend(Backend):
                                                       "trt_engine_cache_enable": True,
                                                       "trt_engine_cache_path": str(cache)}),
                              (PROVIDERS["cuda"], {"device_id": device_id})]
-        threads = 0 if provider != "cpu" else threads or os.cpu_count() or 1  # all cores inside each op on CPU
         self._open(manifest.config, paths, provider, device_id, precision, providers, threads, fp16=precision == "fp16",
                    check=lambda name, sess: check_graph_metadata(
                        manifest, name, sess.get_modelmeta().custom_metadata_map,
@@ -98,7 +97,7 @@ class OrtBackend(Backend):
 
     @classmethod
     def from_graphs(cls, graphs: Mapping[str, Union[Path, bytes]], label: str = "fp32", optimize: bool = True,
-                    threads: int = 0, fp16: bool = False) -> "OrtBackend":
+                    threads: Optional[int] = None, fp16: bool = False) -> "OrtBackend":
         """The gates' backend: a graph set on the CPU provider that no manifest lists yet (the manifest is
         written once every gate has passed), or that none ever will (the FP16 gate's emulation graphs).
 
@@ -113,7 +112,7 @@ class OrtBackend(Backend):
         return backend
 
     def _open(self, cfg: Optional[IPIQAConfig], graphs: Mapping[str, Union[Path, bytes]], provider: str,
-              device_id: int, precision: str, providers: Sequence[Any], threads: int, fp16: bool = False,
+              device_id: int, precision: str, providers: Sequence[Any], threads: Optional[int], fp16: bool = False,
               optimize: bool = True, quiet: bool = False,
               check: Callable[[str, Any], None] = lambda name, sess: None) -> None:
         """Sessions for ``graphs``; ``cfg`` None: the config the graphs embed (refused when they disagree)."""
