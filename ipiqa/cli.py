@@ -5,8 +5,9 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import click
@@ -118,15 +119,38 @@ def info_cmd(target: Path) -> None:
     click.echo(read_config(target).to_json())
 
 
+class _Progress:
+    """The console's bar for a run: rows done out of the input's rows when that count is cheap (``RowSource.count``:
+    a listed folder, Parquet footers, a manifest's lines), with the time left; rows and img/s otherwise. A per-shard
+    run (``--output-dir``) counts shards done out of its shards, its rows and rate beside them."""
+
+    def __init__(self, bar, per_partition: bool):
+        self.bar, self.per_partition, self.rows = bar, per_partition, 0
+
+    def results(self, results: list) -> None:
+        if not self.per_partition:
+            self.bar.update(len(results))
+            return
+        self.rows += len(results)
+        elapsed = self.bar.format_dict.get("elapsed") or 0.0
+        self.bar.set_postfix_str(f"{self.rows} img, {self.rows / elapsed if elapsed else 0:.1f} img/s")
+
+    def partition(self, _result: Any = None) -> None:
+        self.bar.update(1)
+
+
 @contextmanager
-def _progress(quiet: bool) -> Iterator[Callable[[list], None]]:
-    """A bar over scored rows (img/s) for a run, drawn after half a second and wiped if the run fails: a bad
-    manifest or output then ends in its one error line. Yields the ``on_results`` callback."""
+def _progress(quiet: bool, total: Optional[int] = None, partitions: Optional[int] = None) -> Iterator[_Progress]:
+    """A bar drawn after half a second and wiped if the run fails: a bad manifest or output then ends in its one
+    error line. ``total``: the rows to score, when known; ``partitions``: a per-shard run's shards (its bar counts
+    shards)."""
     from tqdm import tqdm
 
-    bar = tqdm(unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5)
+    per_partition = partitions is not None
+    bar = tqdm(total=partitions if per_partition else total, unit="shard" if per_partition else "img",
+               disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5)
     try:
-        yield lambda results: bar.update(len(results))
+        yield _Progress(bar, per_partition)
     except BaseException:
         bar.leave = False
         raise
@@ -134,22 +158,30 @@ def _progress(quiet: bool) -> Iterator[Callable[[list], None]]:
         bar.close()
 
 
+def _count(rows) -> Optional[int]:
+    count = getattr(rows, "count", None)
+    return count() if callable(count) else None
+
+
 def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None, resume=False, fail_fast=False,
                 decode="host", fast_decode=False):
-    """Shared by ``score`` and ``demo``: progress bar with img/s, incremental writing, summary on stderr."""
-    with _progress(quiet) as advance:
-        summary = scorer.score_files(source, output, prompt, fmt, batch, workers, resume, fail_fast,
-                                     on_results=advance, decode=decode, fast_decode=fast_decode)
+    """Shared by ``score`` (file, ``--server``) and ``demo``: the bar, incremental writing, one summary line."""
+    from ipiqa.runtime.io import RowSource
+
+    rows = source if isinstance(source, RowSource) else RowSource(source, prompt)
+    with _progress(quiet, _count(rows)) as progress:
+        summary = scorer.score_files(rows, output, None, fmt, batch, workers, resume, fail_fast,
+                                     on_results=progress.results, decode=decode, fast_decode=fast_decode)
     resumed = f", {summary.skipped} already done" if summary.skipped else ""
-    click.echo(f"{summary.rows} rows scored ({summary.errors} errors{resumed}) in {summary.seconds:.1f}s, "
-               f"{summary.rows / max(summary.seconds, 1e-9):.1f} img/s, backend {scorer.backend.name}, "
-               f"prompt cache {scorer.cache.hits} hits / {scorer.cache.misses} misses", err=True)
+    click.echo(f"{summary.rows} rows of {rows.describe()} scored ({summary.errors} errors{resumed}) in "
+               f"{summary.seconds:.1f}s, {summary.rows / max(summary.seconds, 1e-9):.1f} img/s, backend "
+               f"{scorer.backend.name}, prompt cache {scorer.cache.hits} hits / {scorer.cache.misses} misses", err=True)
     return summary
 
 
-class _ImagesPath(InputPath):
-    """``--images``: a path (checked as ``InputPath`` does), or a shard pattern (braces, glob) that RowSource
-    expands; a pattern is not a file, so it is passed on as written."""
+class ImagesPath(InputPath):
+    """``--images`` (and ``ipiqa-export --calibration``): a path (checked as ``InputPath`` does), or a shard
+    pattern (braces, glob) that RowSource expands; a pattern is not a file, so it is passed on as written."""
 
     def convert(self, value, param, ctx):
         text = os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
@@ -158,9 +190,10 @@ class _ImagesPath(InputPath):
         return super().convert(value, param, ctx)
 
 
+_ImagesPath = ImagesPath  # the name this module used before export's --calibration shared it
 @click.command("score")
 @click.argument("model", required=False, type=InputPath(exists=True, path_type=Path))
-@click.option("--images", "--image", "source", required=True, type=_ImagesPath(exists=True, path_type=Path),
+@click.option("--images", "--image", "source", required=True, type=ImagesPath(exists=True, path_type=Path),
               help="A folder of images, one image, a CSV/TSV/JSONL manifest with columns image,prompt, WebDataset "
                    "tar shards ('DIR/{00000..00099}.tar', a glob, a folder of them or a text file listing them; rows "
                    "are named SHARD::KEY) or Parquet files with an image column (rows named FILE::ROW).")
@@ -220,14 +253,13 @@ class _ImagesPath(InputPath):
               help="--server: requests in flight at once.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly
-def score_cmd(model, source, prompt_field, image_column, prompt_column, prompt, output, output_dir, fmt, backend, device,
-              batch, workers, decode, fast_decode, precision, fp16, compile_, resume, fail_fast, ray_address, allow_errors,
-              server, concurrency, quiet) -> None:
+def score_cmd(**options: Any) -> None:
     """Score images with an exported BUNDLE folder (runtime, no torch) or a MODEL .safetensors file.
 
     Every input row gets one output row, in input order: the scores, or an 'error' cell naming the
     cause (missing file, corrupt image, missing prompt). Rows are flushed as they finish, so an
-    interrupted run keeps them and --resume continues where it stopped.
+    interrupted run keeps them and --resume continues where it stopped. A manifest's image cell may
+    name a shard sample or a Parquet row as score and select write them (SHARD::KEY, FILE::ROW).
 
     \b
     Exit status: 0 all rows scored; 1 the run could not start (bad bundle, bad manifest);
@@ -242,90 +274,156 @@ def score_cmd(model, source, prompt_field, image_column, prompt_column, prompt, 
       ipiqa score bundle/ --images data.csv -o scores.csv --ray ray://head:10001
       ipiqa score bundle/ --images 'shards/{00000..04999}.tar' --output-dir scores/ --prompt-field caption
       ipiqa score bundle/ --images train.parquet --prompt-column text -o scores.jsonl
+      ipiqa score bundle/ --images selected.csv -o rescored.csv   # rows naming SHARD::KEY or FILE::ROW
       ipiqa score --server localhost:8001 --images data.csv -o scores.csv --concurrency 16 --resume
     """
-    from ipiqa.runtime.io import RowSource
-
-    if output_dir is not None and str(output) != "-":
+    args = ScoreArgs(**options)
+    if args.output_dir is not None and str(args.output) != "-":
         raise IPIQAError("give -o FILE (one output) or --output-dir DIR (one output per shard), not both")
-    options = dict(prompt_field=prompt_field, image_column=image_column, prompt_column=prompt_column)
-    if server is not None or model is None:
-        _score_remote(model, server, RowSource(source, prompt, **options), output, output_dir, fmt, batch, concurrency,
-                      quiet, resume, fail_fast, allow_errors,
-                      local=dict(backend=backend != "auto", device=device != "auto", decode=decode != "host",
-                                 fast_decode=fast_decode, precision=precision != "auto", fp16=fp16, compile=compile_,
-                                 ray=ray_address is not None))
-        return
-    if ray_address is not None:
-        require("ray", extra="ray")
-        from ipiqa.runtime.distributed import score_with_ray
+    summary = _score_mode(args)(args)
+    if summary.errors and not args.allow_errors:
+        sys.exit(EXIT_ROW_ERRORS)
 
-        if precision != "auto":
-            raise IPIQAError("--ray scores with each worker's automatic precision; drop --precision (or score without --ray)")
-        if (resume and output_dir is None) or fail_fast or (str(output) == "-" and output_dir is None) \
-                or decode != "host" or fast_decode:
-            raise IPIQAError("--ray writes a file (-o scores.csv/.jsonl/.parquet) or --output-dir, and does not take "
-                             "--resume (with --output-dir complete shards are always skipped), --fail-fast, "
-                             "--decode device or --fast-decode")
-        rows = RowSource(source, prompt, **options)
-        summary = score_with_ray(model, rows, output_dir if output_dir is not None else output, None, ray_address,
-                                 batch_size=batch, backend=backend, device=device, fmt=fmt,
-                                 per_partition=output_dir is not None)
-        if output_dir is not None:
-            _partitions_line(summary, output_dir, "on Ray ")
-        else:
-            click.echo(f"{summary.rows} rows scored on Ray ({summary.errors} errors) in {summary.seconds:.1f}s", err=True)
-        if summary.errors and not allow_errors:
-            sys.exit(EXIT_ROW_ERRORS)
-        return
 
+@dataclass(frozen=True)
+class ScoreArgs:
+    """``ipiqa score``'s options, one record for every mode: a new option is a click option above and a field here,
+    read by the mode functions that take it (and refused by ``_refuse`` in those that do not)."""
+
+    model: Optional[Path]
+    source: Path
+    prompt_field: Optional[str]
+    image_column: Optional[str]
+    prompt_column: Optional[str]
+    prompt: Optional[str]
+    output: str
+    output_dir: Optional[Path]
+    fmt: Optional[str]
+    backend: str
+    device: str
+    batch: int
+    workers: int
+    decode: str
+    fast_decode: bool
+    precision: str
+    fp16: bool
+    compile_: bool
+    resume: bool
+    fail_fast: bool
+    ray_address: Optional[str]
+    allow_errors: bool
+    server: Optional[str]
+    concurrency: int
+    quiet: bool
+
+    def rows(self):
+        """The input as every mode reads it (``RowSource``: checked before any row is scored)."""
+        from ipiqa.runtime.io import RowSource
+
+        return RowSource(self.source, self.prompt, prompt_field=self.prompt_field, image_column=self.image_column,
+                         prompt_column=self.prompt_column)
+
+    def local_options(self) -> list[str]:
+        """The local-scoring options given (not at their defaults), as the user typed them."""
+        given = dict(backend=self.backend != "auto", device=self.device != "auto", decode=self.decode != "host",
+                     fast_decode=self.fast_decode, precision=self.precision != "auto", fp16=self.fp16,
+                     compile=self.compile_, ray=self.ray_address is not None)
+        return [f"--{k.replace('_', '-')}" for k, v in given.items() if v]
+
+
+def _score_mode(args: ScoreArgs) -> Callable[[ScoreArgs], Any]:
+    """Which of the four ways to score this is: a server, a Ray cluster, one file per shard, or one file."""
+    if args.server is not None or args.model is None:
+        return _score_on_server
+    if args.ray_address is not None:
+        return _score_on_ray
+    return _score_into_folder if args.output_dir is not None else _score_into_file
+
+
+def _score_into_file(args: ScoreArgs):
+    """``score MODEL --images X -o FILE``: one output file (or stdout), resumable."""
     from ipiqa.runtime.scorer import Scorer
 
-    with Scorer(model, backend=backend, device=device, fp16=fp16, compile=compile_, precision=precision) as scorer:
-        rows = RowSource(source, prompt, **options)
-        if output_dir is not None:  # --resume is what --output-dir always does: complete shards are skipped
-            summary = _score_partitions(scorer, rows, output_dir, fmt, batch, workers, quiet, fail_fast, decode,
-                                        fast_decode)
-        else:
-            summary = run_scoring(scorer, rows, output, fmt, batch, workers, quiet, None, resume, fail_fast, decode,
-                                  fast_decode)
-    if summary.errors and not allow_errors:
-        sys.exit(EXIT_ROW_ERRORS)
+    with Scorer(args.model, backend=args.backend, device=args.device, fp16=args.fp16, compile=args.compile_,
+                precision=args.precision) as scorer:
+        return run_scoring(scorer, args.rows(), args.output, args.fmt, args.batch, args.workers, args.quiet, None,
+                           args.resume, args.fail_fast, args.decode, args.fast_decode)
 
 
-def _score_remote(model, server, rows, output, output_dir, fmt, batch, concurrency, quiet, resume, fail_fast,
-                  allow_errors, local: dict) -> None:
-    """``score --server``: the rows scored by a running server (``runtime.serve.client``), written as a local run."""
-    if server is None:
-        raise IPIQAError("give a MODEL (bundle folder or .safetensors) or --server HOST:PORT")
-    if model is not None:
-        raise IPIQAError(f"--server scores with the server's bundle; drop MODEL ({model}) or drop --server")
-    given = [f"--{k.replace('_', '-')}" for k, v in local.items() if v]
-    if given or output_dir is not None:
-        raise IPIQAError(f"{', '.join(given + (['--output-dir'] if output_dir is not None else []))}: local scoring "
-                         "options; with --server the server's backend, device and decoding apply: drop them")
-    from ipiqa.runtime.serve.client import RemoteScorer
-
-    with RemoteScorer(server, concurrency=concurrency) as scorer:
-        summary = run_scoring(scorer, rows, output, fmt, batch, 1, quiet, None, resume, fail_fast)
-    if summary.errors and not allow_errors:
-        sys.exit(EXIT_ROW_ERRORS)
-
-
-def _score_partitions(scorer, rows, output_dir, fmt, batch, workers, quiet, fail_fast, decode, fast_decode):
-    """``score --output-dir``: one file per shard (``runtime.io.partitions``), a progress bar over rows."""
+def _score_into_folder(args: ScoreArgs):
+    """``score MODEL --images X --output-dir DIR``: one file per shard or Parquet file (``runtime.io.partitions``;
+    a manifest or folder is one partition, written as DIR/<its name>.csv). --resume is what it always does:
+    complete shards are skipped, a half-written one continued."""
     from ipiqa.runtime.io.partitions import score_partitions
+    from ipiqa.runtime.scorer import Scorer
 
-    with _progress(quiet) as advance:
-        summary = score_partitions(scorer, rows, output_dir, fmt, batch, workers, fail_fast, on_results=advance,
-                                   decode=decode, fast_decode=fast_decode)
-    _partitions_line(summary, output_dir, f"backend {scorer.backend.name}, ")
+    with Scorer(args.model, backend=args.backend, device=args.device, fp16=args.fp16, compile=args.compile_,
+                precision=args.precision) as scorer:
+        rows = args.rows()
+        with _progress(args.quiet, partitions=len(rows.partitions)) as progress:
+            summary = score_partitions(scorer, rows, args.output_dir, args.fmt, args.batch, args.workers,
+                                       args.fail_fast, on_results=progress.results, on_partition=progress.partition,
+                                       decode=args.decode, fast_decode=args.fast_decode)
+        _partitions_line(summary, rows, args.output_dir, f"backend {scorer.backend.name}, ")
     return summary
 
 
-def _partitions_line(summary, output_dir, where: str) -> None:
+def _score_on_ray(args: ScoreArgs):
+    """``score MODEL --ray [ADDRESS]``: decode in CPU tasks, one scorer per GPU; into a file or, with
+    --output-dir, one Ray task per shard."""
+    require("ray", extra="ray")
+    from ipiqa.runtime.distributed import score_with_ray
+
+    if args.precision != "auto":
+        raise IPIQAError("--ray scores with each worker's automatic precision; drop --precision (or score without --ray)")
+    if (args.resume and args.output_dir is None) or args.fail_fast or (str(args.output) == "-" and args.output_dir is None) \
+            or args.decode != "host" or args.fast_decode:
+        raise IPIQAError("--ray writes a file (-o scores.csv/.jsonl/.parquet) or --output-dir, and does not take "
+                         "--resume (with --output-dir complete shards are always skipped), --fail-fast, "
+                         "--decode device or --fast-decode")
+    rows = args.rows()
+    per_partition = args.output_dir is not None
+    with _progress(args.quiet, _count(rows), len(rows.partitions) if per_partition else None) as progress:
+        summary = score_with_ray(args.model, rows, args.output_dir if per_partition else args.output, None,
+                                 args.ray_address, batch_size=args.batch, backend=args.backend, device=args.device,
+                                 fmt=args.fmt, per_partition=per_partition, on_results=progress.results,
+                                 on_partition=progress.partition)
+    if per_partition:
+        _partitions_line(summary, rows, args.output_dir, "on Ray ")
+    else:
+        click.echo(f"{summary.rows} rows of {rows.describe()} scored on Ray ({summary.errors} errors) in "
+                   f"{summary.seconds:.1f}s, {summary.rows / max(summary.seconds, 1e-9):.1f} img/s", err=True)
+    return summary
+
+
+def _score_on_server(args: ScoreArgs):
+    """``score --server HOST:PORT``: the rows scored by a running server (``runtime.serve.client``), written as a
+    local run writes them."""
+    if args.server is None:
+        raise IPIQAError("give a MODEL (bundle folder or .safetensors) or --server HOST:PORT")
+    if args.model is not None:
+        raise IPIQAError(f"--server scores with the server's bundle; drop MODEL ({args.model}) or drop --server")
+    given = args.local_options() + (["--output-dir"] if args.output_dir is not None else [])
+    if given:
+        raise IPIQAError(f"{', '.join(given)}: local scoring options; with --server the server's backend, device "
+                         "and decoding apply: drop them")
+    from ipiqa.runtime.serve.client import RemoteScorer
+
+    rows = args.rows()
+    with RemoteScorer(args.server, concurrency=args.concurrency) as scorer:
+        return run_scoring(scorer, rows, args.output, args.fmt, args.batch, 1, args.quiet, None, args.resume,
+                           args.fail_fast)
+
+
+_PARTITION_NOUN = {"shards": ("tar shard", "tar shards"), "parquet": ("Parquet file", "Parquet files")}
+
+
+def _partitions_line(summary, rows, output_dir, where: str) -> None:
+    """One line per ``--output-dir`` run, in the words of its input kind (shards, Parquet files, a manifest)."""
+    one, many = _PARTITION_NOUN.get(rows.kind, (rows.kind if rows.kind != "csv" else "manifest",) * 2)
+    noun = one if summary.partitions == 1 else many
     busy = f", {summary.busy} being scored by another run" if summary.busy else ""
-    click.echo(f"{summary.partitions} shards into {output_dir}: {summary.scored} scored now ({summary.rows} rows, "
+    click.echo(f"{summary.partitions} {noun} into {output_dir}: {summary.scored} scored now ({summary.rows} rows, "
                f"{summary.errors} errors), {summary.complete} already complete{busy}; {where}"
                f"{summary.seconds:.1f}s", err=True)
 
@@ -333,7 +431,7 @@ def _partitions_line(summary, output_dir, where: str) -> None:
 cli.add_command(score_cmd)
 
 
-from ipiqa.runtime.report.commands import report_cmd, select_cmd  # noqa: E402 (click only; numpy/PIL load inside)
+from ipiqa.runtime.results.commands import report_cmd, select_cmd  # noqa: E402 (click only; numpy/PIL load inside)
 from ipiqa.runtime.serve.commands import serve_cmd  # noqa: E402 (click only; pytriton loads inside)
 
 cli.add_command(serve_cmd)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from ipiqa.errors import IPIQAError
 
 from .io import OutputLock, ResultWriter, RowSource, writable_rows
 from .pipeline import RunSummary, decode_row, score_batch
-from .rows import Row, finish
+from .rows import Result, Row, finish
 
 __all__ = ["score_with_ray"]
 
@@ -157,7 +157,7 @@ class _PartitionActor:
 
 def _score_partitions(ray, bundle: Union[str, Path], source: RowSource, output_dir: Union[str, Path],
                       fmt: Optional[str], actors: int, resources: dict, batch_size: int, backend: str, device: str,
-                      hook: dict):
+                      hook: dict, on_partition: Callable[[Any], None]):
     from ray.util import ActorPool
 
     from .io.partitions import PartitionsSummary, partition_outputs
@@ -167,15 +167,23 @@ def _score_partitions(ray, bundle: Union[str, Path], source: RowSource, output_d
     remote = ray.remote(_PartitionActor).options(max_restarts=-1, max_task_retries=-1, **resources, **hook)
     pool = ActorPool([remote.remote(str(Path(bundle).resolve()), backend, device, source, finals, batch_size)
                       for _ in range(max(1, min(actors, len(finals))))])
-    results = list(pool.map_unordered(lambda actor, index: actor.score.remote(index), range(len(finals))))
+    results = []
+    for result in pool.map_unordered(lambda actor, index: actor.score.remote(index), range(len(finals))):
+        results.append(result)
+        on_partition(result)
     return PartitionsSummary.of(results, time.perf_counter() - start)
 
 
 def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, RowSource, Iterable[Row]],
                    output: Union[str, Path], prompt: Optional[str] = None, address: Optional[str] = None,
                    actors: Optional[int] = None, batch_size: int = 8, backend: str = "auto", device: str = "auto",
-                   fmt: Optional[str] = None, per_partition: bool = False):
+                   fmt: Optional[str] = None, per_partition: bool = False,
+                   on_results: Callable[[list[Result]], None] = lambda results: None,
+                   on_partition: Callable[[Any], None] = lambda partition: None):
     """Score every row on Ray into one CSV, JSONL or Parquet file, in input order (a ``RunSummary``).
+
+    ``on_results`` gets each batch's results as the driver writes them (the CLI's bar); ``on_partition`` each
+    partition's ``PartitionResult`` as its task ends (``per_partition``).
 
     ``per_partition``: ``output`` is a folder and every shard or Parquet file gets its own output in it, one Ray
     task each (a ``PartitionsSummary``; see ``io.partitions``). ``source`` may be a ``RowSource`` built with its
@@ -210,7 +218,7 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, RowSource,
     if per_partition:
         resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
         return _score_partitions(ray, bundle, source, output, fmt, actors, resources, batch_size, backend,
-                                 "cuda:0" if use_gpu else "cpu", hook)
+                                 "cuda:0" if use_gpu else "cpu", hook, on_partition)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if isinstance(source, RowSource):
         ds = ray.data.read_datasource(_datasource(source), override_num_blocks=1, num_cpus=0)  # light I/O: never starve the actors
@@ -237,6 +245,7 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, RowSource,
                 n += 1
             errors += sum(r.error is not None for r in results)
             writer.write(results)
+            on_results(results)
     if n == 0:
         raise IPIQAError(f"{source}: no rows to score")
     return RunSummary(rows=n, errors=errors, seconds=time.perf_counter() - start)

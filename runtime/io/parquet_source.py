@@ -21,7 +21,7 @@ from ipiqa.errors import IPIQAError
 
 from ..rows import Row, resolve_prompt
 
-__all__ = ["ParquetColumns", "parquet_columns", "parquet_rows", "PARQUET_READ_ROWS"]
+__all__ = ["ParquetColumns", "parquet_columns", "parquet_rows", "parquet_row_count", "PARQUET_READ_ROWS"]
 
 PARQUET_READ_ROWS = 32  # rows per read batch (a few of the pipeline's): memory is this or a row group, the larger
 _READ_BUFFER = 1 << 20  # buffered column-chunk reads: pages are read as needed, not a whole chunk at once
@@ -75,6 +75,11 @@ def parquet_columns(path: Path, image_column: Optional[str] = None,
         raise IPIQAError(f"{path}: no prompt column {prompt_column!r}; found {names}. Name it with --prompt-column")
     prompt = prompt_column or ("prompt" if "prompt" in names else None)
     return ParquetColumns(image, kind, prompt)
+
+
+def parquet_row_count(path: Path) -> int:
+    """The file's rows from its footer (no column is read): the progress bar's total."""
+    return int(_open(path).metadata.num_rows)
 
 
 def _image_row(path: Path, n: int, cell: object, prompt: Optional[str], kind: str) -> Row:
