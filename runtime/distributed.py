@@ -25,7 +25,7 @@ from ipiqa.errors import IPIQAError
 
 from .io import OutputLock, ResultWriter, RowSource, writable_rows
 from .pipeline import RunSummary, decode_row, score_batch
-from .rows import Result, Row, finish
+from .rows import Result, Row, finish, image_bytes, image_file
 
 __all__ = ["score_with_ray"]
 
@@ -36,18 +36,32 @@ BLOCK_ROWS = 1024  # rows per Ray block read from the manifest
 FAIL_ONCE_ENV = "IPIQA_RAY_TEST_FAIL_ONCE"
 
 
+def _image_columns(row: Row) -> tuple[Optional[bytes], Optional[str], Optional[str]]:
+    """(encoded bytes, file, error) of a row as its block carries it, read through ``rows.image_file`` /
+    ``rows.image_bytes`` as every consumer reads it: a row whose image is in memory travels as bytes, one whose
+    image is a file other than its label (a Parquet path cell) as that path; a decoded Python API image cannot
+    travel to a Ray task and becomes the row's error."""
+    if row.source is None or row.error is not None:
+        return None, None, None
+    path = image_file(row)
+    if path is not None:
+        return None, path, None
+    try:
+        return image_bytes(row), None, None
+    except IPIQAError as exc:
+        return None, None, str(exc)
+
+
 def _table(rows: list[tuple[int, Row]]):
     import pyarrow as pa
 
+    columns = [_image_columns(r) for _, r in rows]
     return pa.table({"index": pa.array([i for i, _ in rows], pa.int64()),
                      "image": pa.array([r.image for _, r in rows], pa.string()),
                      "prompt": pa.array([r.prompt for _, r in rows], pa.string()),
-                     "row_error": pa.array([r.error for _, r in rows], pa.string()),
-                     # a shard member's / Parquet cell's encoded bytes, or the file a labelled row reads
-                     "data": pa.array([bytes(r.source) if isinstance(r.source, (bytes, bytearray, memoryview))
-                                       else None for _, r in rows], pa.binary()),
-                     "data_path": pa.array([str(r.source) if isinstance(r.source, Path) else None for _, r in rows],
-                                           pa.string())})
+                     "row_error": pa.array([r.error or c[2] for (_, r), c in zip(rows, columns)], pa.string()),
+                     "data": pa.array([c[0] for c in columns], pa.binary()),
+                     "data_path": pa.array([c[1] for c in columns], pa.string())})
 
 
 def _blocks(rows: Iterable[Row]) -> Iterator:

@@ -19,7 +19,7 @@ from PIL import Image
 from ipiqa.errors import IPIQAError
 from ipiqa.preprocess import decode_bytes, load_resized, resized
 
-from .rows import Result, Row, finish, load_pixels, row_error, scoring_failed
+from .rows import Result, Row, finish, image_bytes, image_file, load_pixels, row_error, scoring_failed
 
 __all__ = ["BatchScorer", "DeviceDecode", "score_batch", "RunSummary", "score_rows", "iter_results", "load_input",
            "decode_row", "input_pixels"]
@@ -74,14 +74,17 @@ def input_pixels(image: Any, resolution: int) -> np.ndarray:
 def decode_row(row: Row, resolution: int, needs_prompt: bool,
                fast: bool = False) -> tuple[Optional[np.ndarray], Optional[str]]:
     """(pixels, None) or (None, error) for one row, by the row rules; ``fast``: the opt-in inexact decode.
-    A row carrying its image in ``source`` (Python API; encoded bytes of a shard member or Parquet cell) is read
-    from there; bytes decode with a file's rules and errors, named by the row's label (``fast`` does not apply)."""
-    if isinstance(row.source, (bytes, bytearray, memoryview)):
+    The image is the row's file or its encoded bytes as ``rows.image_file`` / ``rows.image_bytes`` say (a shard
+    member, a Parquet cell, a manifest row naming either); bytes decode with a file's rules and errors, named by
+    the row's label (``fast`` applies to files). A Python API image (PIL, decoded array) is taken as it is."""
+    if isinstance(row.source, (np.ndarray, Image.Image)):
+        return load_pixels(row, resolution, needs_prompt, lambda _label, r: input_pixels(row.source, r))
+    path = image_file(row)
+    if path is None:
         return load_pixels(row, resolution, needs_prompt,
-                           lambda label, r: resized(decode_bytes(bytes(row.source), label), r))
-    if row.source is not None:
-        return load_pixels(row, resolution, needs_prompt, lambda _path, r: input_pixels(row.source, r))
-    return load_pixels(row, resolution, needs_prompt, _fast_input if fast else load_input)
+                           lambda label, r: resized(decode_bytes(image_bytes(row), label), r))
+    loader = _fast_input if fast else load_input
+    return load_pixels(row, resolution, needs_prompt, lambda _label, r: loader(path, r))
 
 
 def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -95,9 +98,13 @@ def score_batch(scorer: BatchScorer, rows: list[Row], decoded: list,
     """One batch's results, in row order: rows whose ``decoded`` (pixels, error) pair has pixels are scored
     together; a backend failure becomes every such row's error. Shared by file runs and ``Scorer.score``."""
     if device_decode is not None:  # rows still open are decoded together on the device
+        for i, (_, err) in enumerate(decoded):
+            if err is None and image_file(rows[i]) is None:
+                decoded[i] = (None, f"{rows[i].image}: --decode device reads image files; this row's image is "
+                                    "encoded bytes (a shard member or Parquet cell): use --decode host")
         todo = [i for i, (_, err) in enumerate(decoded) if err is None]
         try:
-            pixels, errors = device_decode([rows[i].image for i in todo]) if todo else (None, [])
+            pixels, errors = device_decode([image_file(rows[i]) for i in todo]) if todo else (None, [])
         except Exception as exc:  # noqa: BLE001 - a device failure marks this batch's rows, the run goes on
             log.error("device decode failed: %s", exc)
             for i in todo:

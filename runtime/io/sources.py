@@ -17,10 +17,11 @@ from typing import Iterable, Iterator, Optional, Union
 
 from ipiqa.errors import IPIQAError
 
-from ..rows import Row, check_prompt_source, resolve_prompt
+from ..rows import Row, check_prompt_source, clean_prompt, resolve_prompt
 from .formats import RESUME_HINT, OutputError
 from .lock import refuse_same_file
 from .inputs import IMAGE_SUFFIXES, discover
+from .references import is_reference, resolve_references
 from .parquet_source import ParquetColumns, parquet_columns, parquet_row_count, parquet_rows
 from .shards import check_tar, shard_rows
 
@@ -43,6 +44,7 @@ class RowSource:
         self.path = Path(source)
         self.prompt = prompt
         self.prompt_field = prompt_field or "prompt"
+        self._column_options = (image_column, prompt_column)  # for Parquet files (a manifest's references too)
         self._columns: list[ParquetColumns] = []
         found = discover(str(source))
         self.kind = found.kind
@@ -64,10 +66,10 @@ class RowSource:
     def _refuse_options(self, prompt_field: Optional[str], image_column: Optional[str],
                         prompt_column: Optional[str]) -> None:
         """An option for another kind of input would be silently ignored: refuse it instead."""
-        if prompt_field is not None and self.kind != "shards":
+        if prompt_field is not None and self.kind not in ("shards", "csv", "jsonl"):
             raise IPIQAError(f"{self.path}: --prompt-field reads the .json member of tar shards; this input is a "
                              f"{self.kind} (a manifest's prompt is its 'prompt' column)")
-        if (image_column or prompt_column) and self.kind != "parquet":
+        if (image_column or prompt_column) and self.kind not in ("parquet", "csv", "jsonl"):
             raise IPIQAError(f"{self.path}: --image-column/--prompt-column name Parquet columns; this input is a "
                              f"{self.kind} (a manifest's columns are 'image' and 'prompt')")
 
@@ -83,8 +85,9 @@ class RowSource:
             rows: Iterator[Row] = (Row(str(p), resolve_prompt(None, self.prompt)) for p in sorted(self._folder_files()))
         elif self.kind == "image":
             rows = iter([Row(str(self.path), resolve_prompt(None, self.prompt))])
-        else:
-            rows = self._jsonl_rows() if self.kind == "jsonl" else self._csv_rows()
+        else:  # a manifest: rows naming SHARD::KEY or FILE::ROW are read from that sample or row
+            rows = resolve_references(self._jsonl_rows() if self.kind == "jsonl" else self._csv_rows(), self.prompt,
+                                      self.prompt_field, *self._column_options)
         return writable_rows(rows)
 
     def count(self) -> Optional[int]:
@@ -148,8 +151,12 @@ class RowSource:
                              "file in an 'image' column (and, for a model with a text branch, its prompt in 'prompt')")
 
     def _row(self, image: object, prompt: object) -> Row:
+        """A manifest record as a row; a reference's prompt stays its own cell's (``references`` fills an empty
+        one from the sample, then ``--prompt``)."""
         text = "" if image is None else str(image).strip()
         resolved = str(self.path.parent / text) if text and not Path(text).is_absolute() else text
+        if is_reference(resolved):
+            return Row(resolved, clean_prompt(prompt))
         return Row(resolved, resolve_prompt(prompt, self.prompt))
 
     def _csv_columns(self) -> set[str]:
