@@ -109,7 +109,7 @@ def test_summary_counts_rows_scored_and_errors_by_cause(tmp_path):
     assert "<td>errors</td><td>2</td>" in html
     causes = re.search(r'<table id="causes">(.*?)</table>', html).group(1)
     assert "<td>corrupt image</td><td>1</td>" in causes and "<td>file not found</td><td>1</td>" in causes
-    assert "not recorded in the scores file" in html  # no --bundle: says so rather than guessing
+    assert "not recorded: no run record beside the scores" in html  # no record, no --bundle: says so rather than guessing
 
 
 def test_worst_and_best_galleries_are_in_score_order(tmp_path):

@@ -42,7 +42,9 @@ def all_rows(scored):
 
 def test_report_of_the_output_dir_counts_every_shards_rows(scored, tmp_path):
     said = run("report", scored / "scores", "-o", tmp_path / "r.html", "-q")
-    assert "15 rows (0 errors)" in said and "3 files: csv" in (tmp_path / "r.html").read_text()
+    page = (tmp_path / "r.html").read_text()
+    assert "15 rows (0 errors)" in said and "3 files: csv" in page
+    assert "<td>precision</td><td>fp32</td>" in page and "not recorded" not in page  # the run records, shown
 
 
 def test_select_best_per_prompt_over_the_output_dir(scored, tmp_path):

@@ -7,14 +7,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from ipiqa.errors import ConfigError, IPIQAError
+from ipiqa.errors import IPIQAError
 
 from .collect import ReportOptions, collect
 from .page import render_page
+from .runinfo import run_lines
 from .sets import open_scores
 from .thumbs import Thumbnails
 
-__all__ = ["ReportResult", "write_report", "bundle_run_info"]
+__all__ = ["ReportResult", "write_report"]
 
 
 @dataclass(frozen=True)
@@ -29,23 +30,6 @@ class ReportResult:
     seconds: float
 
 
-def bundle_run_info(bundle: Union[str, Path], outputs: tuple[str, ...]) -> list[tuple[str, str]]:
-    """The summary's "run" lines from a bundle's manifest (the scores file records no run details). Refuses a
-    bundle whose outputs are not the file's: it did not write these scores."""
-    from ipiqa.bundle import read_bundle  # torch-free
-
-    m = read_bundle(bundle, verify_hashes=False)  # only its description is read: no hashing of the graphs
-    if tuple(m.outputs) != tuple(outputs):
-        raise ConfigError(f"--bundle {bundle}: its outputs {list(m.outputs)} are not the scores file's {list(outputs)}; "
-                          "give the bundle that wrote these scores")
-    cfg = m.config
-    return [("bundle", str(m.root)), ("bundle precision", m.precision),
-            ("bundle engines", f"TensorRT {m.engines.tensorrt} ({m.engines.precision})" if m.engines else "ONNX only"),
-            ("model", f"{cfg.resolution}px, head {cfg.head}, text branch {'on' if cfg.text else 'off'}"),
-            ("built by", f"ipiqa {m.versions.get('ipiqa', '?')}"),
-            ("backend", "not recorded in the scores file (ipiqa score prints it when it finishes)")]
-
-
 def write_report(scores: Union[str, Path], output: Union[str, Path], options: ReportOptions = ReportOptions(),
                  images_root: Optional[Path] = None, bundle: Optional[Path] = None, title: Optional[str] = None,
                  thumb_size: int = 160, progress: Optional[Callable[[int], None]] = None) -> ReportResult:
@@ -54,7 +38,7 @@ def write_report(scores: Union[str, Path], output: Union[str, Path], options: Re
     source = open_scores(scores)
     out = Path(output)
     source.refuse_output(out, "report.html")
-    run = bundle_run_info(bundle, source.outputs) if bundle is not None else []
+    run = run_lines(source, bundle)
     data = collect(source, replace(options, progress=progress) if progress else options)
     thumbs = Thumbnails(thumb_size)
     html = render_page(data, thumbs, images_root, run, title).encode("utf-8")

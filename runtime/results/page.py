@@ -142,8 +142,8 @@ def _summary(d: ReportData, run: Sequence[tuple[str, str]]) -> str:
         rows.append(("note", f'<span class="warn">{escape(which)} in a partial record (a killed run?); the rows before '
                              "it are reported. Finish it with ipiqa score ... --resume</span>"))
     rows += [(escape(k), escape(v)) for k, v in run] or [
-        ("run", '<span class="muted">bundle, backend and precision are not recorded in the scores file; '
-                "pass --bundle DIR to show the bundle's</span>")]
+        ("run", '<span class="muted">not recorded: no run record beside the scores (written before ipiqa recorded '
+                "runs, or to stdout); pass --bundle DIR to show the bundle's</span>")]
     kv = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
     stats = "".join(f"<tr><td>{escape(s.name)}</td><td>{num(s.mean)}</td><td>{num(s.std)}</td><td>{num(s.min)}</td>"
                     f"<td>{num(s.max)}</td></tr>" for s in d.summaries)
