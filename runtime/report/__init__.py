@@ -1,1 +1,0 @@
-"""Moved to ``ipiqa.runtime.results``; this name stays only until ``ipiqa/cli.py`` imports the commands from there."""
