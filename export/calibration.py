@@ -1,5 +1,11 @@
 """The user's calibration images: split once into calibration and held-out images (the INT8 gates judge the
 held-out ones, never calibrated on), decoded and resized exactly as scoring will (the runtime's ``load_input``).
+
+``--calibration`` takes whatever ``--images`` takes, through the same ``RowSource``: a folder, a manifest (its
+rows may name shard samples or Parquet rows), tar shards, Parquet files, list files and patterns. The split holds
+one name per distinct image, never its bytes: a file's path, or for an image inside a shard or Parquet file its
+label (``SHARD::KEY``, ``FILE::ROW``), which ``io.references`` reads back in one streamed pass when the picked
+images are decoded (so shards are read twice: once to list, once for the picks).
 """
 from __future__ import annotations
 
@@ -11,11 +17,14 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from ipiqa.errors import IPIQAError
-from ipiqa.runtime.io import IMAGE_SUFFIXES, RowSource
-from ipiqa.runtime.pipeline import load_input
+from ipiqa.runtime.io import IMAGE_SUFFIXES, Row, RowSource
+from ipiqa.runtime.io.inputs import split_reference
+from ipiqa.runtime.io.references import resolve_references
+from ipiqa.runtime.pipeline import decode_row, load_input
+from ipiqa.runtime.rows import image_file
 
 __all__ = ["image_input", "image_rows", "CalibrationSplit", "split_calibration", "held_out_images",
-           "calibration_batches"]
+           "calibration_batches", "calibration_fingerprint"]
 log = logging.getLogger(__name__)
 
 def image_input(path: Union[str, Path], resolution: int) -> np.ndarray:
@@ -26,15 +35,17 @@ def image_input(path: Union[str, Path], resolution: int) -> np.ndarray:
 
 def image_rows(source: Union[str, Path]) -> list[tuple[Path, Optional[str]]]:
     """(image, prompt) pairs read as scoring reads them (``RowSource``): a manifest's ``image`` column (relative
-    to its folder) with its ``prompt`` column where it has one (else None), or a folder's images, sorted,
-    without prompts. Rows without an image, or unreadable lines, are skipped with a warning."""
+    to its folder) with its ``prompt`` column where it has one (else None), a folder's images, sorted, without
+    prompts, or the samples of shards and rows of Parquet files (named by their labels, with their own prompts).
+    Rows without an image, or unreadable lines, are skipped with a warning."""
     rows = RowSource(source)
     out = []
     for row in rows:
         if row.error is not None or not row.image.strip():
             log.warning("calibration: row skipped: %s", row.error or "no image")
             continue
-        out.append((Path(row.image), (row.prompt or "") if rows.has_prompt_column else None))
+        name = image_file(row) or row.image  # a file, else the label a shard member / Parquet cell is read back by
+        out.append((Path(name), (row.prompt or "") if rows.has_prompt_column else None))
     if not out:
         raise IPIQAError(f"{source}: no calibration images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return out
@@ -73,16 +84,37 @@ def split_calibration(source: Union[str, Path], held_out: Optional[int] = None) 
     return CalibrationSplit(tuple(f for i, f in enumerate(files) if i not in picks), held, prompts)
 
 
+def _decoded(names: Sequence[Path], resolution: int) -> Iterator[tuple[int, Optional[np.ndarray], Optional[str]]]:
+    """(position, pixels or None, error) for each name, in order: files decoded as scoring decodes them, labels of
+    shard members and Parquet rows read back through ``io.references`` (each file streamed once per call)."""
+    rows = resolve_references(Row(str(p), None) for p in names)
+    for k, row in enumerate(rows):
+        pixels, error = decode_row(row, resolution, needs_prompt=False)
+        yield k, pixels, error
+
+
+def calibration_fingerprint(split: CalibrationSplit) -> list[tuple[str, str]]:
+    """(name, SHA-256) of every file the split reads: the image files, and once each the shards and Parquet files
+    its labels point into, so a re-export reuses an INT8 graph only when none of them changed."""
+    from ipiqa.bundle import sha256_file
+
+    files: dict[str, Path] = {}
+    for p in split.calibration + split.held_out:
+        ref = split_reference(str(p))
+        f = ref[0] if ref is not None else p
+        files.setdefault(str(f), f)
+    return [(name, sha256_file(f)) for name, f in files.items() if f.is_file()]
+
+
 def held_out_images(split: CalibrationSplit, resolution: int) -> tuple[np.ndarray, Optional[list[str]]]:
     """The held-out images as the image graph takes them (unreadable ones skipped with a warning), with
     their prompts when the split has them."""
     images, prompts = [], []
-    for k, path in enumerate(split.held_out):
-        try:
-            images.append(image_input(path, resolution))
-        except IPIQAError as exc:
-            log.warning("INT8 gate: held-out image skipped: %s (%s)", path, exc)
+    for k, pixels, error in _decoded(split.held_out, resolution):
+        if pixels is None:
+            log.warning("INT8 gate: held-out image skipped: %s (%s)", split.held_out[k], error)
             continue
+        images.append(pixels)
         prompts.append(split.prompts[k] if split.prompts is not None else "")
     if len(images) < 2:
         raise IPIQAError(f"only {len(images)} of {len(split.held_out)} held-out images could be read; the INT8 gate "
@@ -96,13 +128,13 @@ def calibration_batches(files: Sequence[Path], resolution: int, size: int, batch
     Unreadable files are skipped with a warning: one bad file should not stop an export.
     """
     picks = [files[int(i)] for i in np.linspace(0, len(files) - 1, min(size, len(files)))] if files else []
+    picks = list(dict.fromkeys(picks))
     chunk: list[np.ndarray] = []
-    for path in dict.fromkeys(picks):
-        try:
-            chunk.append(image_input(path, resolution))
-        except IPIQAError as exc:
-            log.warning("calibration: skipped %s (%s)", path, exc)
+    for k, pixels, error in _decoded(picks, resolution):
+        if pixels is None:
+            log.warning("calibration: skipped %s (%s)", picks[k], error)
             continue
+        chunk.append(pixels)
         if len(chunk) == batch:
             yield np.stack(chunk)
             chunk = []
