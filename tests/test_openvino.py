@@ -16,7 +16,7 @@ from ipiqa.runtime import cpu
 from ipiqa.runtime.scorer import Scorer, select_backend
 
 pytest.importorskip("openvino", reason="the OpenVINO backend needs ipiqa[openvino]")
-from ipiqa.runtime.backends.openvino import OpenVinoBackend, cache_folder, inference_precisions  # noqa: E402
+from ipiqa.runtime.backends.openvino import OpenVinoBackend, cache_folder, cache_key, inference_precisions  # noqa: E402
 from ipiqa.runtime.backends.ort import OrtBackend  # noqa: E402
 
 BF16_HERE = cpu.bf16_refusal(cpu.hardware_flags())  # numerics: the hardware's flags, never injected ones
@@ -143,6 +143,33 @@ def test_compiled_models_are_cached_beside_the_bundle_or_where_the_user_says(tin
     OpenVinoBackend(m).close()
     assert any((tmp_path / "mine").iterdir())
     assert cache_folder(bundle, "") is None
+
+
+def test_new_weights_at_the_same_graph_paths_never_meet_the_old_compiled_blob(tiny_bundle, arrays, tmp_path):
+    """The cache folder is keyed by the graphs' SHA-256 (the manifest's record), not their paths: the graph files
+    unchanged, their external weights (``.onnx.data``) another model's, as a re-export leaves them."""
+    from conftest import TINY
+    from ipiqa.bundle import sha256_file
+    from ipiqa.config import IPIQAConfig
+    from ipiqa.demo import demo_model
+    from ipiqa.export.bundle_export import ExportOptions, export_bundle
+
+    other = tmp_path / "other"
+    export_bundle(demo_model(IPIQAConfig(**TINY), seed=7), [], other, ExportOptions(onnx_only=True), progress=lambda m: None)
+    bundle, cache = shutil.copytree(tiny_bundle, tmp_path / "bundle"), tmp_path / "cache"
+    with OpenVinoBackend(read_bundle(bundle), "fp32", cache_dir=cache) as ov:
+        old = ov.embed_images(arrays)
+    data = json.loads((bundle / "manifest.json").read_text())
+    for rel in [k for k in data["files"] if k.endswith(".onnx.data")]:
+        shutil.copy(other / rel, bundle / rel)
+        data["files"][rel] = sha256_file(bundle / rel)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    m = read_bundle(bundle)
+    with OpenVinoBackend(m, "fp32", cache_dir=cache) as cached, OpenVinoBackend(m, "fp32", cache_dir="") as fresh:
+        new = cached.embed_images(arrays)
+        assert np.array_equal(new, fresh.embed_images(arrays)) and not np.allclose(new, old)
+    keys = {cache_key(m.graph_path(g), m.files, m.root) for g in m.onnx.graphs}
+    assert keys <= {p.name for p in cache.iterdir()} and len(list(cache.iterdir())) == 2 * len(keys)
 
 
 def test_a_graph_swapped_for_another_config_is_refused_on_openvino(tiny_bundle, tmp_path):

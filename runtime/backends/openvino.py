@@ -16,11 +16,14 @@ Runtime's CPU provider cannot do. What each precision runs:
 
 Compiled models are cached (``CACHE_DIR``) beside the bundle in ``cache/openvino/`` (or ``cache_dir``, or
 ``$IPIQA_OPENVINO_CACHE``; a read-only bundle falls back to ``~/.cache/ipiqa/openvino``), so the second start
-skips compilation. All the process's cores (``cpu.usable_cores``) run each call (``PERFORMANCE_HINT=LATENCY``); OpenVINO releases the GIL while
+skips compilation. OpenVINO keys a blob by the graph's path and options, not its bytes: a re-export with new
+weights at the same paths would import the old blob. So each graph compiles into a folder named by the SHA-256
+of its files (``cache_key``: the manifest's record), and a stale blob can never be met. All the process's cores (``cpu.usable_cores``) run each call (``PERFORMANCE_HINT=LATENCY``); OpenVINO releases the GIL while
 inferring, so the pipeline's decode threads overlap it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -28,14 +31,14 @@ from typing import Any, Callable, Mapping, Optional, Union
 import numpy as np
 
 from ipiqa._optional import require
-from ipiqa.bundle import Manifest, check_graph_metadata, embedded_config
+from ipiqa.bundle import Manifest, check_graph_metadata, embedded_config, sha256_file
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.cpu import bf16_refusal, usable_cores
 
 from .base import Backend
 
-__all__ = ["OpenVinoBackend", "OPENVINO_PRECISIONS", "inference_precisions", "cache_folder"]
+__all__ = ["OpenVinoBackend", "OPENVINO_PRECISIONS", "inference_precisions", "cache_folder", "cache_key"]
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
@@ -65,6 +68,20 @@ def cache_folder(root: Optional[Path], override: Union[str, Path, None] = None) 
         except OSError:
             pass
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ipiqa" / "openvino"
+
+
+def cache_key(graph: Path, recorded: Optional[Mapping[str, str]] = None, root: Optional[Path] = None) -> str:
+    """The cache folder of one graph, ``<stem>-<16 hex>``: SHA-256 over the SHA-256 of the graph file and of its
+    external data files (``graph.onnx.data``); ``recorded``: the manifest's ``files`` (relative to ``root``),
+    else the files are hashed here."""
+    if recorded is not None and root is not None:
+        rel = Path(graph).relative_to(root).as_posix()
+        parts = sorted((k, v) for k, v in recorded.items() if k == rel or k.startswith(rel + "."))
+    else:
+        graph = Path(graph)
+        parts = [(p.name, sha256_file(p)) for p in [graph, *sorted(graph.parent.glob(graph.name + ".*"))]]
+    digest = hashlib.sha256("\n".join(f"{k} {v}" for k, v in parts).encode()).hexdigest()
+    return f"{Path(graph).stem}-{digest[:16]}"
 
 
 def _core():
@@ -106,7 +123,8 @@ class OpenVinoBackend(Backend):
                              "without ipiqa[openvino], or OpenVINO's int8 kernels missed the INT8 bounds); re-export "
                              "with openvino installed, or serve INT8 with --backend onnxruntime")
         paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}
-        self._open(manifest.config, paths, precision, served, threads, cache_folder(manifest.root, cache_dir),
+        keys = {name: cache_key(path, manifest.files, manifest.root) for name, path in paths.items()}
+        self._open(manifest.config, paths, precision, served, threads, cache_folder(manifest.root, cache_dir), keys,
                    check=lambda name, model: check_graph_metadata(manifest, name, _metadata(model),
                                                                   _input_shapes(model), precision))
 
@@ -118,12 +136,13 @@ class OpenVinoBackend(Backend):
         ``served``: each graph's inference precision (default ``inference_precisions``; the tests show the
         gate catches the text graph at BF16 through it). No compile cache by default."""
         backend = cls.__new__(cls)
-        backend._open(None, graphs, precision, dict(served or inference_precisions(precision)), threads,
-                      cache_folder(None, cache_dir))
+        cache = cache_folder(None, cache_dir)
+        keys = {name: cache_key(Path(path)) for name, path in graphs.items()} if cache is not None else {}
+        backend._open(None, graphs, precision, dict(served or inference_precisions(precision)), threads, cache, keys)
         return backend
 
     def _open(self, cfg: Optional[IPIQAConfig], graphs: Mapping[str, Path], precision: str,
-              served: Mapping[str, str], threads: Optional[int], cache: Optional[Path],
+              served: Mapping[str, str], threads: Optional[int], cache: Optional[Path], keys: Mapping[str, str],
               check: Callable[[str, Any], None] = lambda name, model: None) -> None:
         core = _core()
         self.precision = precision
@@ -140,9 +159,9 @@ class OpenVinoBackend(Backend):
             config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[served[name]], "PERFORMANCE_HINT": "LATENCY",
                                       "INFERENCE_NUM_THREADS": int(threads or usable_cores())}
             if cache is not None:
-                cache.mkdir(parents=True, exist_ok=True)
-                config["CACHE_DIR"] = str(cache)
-            # From the file path, so OpenVINO's cache key is the file (a second start imports, not compiles).
+                (cache / keys[name]).mkdir(parents=True, exist_ok=True)
+                config["CACHE_DIR"] = str(cache / keys[name])
+            # From the file path, so a second start imports the blob of these very bytes, not compiles.
             compiled = core.compile_model(str(path), "CPU", config)
             hint = compiled.get_property("INFERENCE_PRECISION_HINT")
             got = getattr(hint, "get_type_name", lambda: str(hint))()
