@@ -57,12 +57,12 @@ def test_dry_run_runs_every_part_and_writes_one_summary_line_each(dry_run):
     proc, out, _ = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(next(out.glob("*/gpu_check.json")).read_text())
-    assert [p["name"] for p in report["parts"]] == ["parity", "decode", "throughput", "claims"]
+    assert [p["name"] for p in report["parts"]] == ["parity", "decode", "throughput", "claims", "parity-compile"]
     for p in report["parts"]:
         assert p["status"] in ("PASS", "MEASURED"), p["summary"] + (p["error"] or "")
         assert p["bound"] and p["figure"] and p["rows"]
         assert p["summary"] in proc.stdout  # printed at the end of the output
-    assert (out / report["machine_name"] / "gpu_check.md").read_text().count("## ") == 5  # summary + 4 parts
+    assert (out / report["machine_name"] / "gpu_check.md").read_text().count("## ") == 6  # summary + 5 parts
 
 
 def test_dry_run_judges_parity_by_the_gates_bounds_table(dry_run):
@@ -83,6 +83,15 @@ def test_a_part_that_raises_is_reported_and_the_next_part_still_runs():
     assert [r.status for r in results] == [parts.ERROR, parts.PASS]
     assert "illegal memory access" in results[0].figure and "RuntimeError" in results[0].error
     assert results[1].name == "second"
+
+
+def test_parts_past_the_deadline_are_not_run_and_the_report_follows_each_part():
+    seen = []
+    results = parts.run_parts({"a": lambda: parts.PartResult("a", parts.PASS, "b", "f"),
+                               "b": lambda: parts.PartResult("b", parts.PASS, "b", "f")},
+                              deadline_s=0.0, on_result=lambda done: seen.append([r.name for r in done]))
+    assert [r.status for r in results] == [parts.NOT_RUN, parts.NOT_RUN] and "deadline" in results[0].figure
+    assert seen == [["a"], ["a", "b"]]
 
 
 def test_odd_jpegs_span_the_issue_s_sizes_and_modes():

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 from .layout import ROOT, ensure_layout
 from .parts import ERROR, FAIL, PartResult, progress, run_parts
 
-PARTS = ("parity", "decode", "throughput", "claims")
+PARTS = ("parity", "decode", "throughput", "claims", "parity-compile")  # compile builds last: the longest, least sure
 
 
 def _args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -21,6 +21,9 @@ def _args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                    help="the same parts on the CPU with the reduced-width model (CI; under a minute)")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="leave out the --compile variants")
+    p.add_argument("--deadline-s", type=float, default=420.0,
+                   help="parts not started this many seconds into the check are NOT RUN (the report is written after "
+                        "every part, so a run cut short keeps what it measured)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results",
                    help="the report goes to OUT/<machine>/gpu_check.{md,json}")
     p.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / ".work" / "gpu_check",
@@ -35,8 +38,10 @@ def _args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def _parts(names: Sequence[str], ctx) -> dict[str, Callable[[], PartResult]]:
     from . import claims, decode, parity, throughput
 
-    modules = {"parity": parity, "decode": decode, "throughput": throughput, "claims": claims}
-    return {name: (lambda m=modules[name]: m.part(ctx)) for name in PARTS if name in names}
+    calls = {"parity": lambda: parity.part(ctx), "decode": lambda: decode.part(ctx),
+             "throughput": lambda: throughput.part(ctx), "claims": lambda: claims.part(ctx),
+             "parity-compile": lambda: parity.part(ctx, compiled=True)}
+    return {name: calls[name] for name in PARTS if name in names}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -62,12 +67,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress(f"gpu_check on {info['gpu'].get('name', 'no GPU')} ({info['cpu']} x{info['cores']}), torch "
              f"{torch.__version__}; {'dry run' if args.dry_run else 'RN50 at 512 px'}"
              + (f"; mapped {', '.join(mapped)} from the working tree" if mapped else ""))
-    results = run_parts(_parts(args.parts.split(","), Context(settings)))
     header = {"machine_name": name, "machine": info, "dry_run": args.dry_run, "settings": settings.__dict__,
               "command": " ".join(["python -m benchmarks.gpu_check", *(sys.argv[1:] if argv is None else argv)]),
-              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "seconds": time.perf_counter() - start}
-    written = write(args.out, header, results)
+              "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    written: list[Path] = []
+
+    def report(done: list[PartResult]) -> None:
+        written[:] = write(args.out, {**header, "seconds": time.perf_counter() - start}, done)
+
+    results = run_parts(_parts(args.parts.split(","), Context(settings)), args.deadline_s, report)
     print("\n".join(["", "summary:", *(r.summary() for r in results), *(str(p) for p in written)]), flush=True)
     return 1 if any(r.status in (FAIL, ERROR) for r in results) else 0
 

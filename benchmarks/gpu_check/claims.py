@@ -94,7 +94,7 @@ def _cli(ctx: Context) -> dict:
         if not (folder / p.name).exists():
             (folder / p.name).write_bytes(p.read_bytes())
     out = s.workdir / "cli-scores.csv"
-    argv = [ "score", str(ctx.model_path), "--images", str(folder), "--prompt", "a generated image", "-o", str(out),
+    argv = ["score", str(ctx.model_path), "--images", str(folder), "--prompt", "a generated image", "-o", str(out),
             "--backend", "torch", "--device", s.device, "--decode", "device", "--batch", "4"] + (
         ["--fp16"] if s.fp16 else [])
     progress(f"claims: ipiqa {' '.join(argv)}")
@@ -105,7 +105,8 @@ def _cli(ctx: Context) -> dict:
         code = exc.code if isinstance(exc.code, int) else 1
     lines = out.read_text(encoding="utf-8").splitlines() if out.exists() else []
     ok = code == 0 and len(lines) == 9
-    return {"claim": "ipiqa score --backend torch --device cuda --fp16 --decode device", "passed": ok,
+    return {"claim": f"ipiqa score MODEL --backend torch --device {s.device}{' --fp16' if s.fp16 else ''} --decode device",
+            "passed": ok,
             "figure": f"exit {code}, {max(0, len(lines) - 1)} rows written", "bound": "exit 0, one row per image (8)",
             "command": "ipiqa " + " ".join(argv)}
 

@@ -48,7 +48,7 @@ def settings_for(dry_run: bool, workdir: Path, device: Optional[str] = None, com
     workers = usable_cores()
     if dry_run:
         return Settings(True, device or "cpu", workdir / "dry-run", resolution=64, arch=dict(SMOKE_ARCH),
-                        parity_inputs=16, parity_batch=8, compile=False, decode_images=12,
+                        parity_inputs=16, parity_batch=8, decode_images=12,
                         decode_max_size=(300, 200), batches=(2, 4), e2e_images=8, e2e_unique=4, min_seconds=0.0,
                         workers=workers)
     return Settings(False, device or "cuda", workdir / "rn50-512", compile=compile, workers=workers)
@@ -59,6 +59,7 @@ class Context:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.memo: dict[str, Any] = {}  # results one part computes and a later part reuses (parity's references)
         settings.workdir.mkdir(parents=True, exist_ok=True)
 
     @cached_property

@@ -8,8 +8,9 @@ error) comes from the same model in float64 on the same inputs. Bounds: ``ipiqa.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -26,11 +27,14 @@ class Variant:
     name: str
     fp16: bool
     compile: bool
+    tf32: bool = True  # torch's defaults: cuDNN convolutions may use TF32 (matmuls do not)
 
 
-def variants() -> tuple[Variant, ...]:
-    return (Variant("fp32", False, False), Variant("fp16", True, False),
-            Variant("fp32-compile", False, True), Variant("fp16-compile", True, True))
+def variants(compiled: bool) -> tuple[Variant, ...]:
+    """The eager variants (FP32 as torch runs it, FP32 with TF32 off, FP16), or the ``--compile`` ones."""
+    if compiled:
+        return Variant("fp32-compile", False, True), Variant("fp16-compile", True, True)
+    return Variant("fp32", False, False), Variant("fp32-no-tf32", False, False, tf32=False), Variant("fp16", True, False)
 
 
 def _batches(n: int, batch: int):
@@ -126,42 +130,82 @@ def _row(variant: str, check: Any, extra: dict) -> dict:
             "passed": check.passed, "note": record["note"], **extra}
 
 
-def part(ctx: Context) -> PartResult:
+def _references(ctx: Context) -> tuple[Any, dict, dict]:
+    """(gate inputs, CPU FP32 outputs, float64 outputs), computed once for the eager and the compiled part."""
+    if "parity" not in ctx.memo:
+        from ipiqa.export.gate import gate_inputs
+        from ipiqa.runtime.backends.pytorch import TorchBackend
+
+        s = ctx.settings
+        x = gate_inputs(ctx.cfg, s.parity_inputs, seed=1)
+        progress(f"parity: CPU FP32 reference on {s.parity_inputs} inputs")
+        reference = TorchBackend(ctx.model_path, "cpu")
+        ref = branch_outputs(reference, x.image, x.tokens, s.parity_batch)
+        reference.close()
+        progress(f"parity: float64 floor on {s.device}")
+        ctx.memo["parity"] = x, ref, float64_outputs(ctx.model_path, x.image, x.tokens, s.parity_batch, s.device)
+    return ctx.memo["parity"]
+
+
+@contextmanager
+def _tf32(torch: Any, allowed: bool) -> Iterator[None]:
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    if not allowed:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@contextmanager
+def _dry_compile(torch: Any, dry_run: bool) -> Iterator[None]:
+    """Dry run: ``torch.compile`` with dynamo's eager backend, so the compiled code path (tracing, guards, the
+    backend's wiring) runs on a CPU in seconds; inductor's C++ builds would take minutes there."""
+    if not dry_run:
+        yield
+        return
+    original = torch.compile
+    torch.compile = lambda fn, **kw: original(fn, **{**kw, "backend": "eager", "mode": None})
+    try:
+        yield
+    finally:
+        torch.compile = original
+
+
+def part(ctx: Context, compiled: bool = False) -> PartResult:
+    """The eager variants, or (``compiled``) the ``--compile`` ones: a part of their own, run last, since their
+    builds take the longest and must not keep the other parts from running."""
     import torch
 
-    from ipiqa.export.gate import gate_inputs
     from ipiqa.runtime.backends.pytorch import TorchBackend
 
     s = ctx.settings
-    x = gate_inputs(ctx.cfg, s.parity_inputs, seed=1)
-    progress(f"parity: CPU FP32 reference on {s.parity_inputs} inputs")
-    reference = TorchBackend(ctx.model_path, "cpu")
-    ref = branch_outputs(reference, x.image, x.tokens, s.parity_batch)
-    reference.close()
-    progress(f"parity: float64 floor on {s.device}")
-    ref64 = float64_outputs(ctx.model_path, x.image, x.tokens, s.parity_batch, s.device)
+    x, ref, ref64 = _references(ctx)
     rows, notes, worst = [], [], {}
-    for v in variants():
+    for v in variants(compiled):
         fp16 = v.fp16 and s.fp16
         label = v.name if fp16 == v.fp16 else f"{v.name} (dry run: FP32 on CPU)"
+        if v.compile and s.dry_run:
+            label += " (dry run: dynamo, eager backend)"
         if v.compile and not s.compile:
-            why = ("dry run: torch.compile is not run on the CPU (minutes of inductor builds)" if s.dry_run
-                   else "--no-compile")
+            why = "--no-compile"
             rows.append({"variant": v.name, "check": f"{v.name}/*", "passed": None, "note": f"{NOT_RUN}: {why}"})
             notes.append(f"{v.name}: {NOT_RUN} ({why})")
             continue
         progress(f"parity: {label} on {s.device}")
-        backend = TorchBackend(ctx.model_path, s.device, fp16=fp16, compile=v.compile)
-        try:
-            out = branch_outputs(backend, x.image, x.tokens, s.parity_batch)
-        finally:
-            backend.close()
-            if s.device == "cuda":
-                torch.cuda.empty_cache()
-        extra = {"backend": backend.name, "spearman_min": _spearman_min(ref["scores"], out["scores"])}
-        if s.device == "cuda":
-            extra["cudnn_allow_tf32"] = bool(torch.backends.cudnn.allow_tf32)
-            extra["matmul_allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        with _dry_compile(torch, s.dry_run):
+            backend = TorchBackend(ctx.model_path, s.device, fp16=fp16, compile=v.compile)
+        with _tf32(torch, v.tf32):
+            try:
+                out = branch_outputs(backend, x.image, x.tokens, s.parity_batch)
+            finally:
+                backend.close()
+                if s.device == "cuda":
+                    torch.cuda.empty_cache()
+            extra = {"backend": backend.name, "spearman_min": _spearman_min(ref["scores"], out["scores"]),
+                     "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+                     "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
         checks = judge(label, "fp16" if v.fp16 else "fp32", ref, ref64, out, ctx.cfg.outputs)
         for c in checks:
             progress(f"  {c.line()}")
@@ -172,5 +216,5 @@ def part(ctx: Context) -> PartResult:
                          f"{max(c.max_abs for c in scores):.2e}, Spearman {extra['spearman_min']:.5f}"
                          + (f", min cosine {min(cosines):.6f}" if cosines else ""))
     judged = [r["passed"] for r in rows if r["passed"] is not None]
-    return PartResult("parity", status_of(judged), bounds_text(), "; ".join(worst.values()) or "nothing ran",
+    return PartResult("parity-compile" if compiled else "parity", status_of(judged) if judged else NOT_RUN, bounds_text(), "; ".join(worst.values()) or "nothing ran",
                       tuple(rows), tuple(notes))

@@ -73,6 +73,19 @@ def run_part(name: str, fn: Callable[[], PartResult]) -> PartResult:
     return result
 
 
-def run_parts(parts: Mapping[str, Callable[[], PartResult]]) -> list[PartResult]:
-    """Every part in order, each on its own."""
-    return [run_part(name, fn) for name, fn in parts.items()]
+def run_parts(parts: Mapping[str, Callable[[], PartResult]], deadline_s: Optional[float] = None,
+              on_result: Callable[[list[PartResult]], None] = lambda done: None) -> list[PartResult]:
+    """Every part in order, each on its own; ``on_result`` sees the results so far after each part (the report is
+    rewritten, so a run killed by its time limit keeps what it measured). A part not started by ``deadline_s``
+    (seconds since the check started) is NOT RUN, so the check ends inside the lease's call."""
+    done: list[PartResult] = []
+    for name, fn in parts.items():
+        elapsed = time.perf_counter() - _START
+        if deadline_s is not None and elapsed > deadline_s:
+            done.append(PartResult(name, NOT_RUN, "n/a", f"not started: {elapsed:.0f}s had passed, past the "
+                                   f"check's deadline of {deadline_s:.0f}s"))
+            progress(f"part {name}: {done[-1].summary()}")
+        else:
+            done.append(run_part(name, fn))
+        on_result(done)
+    return done

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .context import Context
-from .parts import MEASURED, PartResult, progress
+from .parts import FAIL, MEASURED, PartResult, progress
 
 __all__ = ["DATASHEET_FP16_DENSE", "datasheet_peak", "e2e_files", "engine_rate", "part"]
 
@@ -129,8 +129,11 @@ def part(ctx: Context) -> PartResult:
         scorer.close()
     best_engine = max(rows[: len(s.batches)], key=lambda x: x["images_per_s"])
     best = {d: max((x for x in rows if x["decode"] == d), key=lambda x: x["images_per_s"]) for d in ("host", "device")}
-    pct = f", {best_engine['pct_measured_peak']:.1f}% of measured FP16 peak" if flops else ""
-    figure = (f"engine-only {best_engine['images_per_s']:.0f} img/s at batch {best_engine['batch']}{pct}; e2e host "
+    pct = (f", {best_engine['pct_measured_peak']:.1f}% of the measured {'FP16' if cuda else 'FP32 CPU'} peak"
+           if flops else "")
+    failed = [x for x in rows if x.get("errors")]
+    figure = ("ERROR ROWS in " + ", ".join(f"e2e {x['decode']} batch {x['batch']} ({x['errors']})" for x in failed)
+              + ": rates not valid; " if failed else "") + (f"engine-only {best_engine['images_per_s']:.0f} img/s at batch {best_engine['batch']}{pct}; e2e host "
               f"decode {best['host']['images_per_s']:.0f} img/s ({100 * best['host']['share_of_engine']:.0f}% of "
               f"engine), device decode {best['device']['images_per_s']:.0f} img/s "
               f"({100 * best['device']['share_of_engine']:.0f}%) ({s.workers} decode threads)")
@@ -141,7 +144,7 @@ def part(ctx: Context) -> PartResult:
     if flops:
         notes.append(f"FLOPs per image {flops['per_image'] / 1e9:.2f} G (image {flops['image_encoder'] / 1e9:.2f} + fusion "
                      f"{flops['fusion'] / 1e9:.3f} + text {flops['text_encoder'] / 1e9:.2f} / {flops['images_per_prompt']})")
-    return PartResult("throughput", MEASURED,
+    return PartResult("throughput", FAIL if failed else MEASURED,
                       f"none: a measurement (planning figure {PLANNING_FIGURE:.0f} img/s for H100 FP16 engines, "
                       "issue 13; never measured before)", figure, tuple(rows), tuple(notes),
                       extra={"flops": flops, "measured_peak_flops": measured, "datasheet_peak_flops": sheet,
