@@ -22,8 +22,8 @@ import numpy as np
 from .checks import BOUNDS, Check, bounds_for, known_fields
 from ipiqa.metrics import srcc as spearman  # one rank implementation (below export and training), checked against scipy
 
-__all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "FP32_TOL", "FP16_ATOL",
-           "FP16_SPEARMAN", "FLOOR_MULTIPLE", "rule_record"]
+__all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "worst_spearman", "FP32_TOL",
+           "FP16_ATOL", "FP16_SPEARMAN", "FLOOR_MULTIPLE", "rule_record"]
 
 FP32_TOL = BOUNDS["fp32"].rtol
 FP16_ATOL = BOUNDS["fp16"].atol
@@ -160,6 +160,19 @@ class ParityResult(Check):
         return cls(**known)
 
 
+def worst_spearman(ref: np.ndarray, out: np.ndarray) -> Optional[float]:
+    """The least Spearman over the score columns the reference can rank, whatever their order.
+
+    A column whose reference is constant has no rank order (Spearman is NaN there) and is left out, explicitly:
+    ``min`` over a NaN depends on where it stands. A column the output cannot rank where the reference can
+    (constant, or non-finite) is NaN, which fails. None: no column can be ranked (max |d| alone judges).
+    """
+    rhos = [spearman(ref[:, j], out[:, j]) for j in range(ref.shape[1]) if np.ptp(ref[:, j]) > 0]
+    if not rhos:
+        return None
+    return float("nan") if any(np.isnan(r) for r in rhos) else float(min(rhos))
+
+
 def compare(name: str, ref: np.ndarray, out: np.ndarray, scores: bool = False, fp16: bool = False,
             ref64: Optional[np.ndarray] = None, override: Optional[ToleranceOverride] = None,
             precision: str = "fp32") -> ParityResult:
@@ -188,7 +201,7 @@ def compare(name: str, ref: np.ndarray, out: np.ndarray, scores: bool = False, f
     tolerance, fixed = check_tolerance(scale, floor, precision, override)
     rho = rho_min = None
     if precision != "fp32" and scores and ref.ndim == 2 and len(ref) > 2:  # the worst score column decides
-        rho = min(spearman(ref[:, j], out[:, j]) for j in range(ref.shape[1]))
-        rho_min = bounds_for(precision).spearman_min
+        rho = worst_spearman(ref, out)
+        rho_min = None if rho is None else bounds_for(precision).spearman_min
     return ParityResult(name, max_abs, mean_abs, max_rel, tolerance, rho, rho_min, floor, fixed,
                         FLOOR_MULTIPLE if floor is not None else None, override)

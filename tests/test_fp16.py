@@ -196,3 +196,19 @@ def test_the_gate_emulation_rounds_where_onnx_runtime_cpu_does_not(tmp_path):
     assert np.isfinite(graph_session(path).run(None, {"x": x})[0]).all()
     emulated = graph_session(fp16_emulation(path)).run(None, {"x": x.astype(np.float32)})[0]
     assert np.isinf(emulated).all()
+
+
+def test_the_fp16_spearman_minimum_leaves_out_columns_the_reference_cannot_rank_in_either_column_order():
+    from ipiqa.export.parity import compare
+
+    rng = np.random.default_rng(0)
+    ranked = rng.normal(size=64)
+    ref = np.stack([ranked, np.full(64, 0.5)], 1)  # column 1 is constant: no rank order, Spearman NaN
+    out = ref + rng.normal(scale=1e-4, size=ref.shape)
+    for order in ([0, 1], [1, 0]):
+        result = compare("fp16/scores", ref[:, order], out[:, order], scores=True, fp16=True)
+        assert result.spearman == pytest.approx(1.0) and result.passed, result.line()
+    flat = out.copy()
+    flat[:, 0] = 0.25  # the output cannot rank a column the reference ranks: fails, in either order
+    for order in ([0, 1], [1, 0]):
+        assert not compare("fp16/scores", ref[:, order], flat[:, order], scores=True, fp16=True).passed
