@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 __all__ = ["measure_report", "report_table", "measure_to_shards"]
 
@@ -101,7 +101,8 @@ def _run_child(kind: str, scores: Path, output: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_report(workdir: Path, sizes: Sequence[int] = (200_000,), images: int = 32) -> dict:
+def measure_report(workdir: Path, sizes: Sequence[int] = (200_000,), images: int = 32,
+                   shard_samples: Optional[int] = None) -> dict:
     """For each size: the scores file's size, then ``write_report`` (time, page size, peak RSS) and
     ``write_selection --top-k 1 --per prompt`` (time, rows kept, peak RSS), each in a fresh process."""
     import numpy as np
@@ -135,7 +136,9 @@ def measure_report(workdir: Path, sizes: Sequence[int] = (200_000,), images: int
                             "report_thumbnails": report["thumbnails"], "report_peak_rss_mib": report["peak_rss_mib"],
                             "select_seconds": select["seconds"], "select_kept": select["kept"],
                             "select_peak_rss_mib": select["peak_rss_mib"]})
-    shards = measure_to_shards(workdir / "to-shards")
+    if shard_samples is None:  # scaled with the scores (the smoke run's 2,000 rows: 80 samples)
+        shard_samples = max(16, min(SHARD_SAMPLES, max(sizes) // 25) // 16 * 16)
+    shards = measure_to_shards(workdir / "to-shards", shard_samples)
     return {"sizes": results, "to_shards": shards, "markdown": report_table(results) + "\n\n" + to_shards_table(shards)}
 
 

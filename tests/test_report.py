@@ -257,11 +257,12 @@ def test_error_causes_drop_the_file_name_and_details():
 def test_report_benchmark_returns_size_and_time(tmp_path):
     from benchmarks.report_bench import measure_report
 
-    out = measure_report(tmp_path, sizes=(2000,), images=4)
-    row = out["sizes"][0]
-    assert row["rows"] == 2000 and row["report_mb"] > 0 and row["report_seconds"] > 0
-    assert row["select_kept"] == 500  # 4 images per prompt, best 1 each (no prompt is all errors)
-    assert "| 2,000 |" in out["markdown"]
+    out = measure_report(tmp_path, sizes=(2000,), images=4, shard_samples=32)
+    one, many = out["sizes"]
+    assert one["rows"] == 2000 and one["report_mb"] > 0 and one["report_seconds"] > 0
+    assert one["select_kept"] == many["select_kept"] == 500  # 4 images per prompt, best 1 each (no prompt all errors)
+    assert (one["input"], many["input"]) == ("one file", "64 files") and "| 2,000 |" in out["markdown"]
+    assert out["to_shards"]["kept"] > 0 and out["to_shards"]["written_mb"] > 0
 
 
 def test_report_and_select_never_import_torch(tmp_path):
@@ -294,4 +295,43 @@ def test_rows_inside_shards_get_a_placeholder_that_says_why(tmp_path):
     with ResultWriter(scores, OUTPUTS) as w:
         w.write([Result(Row(str(tmp_path / "shard-000.tar::000017"), "a cat"), (0.5, 0.5))])
     html, cards = page_of(scores)
-    assert not cards.srcs and "an image inside a shard or Parquet file" in html
+    assert not cards.srcs and "an image inside a shard; pass --shard-previews" in html
+
+
+def test_rows_inside_parquet_files_get_a_placeholder_that_says_why(tmp_path):
+    scores = tmp_path / "pq.csv"
+    with ResultWriter(scores, OUTPUTS) as w:
+        w.write([Result(Row(str(tmp_path / "train.parquet::7"), "a cat"), (0.5, 0.5))])
+    html, cards = page_of(scores)
+    assert not cards.srcs and "an image inside a Parquet file" in html
+
+
+def test_shard_previews_read_each_shard_once_up_to_its_last_shown_key(tmp_path, monkeypatch):
+    import tarfile
+
+    from ipiqa.runtime.results import thumbs as thumbs_module
+    from test_shards import good_samples, write_shard
+
+    full = write_shard(tmp_path / "a.tar", good_samples(0, 3))
+    with tarfile.open(tmp_path / "a.tar") as tf:
+        cut = next(m.offset for m in tf.getmembers() if m.name == "000002.jpg") + 700
+    (tmp_path / "a.tar").write_bytes(full[:cut])  # past the shown keys, the shard is garbage: never reached
+    write_shard(tmp_path / "b.tar", good_samples(10, 2))
+    scores = tmp_path / "s.csv"
+    rows = [(tmp_path / "a.tar", 0), (tmp_path / "a.tar", 1), (tmp_path / "b.tar", 10), (tmp_path / "b.tar", 11)]
+    with ResultWriter(scores, OUTPUTS) as w:
+        w.write([Result(Row(f"{shard}::{i:06d}", "p"), (0.1 * n, 0.5)) for n, (shard, i) in enumerate(rows)])
+    read: dict[str, int] = {}
+    real = thumbs_module.shard_rows
+
+    def counted(shard):
+        read[Path(shard).name] = 0
+        for row in real(shard):
+            read[Path(shard).name] += 1
+            yield row
+
+    monkeypatch.setattr(thumbs_module, "shard_rows", counted)
+    html, cards = page_of(scores, "--shard-previews")
+    assert len(set(cards.srcs)) == 4 and all(s.startswith("data:image/jpeg") for s in cards.srcs)
+    assert "no preview" not in html
+    assert read == {"a.tar": 2, "b.tar": 2}  # each shard once, a.tar left after its last shown key

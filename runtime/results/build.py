@@ -32,8 +32,10 @@ class ReportResult:
 
 def write_report(scores: Union[str, Path], output: Union[str, Path], options: ReportOptions = ReportOptions(),
                  images_root: Optional[Path] = None, bundle: Optional[Path] = None, title: Optional[str] = None,
-                 thumb_size: int = 160, progress: Optional[Callable[[int], None]] = None) -> ReportResult:
-    """Read ``scores`` (streamed, twice at most), write the page to ``output`` (replaced whole, never half-written)."""
+                 thumb_size: int = 160, progress: Optional[Callable[[int], None]] = None,
+                 shard_previews: bool = False) -> ReportResult:
+    """Read ``scores`` (streamed, twice at most), write the page to ``output`` (replaced whole, never half-written).
+    ``shard_previews``: read the shards holding shown ``SHARD::KEY`` rows for their thumbnails (each once)."""
     start = time.perf_counter()
     source = open_scores(scores)
     out = Path(output)
@@ -41,6 +43,8 @@ def write_report(scores: Union[str, Path], output: Union[str, Path], options: Re
     run = run_lines(source, bundle)
     data = collect(source, replace(options, progress=progress) if progress else options)
     thumbs = Thumbnails(thumb_size)
+    if shard_previews:
+        thumbs.prefetch_shards((r.image for r in data.shown()), images_root)
     html = render_page(data, thumbs, images_root, run, title).encode("utf-8")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -96,6 +96,11 @@ class ReportData:
     groups: tuple[PromptGroup, ...]
     options: ReportOptions
 
+    def shown(self) -> list[ScoreRow]:
+        """Every row the galleries show (each once), for thumbnails made ahead of the page."""
+        rows = [*self.worst, *self.best, *self.sample, *(r for g in self.groups for r in g.best)]
+        return list({r.index: r for r in rows}.values())
+
 
 def error_cause(image: str, error: str) -> str:
     """The kind of an error, for counting: the message without its file name and details.

@@ -34,11 +34,14 @@ IMAGES_ROOT = click.option(
 @click.option("--errors", default=100, show_default=True, type=click.IntRange(0), help="Error rows listed (all are counted by cause).")
 @click.option("--thumb", default=160, show_default=True, type=click.IntRange(16, 1024), help="Thumbnail size in pixels (longest side).")
 @click.option("--title", default=None, callback=text_option, help="The page's title.")
+@click.option("--shard-previews", is_flag=True,
+              help="Rows inside shards (SHARD::KEY): read their thumbnails from the shards. Each shard holding a "
+                   "shown row is streamed once, up to its last shown key (off by default: that can be many GB).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly
 def report_cmd(scores: str, output: Path, images_root: Optional[Path], bundle: Optional[Path], by: Optional[str],
                n: int, sample: int, prompts: int, per_prompt: int, errors: int, thumb: int, title: Optional[str],
-               quiet: bool) -> None:
+               shard_previews: bool, quiet: bool) -> None:
     """Write one offline HTML page about a scores file or set: summary, histograms, worst and best images, best
     of N per prompt, errors, and a threshold control that filters the galleries.
 
@@ -71,7 +74,7 @@ def report_cmd(scores: str, output: Path, images_root: Optional[Path], bundle: O
         state["last"] = rows
 
     try:
-        result = write_report(scores, output, options, images_root, bundle, title, thumb, progress)
+        result = write_report(scores, output, options, images_root, bundle, title, thumb, progress, shard_previews)
     except BaseException:
         bar.leave = False
         raise

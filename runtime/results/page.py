@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from html import escape
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from .collect import ReportData
-from .read import ScoreRow, resolve_image
+from .read import ScoreRow
 from .svg import histogram_svg, num, scatter_svg
-from .thumbs import Thumbnail
+from .thumbs import Thumbnails
 
 __all__ = ["render_page"]
 
@@ -108,16 +108,11 @@ def _scores_text(row: ScoreRow, outputs: Sequence[str], by: str) -> str:
 class _Cards:
     """Gallery cards: thumbnail, scores (the ranking one bold), prompt, file name."""
 
-    def __init__(self, data: ReportData, thumb: Callable[[Path], Thumbnail], images_root: Optional[Path]):
+    def __init__(self, data: ReportData, thumb: Thumbnails, images_root: Optional[Path]):
         self.data, self.thumb, self.root = data, thumb, images_root
 
     def card(self, row: ScoreRow, rank: Optional[int] = None) -> str:
-        path = resolve_image(row.image, self.root)
-        if "::" in row.image and not path.exists():  # SHARD::KEY / FILE::ROW rows: the image is inside a file
-            t = Thumbnail(None, f"{row.image}: an image inside a shard or Parquet file; the report shows no "
-                                "preview of those yet")
-        else:
-            t = self.thumb(path)
+        t = self.thumb.for_row(row.image, self.root)
         name = escape(Path(row.image).name or row.image)
         img = (f'<img src="{t.uri}" alt="{name}">' if t.uri else
                f'<div class="noimg">no preview: {escape(t.why or "")}</div>')
@@ -218,7 +213,7 @@ def _errors(d: ReportData) -> str:
             f'<table class="err"><tr><th>row</th><th>image</th><th>prompt</th><th>error</th></tr>{rows}</table></section>')
 
 
-def render_page(d: ReportData, thumb: Callable[[Path], Thumbnail], images_root: Optional[Path] = None,
+def render_page(d: ReportData, thumb: Thumbnails, images_root: Optional[Path] = None,
                 run: Sequence[tuple[str, str]] = (), title: Optional[str] = None) -> str:
     """The page's HTML. ``thumb`` makes each image's thumbnail; ``run``: (label, value) pairs of the run that
     wrote the scores (the bundle's precision, ...), shown in the summary."""

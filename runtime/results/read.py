@@ -17,8 +17,9 @@ from typing import Collection, Iterator, Optional, Union
 from ipiqa.errors import IPIQAError
 
 from ..io.formats import CODECS, output_columns, output_format
+from ..io.inputs import SHARD_SUFFIXES, split_reference
 
-__all__ = ["ScoreRow", "ScoresFile", "SCORE_SUFFIXES", "resolve_image"]
+__all__ = ["ScoreRow", "ScoresFile", "SCORE_SUFFIXES", "resolve_image", "shard_of"]
 
 PARQUET_BATCH = 65536  # rows per pyarrow batch (memory of a Parquet read)
 SCORE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".parquet")  # what ipiqa score writes (io.formats.output_format)
@@ -154,3 +155,12 @@ def resolve_image(image: str, root: Optional[Path]) -> Path:
     joined to its folder), relative to the current folder as the run's was, or to ``root`` (``--images-root``)."""
     path = Path(image)
     return path if root is None or path.is_absolute() else Path(root) / path
+
+
+def shard_of(image: str, root: Optional[Path] = None) -> Optional[tuple[Path, str]]:
+    """(shard file, key) of a ``SHARD::KEY`` row (``io.inputs.split_reference``, the one reading of such a cell),
+    or None for any other row (a file path, a Parquet file's ``FILE::ROW``)."""
+    found = split_reference(image)
+    if found is None or not found[0].name.lower().endswith(SHARD_SUFFIXES):
+        return None
+    return resolve_image(str(found[0]), root), found[1]

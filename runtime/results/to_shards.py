@@ -28,23 +28,13 @@ from typing import IO, Optional, Sequence
 
 from ipiqa.errors import IPIQAError
 
-from ..io.inputs import SHARD_SUFFIXES, split_reference
 from ..io.shards import sample_key
-from .read import ScoreRow, resolve_image
+from .read import ScoreRow, shard_of
 
-__all__ = ["SCORES_EXT", "ShardsResult", "ShardsWriter", "shard_of"]
+__all__ = ["SCORES_EXT", "ShardsResult", "ShardsWriter"]
 
 SCORES_EXT = "scores.json"  # the member each written sample gains: KEY.scores.json
 DEFAULT_SHARD_SIZE = 10_000  # samples per output shard (DataComp's and img2dataset's usual size)
-
-
-def shard_of(image: str, root: Optional[Path] = None) -> Optional[tuple[Path, str]]:
-    """(shard file, key) of a ``SHARD::KEY`` row (``io.inputs.split_reference``, the one reading of such a cell),
-    or None for any other row (a file path, a Parquet file's ``FILE::ROW``)."""
-    found = split_reference(image)
-    if found is None or not found[0].name.lower().endswith(SHARD_SUFFIXES):
-        return None
-    return resolve_image(str(found[0]), root), found[1]
 
 
 @dataclass(frozen=True)
