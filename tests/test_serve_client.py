@@ -162,3 +162,18 @@ def test_needs_prompt_comes_from_the_servers_description(monkeypatch, folder, tm
 def test_a_text_model_still_refuses_a_folder_without_prompts(server, folder, tmp_path):
     with _scorer() as scorer, pytest.raises(IPIQAError, match="no prompts"):
         scorer.score_files(folder, tmp_path / "o.csv")
+
+
+def test_the_cli_prints_the_stop_line_and_exits_1(server, folder, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ipiqa.cli import cli
+
+    monkeypatch.setattr(client_module, "RETRY_S", 0.2)
+    server.fail = lambda call: _failure("UNAVAILABLE", "connection refused") if call > 2 else None
+    out = tmp_path / "o.csv"
+    result = CliRunner().invoke(cli, ["score", "--server", URL, "--images", str(folder), "--prompt", "a fox",
+                                      "-o", str(out), "-q", "--batch", "1", "--concurrency", "1"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--resume" in result.output and URL in result.output
+    assert len(read_csv(out)) == 2

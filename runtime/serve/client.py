@@ -105,7 +105,8 @@ class RemoteScorer:
     ``timeout_s`` bounds one call; ``retry_s`` how long calls failing for the connection are retried."""
 
     def __init__(self, address: str, model: str = MODEL, concurrency: int = 8, timeout_s: float = 60.0,
-                 retry_s: float = RETRY_S):
+                 retry_s: Optional[float] = None):
+        retry_s = RETRY_S if retry_s is None else retry_s
         if concurrency < 1:
             raise IPIQAError(f"--concurrency must be >= 1, got {concurrency}")
         if retry_s < 0:
