@@ -130,3 +130,13 @@ def test_report_of_a_folder_names_the_set(tmp_path):
 def test_a_name_that_is_nothing_is_one_line(tmp_path):
     res = CliRunner().invoke(report_cmd, [str(tmp_path / "nope.csv")])
     assert res.exit_code == 1 and "no such scores file or folder" in res.output and "Traceback" not in res.output
+
+
+def test_a_file_of_the_set_cut_by_a_killed_run_is_named_and_its_rows_before_the_cut_reported(tmp_path):
+    folder = split_scenario(tmp_path, fmts=("csv", "csv", "csv"))
+    with open(folder / "00001.csv", "ab") as fh:
+        fh.write(b"/x/cut.png,a half writ")  # the record a kill cut in half
+    out = tmp_path / "r.html"
+    res = CliRunner().invoke(report_cmd, [str(folder), "-o", str(out), "-q"])
+    assert res.exit_code == 0 and f"{len(SCENARIO)} rows" in res.output
+    assert f"{folder / '00001.csv'} ends in a partial record" in out.read_text()
