@@ -8,9 +8,10 @@ error) comes from the same model in float64 on the same inputs. Bounds: ``ipiqa.
 """
 from __future__ import annotations
 
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -107,11 +108,15 @@ def judge(label: str, precision: str, ref: dict, ref64: dict, out: dict, columns
     return checks
 
 
-def _spearman_min(ref: np.ndarray, out: np.ndarray) -> float:
-    from ipiqa.export.parity import spearman
+def _spearman_min(ref: np.ndarray, out: np.ndarray) -> Optional[float]:
+    """The gates' figure (``parity.worst_spearman``): reported for every run, gated only where scores spread."""
+    from ipiqa.export.parity import worst_spearman
 
-    ref, out = ref.reshape(len(ref), -1), out.reshape(len(out), -1)
-    return float(min(spearman(ref[:, j], out[:, j]) for j in range(ref.shape[1])))
+    return worst_spearman(ref.reshape(len(ref), -1), out.reshape(len(out), -1))
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a (no column ranks)" if value is None else f"{value:.5f}"
 
 
 def bounds_text() -> str:
@@ -173,48 +178,63 @@ def _dry_compile(torch: Any, dry_run: bool) -> Iterator[None]:
         torch.compile = original
 
 
-def part(ctx: Context, compiled: bool = False) -> PartResult:
-    """The eager variants, or (``compiled``) the ``--compile`` ones: a part of their own, run last, since their
-    builds take the longest and must not keep the other parts from running."""
+def _run_variant(ctx: Context, v: Variant, x: Any, ref: dict, ref64: dict) -> tuple[list[dict], str]:
+    """One variant's rows and its summary phrase."""
     import torch
 
     from ipiqa.runtime.backends.pytorch import TorchBackend
 
     s = ctx.settings
+    fp16 = v.fp16 and s.fp16
+    label = v.name if fp16 == v.fp16 else f"{v.name} (dry run: FP32 on CPU)"
+    if v.compile and s.dry_run:
+        label += " (dry run: dynamo, eager backend)"
+    progress(f"parity: {label} on {s.device}")
+    with _dry_compile(torch, s.dry_run):
+        backend = TorchBackend(ctx.model_path, s.device, fp16=fp16, compile=v.compile)
+    with _tf32(torch, v.tf32):
+        try:
+            out = branch_outputs(backend, x.image, x.tokens, s.parity_batch)
+        finally:
+            backend.close()
+            if s.device == "cuda":
+                torch.cuda.empty_cache()
+        extra = {"backend": backend.name, "spearman_min": _spearman_min(ref["scores"], out["scores"]),
+                 "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+                 "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+    checks = judge(label, "fp16" if v.fp16 else "fp32", ref, ref64, out, ctx.cfg.outputs)
+    for c in checks:
+        progress(f"  {c.line()}")
+    scores = [c for c in checks if c.name.startswith(f"{label}/scores")]
+    cosines = [c.measure for c in checks if type(c).measure_name == "min cosine"]
+    summary = (f"{v.name}: {sum(c.passed for c in checks)}/{len(checks)} pass, scores max|d| "
+               f"{max(c.max_abs for c in scores):.2e}, Spearman {_fmt(extra['spearman_min'])}"
+               + (f", min cosine {min(cosines):.6f}" if cosines else ""))
+    return [_row(v.name, c, extra) for c in checks], summary
+
+
+def part(ctx: Context, compiled: bool = False) -> PartResult:
+    """The eager variants, or (``compiled``) the ``--compile`` ones: a part of their own, run last, since their
+    builds take the longest and must not keep the other parts from running. A variant that raises is a failed
+    row; the next variant still runs."""
     x, ref, ref64 = _references(ctx)
-    rows, notes, worst = [], [], {}
+    rows: list[dict] = []
+    notes: list[str] = []
+    summaries: list[str] = []
     for v in variants(compiled):
-        fp16 = v.fp16 and s.fp16
-        label = v.name if fp16 == v.fp16 else f"{v.name} (dry run: FP32 on CPU)"
-        if v.compile and s.dry_run:
-            label += " (dry run: dynamo, eager backend)"
-        if v.compile and not s.compile:
-            why = "--no-compile"
-            rows.append({"variant": v.name, "check": f"{v.name}/*", "passed": None, "note": f"{NOT_RUN}: {why}"})
-            notes.append(f"{v.name}: {NOT_RUN} ({why})")
+        if v.compile and not ctx.settings.compile:
+            rows.append({"variant": v.name, "check": f"{v.name}/*", "passed": None, "note": f"{NOT_RUN}: --no-compile"})
+            notes.append(f"{v.name}: {NOT_RUN} (--no-compile)")
             continue
-        progress(f"parity: {label} on {s.device}")
-        with _dry_compile(torch, s.dry_run):
-            backend = TorchBackend(ctx.model_path, s.device, fp16=fp16, compile=v.compile)
-        with _tf32(torch, v.tf32):
-            try:
-                out = branch_outputs(backend, x.image, x.tokens, s.parity_batch)
-            finally:
-                backend.close()
-                if s.device == "cuda":
-                    torch.cuda.empty_cache()
-            extra = {"backend": backend.name, "spearman_min": _spearman_min(ref["scores"], out["scores"]),
-                     "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-                     "matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
-        checks = judge(label, "fp16" if v.fp16 else "fp32", ref, ref64, out, ctx.cfg.outputs)
-        for c in checks:
-            progress(f"  {c.line()}")
-        rows += [_row(v.name, c, extra) for c in checks]
-        scores = [c for c in checks if c.name.startswith(f"{label}/scores")]
-        cosines = [c.measure for c in checks if type(c).measure_name == "min cosine"]
-        worst[v.name] = (f"{v.name}: {sum(c.passed for c in checks)}/{len(checks)} pass, scores max|d| "
-                         f"{max(c.max_abs for c in scores):.2e}, Spearman {extra['spearman_min']:.5f}"
-                         + (f", min cosine {min(cosines):.6f}" if cosines else ""))
+        try:
+            variant_rows, summary = _run_variant(ctx, v, x, ref, ref64)
+        except Exception as exc:  # noqa: BLE001 - this variant's failure, reported; the others still run
+            summary = f"{v.name}: ERROR {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            variant_rows = [{"variant": v.name, "check": f"{v.name}/*", "passed": False, "note": summary,
+                             "traceback": traceback.format_exc()}]
+            progress(f"  {summary}")
+        rows += variant_rows
+        summaries.append(summary)
     judged = [r["passed"] for r in rows if r["passed"] is not None]
-    return PartResult("parity-compile" if compiled else "parity", status_of(judged) if judged else NOT_RUN, bounds_text(), "; ".join(worst.values()) or "nothing ran",
-                      tuple(rows), tuple(notes))
+    return PartResult("parity-compile" if compiled else "parity", status_of(judged) if judged else NOT_RUN,
+                      bounds_text(), "; ".join(summaries) or "nothing ran", tuple(rows), tuple(notes))

@@ -23,7 +23,7 @@ def _cell(value: Any) -> str:
 def _table(rows: Sequence[dict]) -> list[str]:
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys]
+        keys += [k for k in r if k not in keys and k != "traceback"]  # tracebacks: in the JSON only
     return [f"| {' | '.join(keys)} |", f"| {' | '.join('---' for _ in keys)} |",
             *(f"| {' | '.join(_cell(r.get(k)) for k in keys)} |" for r in rows)]
 
