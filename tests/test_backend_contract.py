@@ -11,6 +11,7 @@ from ipiqa.bundle import read_bundle
 from ipiqa.errors import IPIQAError
 from ipiqa.export.checks import BOUNDS
 from ipiqa.runtime.backends import Backend, batch_spans
+from ipiqa.runtime.backends.base import CPU_ENGINE_BATCH, GPU_ENGINE_BATCH, engine_batch_for
 from ipiqa.runtime.backends.ort import OrtBackend
 from ipiqa.runtime.scorer import Scorer, scorer_precision
 
@@ -307,3 +308,84 @@ def test_graphs_exported_for_different_configs_are_refused_as_one_set(manifest):
         embedded_config({"image_encoder": {METADATA_CONFIG_KEY: one}, "fusion": {METADATA_CONFIG_KEY: other}})
     with pytest.raises(IPIQAError, match=r"\['fusion'\] carry no ipiqa config"):
         embedded_config({"image_encoder": {METADATA_CONFIG_KEY: one}, "fusion": {}})
+
+
+# ---------------------------------------------------------------- one engine batch (issue 28: reproducible scores)
+
+
+@pytest.mark.parametrize("n,size,spans", [
+    (3, 1, [(0, 1, 1), (1, 2, 1), (2, 3, 1)]),
+    (5, 4, [(0, 4, 4), (4, 5, 4)]),  # the last, short chunk padded up to the engine batch too
+    (0, 4, []),
+])
+def test_with_an_engine_batch_every_call_has_that_size(n, size, spans):
+    assert batch_spans(n, 1, None, size) == spans
+
+
+def test_an_engine_batch_outside_the_batch_range_is_refused():
+    with pytest.raises(IPIQAError, match=r"engine batch 4 is outside the batch range \[8, 32\]"):
+        batch_spans(4, 8, 32, 4)
+
+
+@pytest.mark.parametrize("gpu,reproducible,lo,hi,size", [
+    (False, False, 1, None, CPU_ENGINE_BATCH),  # CPU: fixed by default
+    (False, False, 8, 32, 8),  # moved into the engines' range
+    (True, False, 1, 128, None),  # GPU: free unless asked
+    (True, True, 1, 128, GPU_ENGINE_BATCH),
+    (True, True, 1, 8, 8),  # a TensorRT profile's MAX
+    (True, True, 32, 64, 32),  # and its MIN
+])
+def test_the_engine_batch_is_fixed_on_the_cpu_and_opt_in_on_a_gpu(gpu, reproducible, lo, hi, size):
+    assert engine_batch_for(gpu, reproducible, lo, hi) == size
+
+
+def test_a_cpu_backend_runs_every_image_text_and_fusion_call_at_its_engine_batch(manifest):
+    runner = ProfileRunner(manifest, lo=1, hi=32)
+    images, text = _inputs(manifest.config, 5)
+    runner.score(images, text)
+    from ipiqa.model import tokenize
+
+    runner.encode_text(tokenize(["a", "b", "c"], manifest.config.context_length).numpy())
+    assert runner.engine_batch == CPU_ENGINE_BATCH
+    assert {size for _, size in runner.calls} == {CPU_ENGINE_BATCH} and len(runner.calls) == 2 * 5 + 3
+
+
+def test_a_gpu_backend_made_reproducible_runs_every_call_at_one_size(manifest):
+    runner = ProfileRunner(manifest, lo=1, hi=32)
+    runner.gpu = True
+    images, text = _inputs(manifest.config, 20)
+    runner.score(images[:5], text[:5])
+    assert runner.engine_batch is None and runner.calls == [("image", 5), ("fusion", 5)]
+    runner.calls.clear()
+    runner.make_reproducible()
+    out = runner.score(images, text)
+    assert runner.engine_batch == GPU_ENGINE_BATCH and len(out) == 20
+    assert runner.calls == [("image", 16), ("fusion", 16)] * 2  # 16 and 4 padded up to 16
+
+
+def test_a_fixed_engine_batch_outside_the_profile_is_refused(manifest):
+    with pytest.raises(IPIQAError, match=r"profile\[8,32\]: engine batch 4 is outside the engines' batch range "
+                                         r"\[8, 32\]"):
+        ProfileRunner(manifest).fix_engine_batch(4)
+
+
+def test_scorer_reproducible_keeps_the_cpu_engine_batch(tiny_bundle):
+    with Scorer(tiny_bundle, backend="onnxruntime", device="cpu", reproducible=True) as scorer:
+        assert scorer.backend.engine_batch == CPU_ENGINE_BATCH == scorer.provenance.engine_batch
+
+
+# ---------------------------------------------------------------- a closed backend
+
+
+@pytest.mark.parametrize("call", ["score", "embed_images", "encode_text", "image_outputs", "fusion_outputs"])
+def test_a_closed_backend_refuses_its_next_call_with_one_line(manifest, call):
+    from ipiqa.model import tokenize
+
+    backend = OrtBackend(manifest, "cpu")
+    backend.close()
+    backend.close()  # twice is safe
+    images, text = _inputs(manifest.config, 2)
+    args = {"score": (images, text), "embed_images": (images,), "image_outputs": (images,),
+            "encode_text": (tokenize(["a"], manifest.config.context_length).numpy(),), "fusion_outputs": ({}, text)}
+    with pytest.raises(IPIQAError, match=r"^onnxruntime-cpu: closed; open a new backend"):
+        getattr(backend, call)(*args[call])
