@@ -290,20 +290,14 @@ def test_bundle_details_are_shown_and_a_foreign_bundle_is_refused(tmp_path, tiny
     assert result.exit_code == 1 and "give the bundle that wrote these scores" in result.output
 
 
-def test_rows_inside_shards_get_a_placeholder_that_says_why(tmp_path):
-    scores = tmp_path / "shards.csv"
+@pytest.mark.parametrize("cell, why", [("shard-000.tar::000017", "an image inside a shard; pass --shard-previews"),
+                                       ("train.parquet::7", "an image inside a Parquet file")])
+def test_rows_inside_shards_and_parquet_files_get_a_placeholder_that_says_why(tmp_path, cell, why):
+    scores = tmp_path / "refs.csv"
     with ResultWriter(scores, OUTPUTS) as w:
-        w.write([Result(Row(str(tmp_path / "shard-000.tar::000017"), "a cat"), (0.5, 0.5))])
+        w.write([Result(Row(str(tmp_path / cell), "a cat"), (0.5, 0.5))])
     html, cards = page_of(scores)
-    assert not cards.srcs and "an image inside a shard; pass --shard-previews" in html
-
-
-def test_rows_inside_parquet_files_get_a_placeholder_that_says_why(tmp_path):
-    scores = tmp_path / "pq.csv"
-    with ResultWriter(scores, OUTPUTS) as w:
-        w.write([Result(Row(str(tmp_path / "train.parquet::7"), "a cat"), (0.5, 0.5))])
-    html, cards = page_of(scores)
-    assert not cards.srcs and "an image inside a Parquet file" in html
+    assert not cards.srcs and why in html
 
 
 def test_shard_previews_read_each_shard_once_up_to_its_last_shown_key(tmp_path, monkeypatch):
