@@ -151,3 +151,11 @@ def test_score_reads_the_manifest(tmp_path, scorer, tiny_bundle):
         p = int(Path(image).stem) // 3
         per_prompt[p] = max(per_prompt.get(p, -1e9), q)
     assert sorted(float(r["quality"]) for r in again) == pytest.approx(sorted(per_prompt.values()))
+
+
+def test_progress_is_told_the_rows_read(tmp_path):
+    from ipiqa.runtime.results.select import write_selection
+
+    calls: list[int] = []
+    write_selection(write_scenario(tmp_path), tmp_path / "k.csv", Selection(top_k=1), progress=calls.append)
+    assert calls and calls[-1] == 10

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import click
 
@@ -16,6 +17,28 @@ IMAGES_ROOT = click.option(
     "--images-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
     help="Folder the scores file's relative image paths are under (default: the current folder, as in the scoring "
          "run; use it when you run from elsewhere or the images moved).")
+
+
+@contextmanager
+def _rows_bar(quiet: bool) -> Iterator[Callable[[int], None]]:
+    """A progress bar of rows read (the total of a scores set is not known without reading it); yields the
+    callback the commands call with the rows read so far."""
+    from tqdm import tqdm
+
+    bar = tqdm(unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5, desc="reading")
+    state = {"last": 0}
+
+    def progress(rows: int) -> None:
+        bar.update(rows - state["last"])
+        state["last"] = rows
+
+    try:
+        yield progress
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
 
 
 @click.command("report")
@@ -60,26 +83,12 @@ def report_cmd(scores: str, output: Path, images_root: Optional[Path], bundle: O
       ipiqa report scores.jsonl -o report.html --bundle bundle/ --images-root /data/images
       ipiqa report scores.parquet -o report.html --by alignment -n 48 --per-prompt 4
     """
-    from tqdm import tqdm
-
     from .build import write_report
     from .collect import ReportOptions
 
     options = ReportOptions(by=by, n=n, sample=sample, prompts=prompts, per_prompt=per_prompt, errors=errors)
-    bar = tqdm(unit="row", disable=quiet, file=sys.stderr, dynamic_ncols=True, delay=0.5, desc="reading")
-    state = {"last": 0}
-
-    def progress(rows: int) -> None:  # called with the rows read so far (pass 1)
-        bar.update(rows - state["last"])
-        state["last"] = rows
-
-    try:
+    with _rows_bar(quiet) as progress:
         result = write_report(scores, output, options, images_root, bundle, title, thumb, progress, shard_previews)
-    except BaseException:
-        bar.leave = False
-        raise
-    finally:
-        bar.close()
     click.echo(f"wrote {result.path}: {result.rows:,} rows ({result.errors:,} errors), {result.thumbnails} thumbnails, "
                f"{result.bytes / 1e6:.2f} MB in {result.seconds:.1f}s", err=True)
 
@@ -107,10 +116,11 @@ def report_cmd(scores: str, output: Path, images_root: Optional[Path], bundle: O
                    "SHARD::KEY (a run over shards); each source shard is read once, streamed.")
 @click.option("--shard-size", type=click.IntRange(1), default=10_000, show_default=True,
               help="Samples per shard written by --to-shards.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly
 def select_cmd(scores: str, output: Optional[Path], mins: tuple[str, ...], maxs: tuple[str, ...],
                top_k: Optional[int], per: str, by: Optional[str], images_root: Optional[Path], layout: str,
-               to_shards: Optional[Path], shard_size: int) -> None:
+               to_shards: Optional[Path], shard_size: int, quiet: bool) -> None:
     """Keep the rows of a scores file or set that pass thresholds and/or are the best K (per prompt), as a
     manifest and/or as new WebDataset shards.
 
@@ -135,7 +145,9 @@ def select_cmd(scores: str, output: Optional[Path], mins: tuple[str, ...], maxs:
         raise click.UsageError("nothing to select by: give --top-k K and/or --min/--max OUTPUT=VALUE")
     if output is None and to_shards is None:
         raise click.UsageError("nowhere to write: give -o keep.csv and/or --to-shards DIR")
-    r = write_selection(scores, output, Selection(bounds, top_k, per, by), images_root, layout, to_shards, shard_size)
+    with _rows_bar(quiet) as progress:
+        r = write_selection(scores, output, Selection(bounds, top_k, per, by), images_root, layout, to_shards,
+                            shard_size, progress)
     files = f" of {r.files} score files" if r.files > 1 else ""
     click.echo(f"{f'wrote {r.path}' if r.path is not None else 'selected'}: {r.kept:,} of {r.rows:,} rows{files} "
                f"({r.scored:,} scored, {r.within:,} within the thresholds) in {r.seconds:.1f}s", err=True)

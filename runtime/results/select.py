@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from ipiqa.errors import ConfigError, IPIQAError
 
@@ -34,6 +34,7 @@ __all__ = ["Bound", "Selection", "SelectResult", "parse_bound", "chosen_rows", "
 
 LAYOUTS = ("manifest", "train")
 WRITE_BATCH = 4096  # rows per write (the writer flushes each)
+PROGRESS_EVERY = 10_000  # rows between progress calls
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class SelectResult:
 
 class _Counts:
     rows = scored = within = 0
+    progress: Optional[Callable[[int], None]] = None  # called with the rows read, every PROGRESS_EVERY
 
 
 def chosen_rows(scores: ScoresSet, selection: Selection, counts: Optional[_Counts] = None) -> Iterator[ScoreRow]:
@@ -109,6 +111,8 @@ def chosen_rows(scores: ScoresSet, selection: Selection, counts: Optional[_Count
     k = selection.top_k
     for row in scores:
         counts.rows += 1
+        if counts.progress is not None and counts.rows % PROGRESS_EVERY == 0:
+            counts.progress(counts.rows)
         if row.scores is None:
             continue
         counts.scored += 1
@@ -196,13 +200,13 @@ def _check_output(out: Path, layout: str, outputs: tuple[str, ...], source: Scor
 
 def write_selection(scores: Union[str, Path], output: Optional[Union[str, Path]], selection: Selection = Selection(),
                     images_root: Optional[Path] = None, layout: str = "manifest", to_shards: Optional[Path] = None,
-                    shard_size: int = DEFAULT_SHARD_SIZE) -> SelectResult:
+                    shard_size: int = DEFAULT_SHARD_SIZE, progress: Optional[Callable[[int], None]] = None) -> SelectResult:
     """Write the chosen rows of ``scores`` (a scores set) to ``output`` (.csv or .jsonl; replaced whole once
     complete) and/or, with ``to_shards``, their samples as new WebDataset shards (``to_shards.ShardsWriter``),
     in one pass over the set.
 
     ``layout="train"``: ``image, prompt, score[, score2]`` (CSV), the generic labels ``ipiqa train --dataset csv``
-    reads, with ``--images`` the manifest's folder."""
+    reads, with ``--images`` the manifest's folder. ``progress``: called with the rows read so far."""
     start = time.perf_counter()
     source = open_scores(scores)
     if layout not in LAYOUTS:
@@ -214,6 +218,7 @@ def write_selection(scores: Union[str, Path], output: Optional[Union[str, Path]]
         _check_output(out, layout, source.outputs, source)
     selection.check(source)
     counts = _Counts()
+    counts.progress = progress
     sinks: list = []
     kept = 0
     try:
@@ -226,6 +231,8 @@ def write_selection(scores: Union[str, Path], output: Optional[Union[str, Path]]
                 sink.add(row)
             kept += 1
         results = [sink.close() for sink in sinks]
+        if progress is not None:
+            progress(counts.rows)
     except BaseException as exc:
         for sink in sinks:
             sink.abort()
