@@ -5,7 +5,9 @@ What names a set: a scores file (.csv, .jsonl, .parquet); an ``--output-dir`` fo
 ``.NAME.csv.partial`` (a shard being scored, or a killed run's) and ``.NAME.csv.lock`` are left out and
 counted; a glob or brace pattern of score files; or a text file listing them, one a line (patterns allowed,
 relative lines resolve against its folder, ``#`` starts a comment). Files are read in name order (a folder,
-a glob) or as listed, one after the other, each streamed by ``ScoresFile``: memory does not grow with the set.
+a glob) or as listed, one after the other, each streamed by ``ScoresFile``: memory does not grow with the set's
+rows (a set holds one ``ScoresFile``, its path and columns, per file; the commands hold what they hold for one file:
+the report its capped samples and ~0.5 KB per distinct prompt, select --top-k its heaps).
 Every file must have the same score columns (formats may differ); the set is refused naming two that disagree.
 """
 from __future__ import annotations
