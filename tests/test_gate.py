@@ -228,6 +228,7 @@ def test_the_runtime_reads_scores_only_while_the_gate_checks_the_pool(tiny_bundl
     from ipiqa.runtime.backends.ort import OrtBackend
 
     backend = OrtBackend(read_bundle(tiny_bundle), "cpu")
+    backend.fix_engine_batch(None)  # score at the gate's batch (2), not the CPU's engine batch: equal bits
     x = gate_inputs(read_bundle(tiny_bundle).config, 2)
     side = backend.image_outputs(x.image)
     text = backend.encode_text(x.tokens)
