@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import make_image, same_model_tolerance
+from test_shards import outputs
 from ipiqa.cli import EXIT_ROW_ERRORS, cli
 from ipiqa.runtime.io import Row
 from ipiqa.runtime.scorer import Scorer
@@ -138,7 +139,7 @@ def test_per_shard_outputs_on_ray_equal_the_local_ones_despite_an_actor_death(cl
     monkeypatch.setenv(FAIL_ONCE_ENV, str(marker))  # the first actor dies after writing its first batch
     summary = score_with_ray(bundle, source, tmp_path / "ray", batch_size=2, device="cpu", per_partition=True)
     assert marker.exists() and (summary.scored, summary.rows, summary.errors) == (2, local.rows, local.errors)
-    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == ["00000.csv", "00001.csv"]  # no partial left
+    assert outputs(tmp_path / "ray") == ["00000.csv", "00001.csv"]  # no partial left
     for name in ("00000.csv", "00001.csv"):
         got, want = _read(tmp_path / "ray" / name), _read(tmp_path / "local" / name)
         assert [(r["image"], r["error"]) for r in got] == [(r["image"], r["error"]) for r in want]
@@ -175,3 +176,29 @@ def test_cli_ray_scores_parquet_bytes_into_one_output_with_the_local_rows(cluste
     for a, b in zip(got, want):
         if not a["error"]:
             assert abs(float(a["quality"]) - float(b["quality"])) <= tolerance
+
+
+def test_cli_ray_scores_a_manifest_naming_shard_samples_and_parquet_rows_like_a_local_run(cluster, bundle, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from test_parquet_source import png
+    from test_shards import good_samples, write_shard
+
+    write_shard(tmp_path / "s.tar", good_samples(0, 4))
+    (tmp_path / "loose.png").write_bytes(png(9))
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": png(0), "path": None}, {"bytes": None, "path": "loose.png"}]  # bytes, and a path-only cell
+    pq.write_table(pa.table({"image": pa.array(cells, struct)}), tmp_path / "d.parquet")
+    (tmp_path / "sel.csv").write_text("image,prompt\ns.tar::000002,x\nd.parquet::1,y\ns.tar::000000,\n"
+                                      "d.parquet::0,z\ns.tar::000099,x\n")
+    args = ["score", str(bundle), "--images", str(tmp_path / "sel.csv"), "--device", "cpu", "--batch", "2"]
+    res = CliRunner().invoke(cli, args + ["-o", str(tmp_path / "ray.csv"), "--ray"])
+    assert res.exit_code == EXIT_ROW_ERRORS, res.output
+    assert "5 rows of manifest" in res.output
+    assert CliRunner().invoke(cli, args + ["-o", str(tmp_path / "local.csv"), "-q"]).exit_code == EXIT_ROW_ERRORS
+    got, want = _read(tmp_path / "ray.csv"), _read(tmp_path / "local.csv")
+    assert [(r["image"], r["prompt"], r["error"]) for r in got] == [(r["image"], r["prompt"], r["error"]) for r in want]
+    assert [bool(r["error"]) for r in got] == [False, False, False, False, True] and "no such sample" in got[4]["error"]
+    for a, b in zip(got[:4], want[:4]):
+        assert abs(float(a["quality"]) - float(b["quality"])) <= 1e-4

@@ -132,3 +132,30 @@ def test_text_that_cannot_be_written_as_utf8_is_an_error_row_and_the_output_stay
     scorer.score_files(m, tmp_path / "o.jsonl")
     lines = (tmp_path / "o.jsonl").read_bytes().decode("utf-8").splitlines()  # strict: would raise on bad bytes
     assert "not valid UTF-8" in lines[0] and '"error": null' in lines[1]
+
+
+def test_device_decoding_reads_each_rows_file_and_gives_an_in_memory_row_its_error(image):
+    from pathlib import Path
+
+    import numpy as np
+
+    from ipiqa.runtime.pipeline import score_batch
+
+    class Scores:
+        resolution, needs_prompt = 8, False
+
+        def score_arrays(self, images, prompts):
+            return np.zeros((len(images), 1))
+
+    sent = []
+
+    def device_decode(paths):
+        sent.extend(paths)
+        return np.zeros((len(paths), 8, 8, 3), np.uint8), [None] * len(paths)
+
+    rows = [Row(str(image), "p"), Row("s.tar::k", "p", source=b"\xff\xd8 jpeg bytes"),
+            Row("d.parquet::1", "p", source=Path(image))]  # a Parquet path cell: its file, not its label
+    results = score_batch(Scores(), rows, [(None, None)] * 3, device_decode)
+    assert sent == [str(image), str(image)]
+    assert results[0].scores == results[2].scores == (0.0,)
+    assert "--decode device reads image files" in results[1].error and results[1].error.startswith("s.tar::k")
