@@ -2,7 +2,8 @@
 
 ``inputs``: what ``--images`` names (folders, list files, globs, brace patterns, suffix tables), found before any
 file is read. ``sources``: folders, images, CSV/TSV/JSONL manifests, WebDataset shards (``shards``, which reads tars
-only) and Parquet image columns (``parquet_source``) as rows. ``partitions``: one output file per shard or Parquet file, renamed into
+only) and Parquet image columns (``parquet_source``) as rows; ``references``: manifest rows naming a shard sample
+or a Parquet row (``SHARD::KEY``, ``FILE::ROW``), read from it. ``partitions``: one output file per shard or Parquet file, renamed into
 place when complete and claimed by a lock, so reruns and several machines score each once. ``formats``: CSV,
 JSONL and Parquet outputs, each writing and (for ``resume_point``) reading back its own layout. ``lock``: ``OutputLock`` and
 ``refuse_same_file``. The names below are the package's public surface, imported as ``ipiqa.runtime.io``.

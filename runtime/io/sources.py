@@ -2,9 +2,11 @@
 
 A folder of images, one image, a CSV/TSV/JSONL manifest with ``image`` and ``prompt`` columns (relative
 paths resolve against the manifest's folder), WebDataset tar shards (``shards``) or Parquet files with an
-image column (``parquet_source``), or explicit rows. Shards and Parquet files are *partitions*: the rows of
-each can be read on their own (``partition_rows``), so a run can write one output per input file. Manifests are read one record at a time (a
-folder's names are listed and sorted once: use a manifest for tens of millions of files). Calibration and
+image column (``parquet_source``), or explicit rows; what names which is ``inputs``'s rule. Shards and Parquet
+files are *partitions*: the rows of each can be read on their own (``partition_rows``), so a run can write one
+output per input file. Manifests are read one record at a time (a folder's names are listed and sorted once:
+use a manifest for tens of millions of files); a manifest row naming ``SHARD::KEY`` or ``FILE::ROW`` (what shard
+and Parquet runs write, what ``select`` keeps) is read from that sample or row (``references``). Calibration and
 training read their image lists here too, so every entry point takes the same inputs the same way.
 """
 from __future__ import annotations
@@ -35,8 +37,9 @@ class RowSource:
     ``has_prompt_column`` says whether rows can carry their own prompt (a manifest with a prompt column, a
     shard sample's ``.txt``/``.json``). ``prompt_field``: the ``.json`` field shards take the prompt from
     (default ``prompt``). ``image_column``/``prompt_column``: Parquet's columns (default ``image``, and
-    ``prompt`` when present). ``partitions``: the input files whose rows ``partition_rows`` reads one by one
-    (every shard or Parquet file; the source itself for the other kinds).
+    ``prompt`` when present). A manifest takes the three options for the shards and Parquet files its rows name.
+    ``partitions``: the input files whose rows ``partition_rows`` reads one by one (every shard or Parquet file;
+    the source itself for the other kinds). ``count()``: the rows, where that is cheap (the progress bar's total).
     """
 
     def __init__(self, source: Union[str, Path], prompt: Optional[str] = None, *, prompt_field: Optional[str] = None,
