@@ -129,3 +129,10 @@ def test_parquet_references_read_bytes_and_path_only_cells(tmp_path):
 def test_rows_that_are_not_references_pass_unchanged():
     rows = [Row("a.jpg", "p"), Row("x.tar::1", "p", error="kept"), Row("b.png", None)]
     assert list(resolve_references(rows)) == rows
+
+
+def test_a_manifests_column_options_read_the_parquet_files_it_names(tmp_path):
+    pq.write_table(pa.table({"img": pa.array([jpeg(0), jpeg(1)], pa.binary())}), tmp_path / "d.parquet")
+    m = manifest(tmp_path / "m.csv", [("d.parquet::1", "p")])
+    assert "no image column 'image'" in next(iter(RowSource(m))).error
+    assert next(iter(RowSource(m, image_column="img"))).source == jpeg(1)
