@@ -129,7 +129,8 @@ def part(ctx: Context) -> PartResult:
         scorer.close()
     best_engine = max(rows[: len(s.batches)], key=lambda x: x["images_per_s"])
     best = {d: max((x for x in rows if x["decode"] == d), key=lambda x: x["images_per_s"]) for d in ("host", "device")}
-    pct = (f", {best_engine['pct_measured_peak']:.1f}% of the measured {'FP16' if cuda else 'FP32 CPU'} peak"
+    pct = (f", {best_engine['pct_measured_peak']:.1f}% of the measured {'FP16' if cuda else 'FP32 CPU'} matmul peak"
+           + (f", {best_engine['pct_datasheet_peak']:.1f}% of the datasheet dense FP16 peak" if sheet else "")
            if flops else "")
     failed = [x for x in rows if x.get("errors")]
     figure = ("ERROR ROWS in " + ", ".join(f"e2e {x['decode']} batch {x['batch']} ({x['errors']})" for x in failed)
@@ -139,7 +140,7 @@ def part(ctx: Context) -> PartResult:
               f"({100 * best['device']['share_of_engine']:.0f}%) ({s.workers} decode threads)")
     if not s.fp16:
         notes.append("dry run: FP32 on the CPU (FP16 needs CUDA); the figures only show that the code runs")
-    notes.append(f"peak: measured {measured / 1e12:.1f} TFLOP/s ({'8192^3 FP16' if cuda else '1024^3 FP32'} torch matmul, "
+    notes.append(f"peak: measured {measured / 1e12:.3g} TFLOP/s ({'8192^3 FP16' if cuda else '1024^3 FP32'} torch matmul, "
                  f"best of 5)" + (f"; datasheet dense FP16 {sheet / 1e12:.1f} TFLOP/s ({name})" if sheet else ""))
     if flops:
         notes.append(f"FLOPs per image {flops['per_image'] / 1e9:.2f} G (image {flops['image_encoder'] / 1e9:.2f} + fusion "
