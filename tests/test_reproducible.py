@@ -231,7 +231,7 @@ def server(bundle, tmp_path_factory):
     """``ipiqa serve`` (the public command, in its own process) on free loopback ports, batching up to 16
     requests and waiting 20 ms to fill a batch; stopped with SIGTERM in a finalizer."""
     pytest.importorskip("pytriton", reason="the server test needs ipiqa[serve] (nvidia-pytriton)")
-    grpc = pytest.importorskip("tritonclient.grpc", reason="the server test needs ipiqa[serve] (tritonclient)")
+    pytest.importorskip("tritonclient.grpc", reason="the server test needs ipiqa[serve] (tritonclient)")
     if int(np.__version__.split(".")[0]) >= 2:
         pytest.skip(f"PyTriton's python stub needs numpy<2 (numpy {np.__version__} here)")
     http, grpc_port, metrics = _free_ports(3)
@@ -242,19 +242,19 @@ def server(bundle, tmp_path_factory):
                              "--max-queue-delay-ms", "20", "--exit-timeout", "5"], stdout=log, stderr=subprocess.STDOUT)
     url = f"127.0.0.1:{grpc_port}"
     try:
-        client = grpc.InferenceServerClient(url)
+        from ipiqa.runtime.serve.client import RemoteScorer
+
         deadline = time.monotonic() + 120
         while True:
             try:
-                if client.is_model_ready("ipiqa"):
-                    break
-            except Exception:  # noqa: BLE001 - not listening yet
+                RemoteScorer(url).close()  # connects, reads the served model's description: ready to score
+                break
+            except IPIQAError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
                 pytest.fail(f"ipiqa serve did not become ready:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-        client.close()
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)
