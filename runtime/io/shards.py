@@ -25,9 +25,9 @@ from ipiqa.errors import IPIQAError
 
 from ..rows import Row, clean_prompt, resolve_prompt
 
-# Discovery (suffix tables, brace patterns) lives in ``inputs``; these three names are re-exported for the modules
-# that still import them from here (io.partitions, results.sets): import them from ``inputs``.
-from .inputs import PARQUET_SUFFIXES, SHARD_SUFFIXES, expand_braces  # noqa: F401
+# Discovery (suffix tables, brace patterns) lives in ``inputs``; the suffix tables are re-exported only for
+# io.partitions, which still imports them from here: import them from ``inputs``.
+from .inputs import PARQUET_SUFFIXES, SHARD_SUFFIXES  # noqa: F401
 
 __all__ = ["SHARD_IMAGE_EXTS", "sample_key", "check_tar", "shard_rows", "truncated_label", "MAX_MEMBER_BYTES"]
 
