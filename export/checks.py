@@ -2,7 +2,9 @@
 
 The ONNX parity gate, the FP16 and INT8 gates and the engine gate all read their bounds from ``BOUNDS``, so
 a TensorRT INT8 engine is judged by the same numbers as the CPU INT8 graph, and BF16 gets one row here.
-It also holds the one protocol every check follows (:class:`Check`) and reads their records back.
+It also holds the one protocol every check follows (:class:`Check`), every record kind (FP32/FP16 parity,
+cosine, rank) and their one decoder (:func:`check_from_dict`); ``parity`` keeps the tolerance rule and the
+comparison that fill a ``ParityResult``.
 Torch-free: the runtime and ``ipiqa info`` read it too.
 """
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
-__all__ = ["Bounds", "BOUNDS", "bounds_for", "Check", "CosineResult", "RankResult", "check_from_dict"]
+__all__ = ["Bounds", "BOUNDS", "bounds_for", "Check", "CosineResult", "RankResult", "ParityResult", "ToleranceOverride",
+           "check_from_dict", "known_fields"]
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,95 @@ class RankResult(Check):
         return f"{'PASS' if self.passed else 'FAIL'}  {self.name:<34} max|d| {self.max_abs:.3e}  {rank}"
 
 
+@dataclass(frozen=True)
+class ToleranceOverride:
+    """A user's explicit tolerance (``--atol``/``--rtol``): ``atol + rtol x scale`` replaces the rule."""
+
+    atol: float = 0.0
+    rtol: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+
+    def describe(self) -> str:
+        return f"--atol {self.atol:g} --rtol {self.rtol:g}"
+
+    def to_dict(self) -> dict[str, float]:
+        return {"atol": self.atol, "rtol": self.rtol}
+
+
+@dataclass(frozen=True)
+class ParityResult(Check):
+    """One output against the FP32 reference: ``max |d|`` within the rule's tolerance (and, for FP16 scores,
+    Spearman at least its minimum)."""
+
+    kind: ClassVar[str] = "tolerance"
+    measure_name: ClassVar[str] = "max|d|"
+    name: str
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    tolerance: float
+    spearman: Optional[float] = None
+    spearman_min: Optional[float] = None
+    floor: Optional[float] = None  # max |ref_fp32 - ref_fp64|: what FP32 can promise for this model
+    fixed_tolerance: Optional[float] = None  # the fixed part of the rule
+    floor_multiple: Optional[float] = None  # k in max(fixed, k x floor)
+    override: Optional[ToleranceOverride] = None  # set when --atol/--rtol replaced the rule
+
+    @property
+    def measure(self) -> float:
+        return self.max_abs
+
+    @property
+    def bound(self) -> float:
+        return self.tolerance
+
+    @property
+    def passed(self) -> bool:
+        ok = np.isfinite(self.max_abs) and self.max_abs <= self.tolerance
+        if self.spearman_min is not None:
+            ok = ok and self.spearman is not None and self.spearman >= self.spearman_min
+        return bool(ok)
+
+    @property
+    def source(self) -> str:
+        """Where the tolerance came from: the fixed part, the floor, or an override."""
+        if self.override is not None:
+            return f"OVERRIDE {self.override.describe()}"
+        if self.floor is not None and self.floor_multiple is not None:
+            return f"max(fixed {self.fixed_tolerance:.1e}, {self.floor_multiple:g} x floor)"
+        return "fixed"
+
+    @property
+    def note(self) -> str:
+        floor = "" if self.floor is None else f", floor {self.floor:.2e}"
+        rho = "" if self.spearman is None else f", spearman {self.spearman:.5f} (min {self.spearman_min})"
+        return f"tol = {self.source}{floor}{rho}"
+
+    def line(self) -> str:
+        """One log line: the difference, the tolerance and where it came from (fixed part, floor, override)."""
+        rho = "" if self.spearman is None else f"  spearman {self.spearman:.5f} (min {self.spearman_min})"
+        floor = "" if self.floor is None else f"  floor {self.floor:.2e}"
+        return (f"{'PASS' if self.passed else 'FAIL'}  {self.name:<34} max|d| {self.max_abs:.3e} "
+                f"(tol {self.tolerance:.1e} = {self.source}){floor}  mean|d| {self.mean_abs:.2e}  "
+                f"max rel {self.max_rel:.2e}{rho}")
+
+    def _fields(self) -> dict[str, Any]:
+        return {**super()._fields(), "override": self.override.to_dict() if self.override else None}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> "ParityResult":
+        """A stored manifest record; ``passed`` is recomputed, not trusted."""
+        known = known_fields(cls, record)
+        if known.get("override") is not None:
+            known["override"] = ToleranceOverride(**known["override"])
+        return cls(**known)
+
+
 def known_fields(cls: type, record: Mapping[str, Any]) -> dict[str, Any]:
     """The record's keys that are fields of the dataclass ``cls`` (the common keys and older extras dropped)."""
     names = {f.name for f in fields(cls)}
@@ -170,8 +262,6 @@ def check_from_dict(record: Mapping[str, Any]) -> Check:
     """A stored gate record (the manifest's ``parity.onnx``/``parity.engines``, the FP16/INT8 gate lists) as
     the check object that wrote it; ``passed`` is recomputed from the numbers, never trusted. Records
     written before ``kind`` existed are told apart by their keys."""
-    from .parity import ParityResult
-
     kind = record.get("kind") or ("cosine" if "min_cosine" in record else
                                   "tolerance" if "tolerance" in record else "rank")
     classes = {"tolerance": ParityResult, "cosine": CosineResult, "rank": RankResult}

@@ -13,8 +13,8 @@ from ipiqa.bundle import parse_batch_profile
 from ipiqa.console import InputPath, friendly, format_table, text_option
 from ipiqa.runtime.cpu import usable_cores
 
+from .checks import ToleranceOverride
 from .options import DEFAULT_OPSET, ExportOptions, Int8Options, ParityGateError, check_bf16_gating
-from .parity import ToleranceOverride
 from .trt import EngineSpec
 
 # What an export imports, checked after the options and before any work; a base install gets the pip line.

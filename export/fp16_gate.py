@@ -14,11 +14,11 @@ import numpy as np
 
 from ipiqa._optional import require
 
-from .checks import BOUNDS, CosineResult
+from .checks import BOUNDS, CosineResult, ParityResult
 from .fp16 import ONNX_FLOAT, ONNX_FLOAT16
 from .graph_runs import batches, graph_backend, run_graphs
 from .measures import cosine_result, scores_spread, with_spread_note
-from .parity import ParityResult, compare
+from .parity import compare
 
 __all__ = ["FP16_COSINE", "fp16_emulation", "score_results", "fp16_gate"]
 

@@ -22,7 +22,8 @@ from ipiqa.errors import IPIQAError
 from ipiqa.manifest import io_shapes
 from ipiqa.model import IPIQA, straightforward_pooling, normalize_pixels, tokenize
 
-from .parity import ParityResult, ToleranceOverride, compare
+from .checks import ParityResult, ToleranceOverride
+from .parity import compare
 
 if TYPE_CHECKING:
     from ipiqa.runtime.backends import Backend

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from ipiqa.errors import IPIQAError
 
-from .parity import ToleranceOverride
+from .checks import ToleranceOverride
 from .trt import EngineSpec
 
 __all__ = ["ExportOptions", "Int8Options", "ParityGateError", "Fp16GateError", "Bf16GateError", "DEFAULT_OPSET",

@@ -11,19 +11,20 @@ The tolerance is the larger of the two. A model whose head is steep loses digits
 it; the floor says how many, so the gate never asks the export for more than the reference can deliver,
 while a wrong graph (another activation, a shifted position table) still misses by orders of magnitude.
 An explicit override (``ipiqa-export --atol/--rtol``) replaces the rule and is recorded with each check.
+The records (``ParityResult``, ``ToleranceOverride``) live with every other check kind in ``checks``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from .checks import BOUNDS, Check, bounds_for, known_fields
 from ipiqa.metrics import srcc as spearman  # one rank implementation (below export and training), checked against scipy
 
-__all__ = ["ParityResult", "ToleranceOverride", "check_tolerance", "compare", "spearman", "worst_spearman", "FP32_TOL",
-           "FP16_ATOL", "FP16_SPEARMAN", "FLOOR_MULTIPLE", "rule_record"]
+from .checks import BOUNDS, ParityResult, ToleranceOverride, bounds_for
+
+__all__ = ["check_tolerance", "compare", "spearman", "worst_spearman", "FP32_TOL", "FP16_ATOL", "FP16_SPEARMAN",
+           "FLOOR_MULTIPLE", "rule_record"]
 
 FP32_TOL = BOUNDS["fp32"].rtol
 FP16_ATOL = BOUNDS["fp16"].atol
@@ -42,26 +43,6 @@ the floor governs. The floor is measured per check, so a steep head raises the s
 intermediate tensors (feature map, embeddings) keep their own, small floors, and a wrong graph upstream
 of the head (another activation, a shifted position table) still fails there.
 """
-
-
-@dataclass(frozen=True)
-class ToleranceOverride:
-    """A user's explicit tolerance (``--atol``/``--rtol``): ``atol + rtol x scale`` replaces the rule."""
-
-    atol: float = 0.0
-    rtol: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("atol", "rtol"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
-
-    def describe(self) -> str:
-        return f"--atol {self.atol:g} --rtol {self.rtol:g}"
-
-    def to_dict(self) -> dict[str, float]:
-        return {"atol": self.atol, "rtol": self.rtol}
 
 
 def check_tolerance(scale: float, floor: Optional[float], precision: str = "fp32",
@@ -89,75 +70,6 @@ def rule_record(override: Optional[ToleranceOverride] = None) -> dict[str, Any]:
     return {"fp32_tol": FP32_TOL, "fp16_atol": FP16_ATOL, "fp16_spearman": FP16_SPEARMAN,
             "floor_multiple": FLOOR_MULTIPLE, "tolerance": "max(fixed, floor_multiple x floor)",
             "override": override.to_dict() if override else None}
-
-
-@dataclass(frozen=True)
-class ParityResult(Check):
-    """One output against the FP32 reference: ``max |d|`` within the rule's tolerance (and, for FP16 scores,
-    Spearman at least its minimum)."""
-
-    kind: ClassVar[str] = "tolerance"
-    measure_name: ClassVar[str] = "max|d|"
-    name: str
-    max_abs: float
-    mean_abs: float
-    max_rel: float
-    tolerance: float
-    spearman: Optional[float] = None
-    spearman_min: Optional[float] = None
-    floor: Optional[float] = None  # max |ref_fp32 - ref_fp64|: what FP32 can promise for this model
-    fixed_tolerance: Optional[float] = None  # the fixed part of the rule
-    floor_multiple: Optional[float] = None  # k in max(fixed, k x floor)
-    override: Optional[ToleranceOverride] = None  # set when --atol/--rtol replaced the rule
-
-    @property
-    def measure(self) -> float:
-        return self.max_abs
-
-    @property
-    def bound(self) -> float:
-        return self.tolerance
-
-    @property
-    def passed(self) -> bool:
-        ok = np.isfinite(self.max_abs) and self.max_abs <= self.tolerance
-        if self.spearman_min is not None:
-            ok = ok and self.spearman is not None and self.spearman >= self.spearman_min
-        return bool(ok)
-
-    @property
-    def source(self) -> str:
-        """Where the tolerance came from: the fixed part, the floor, or an override."""
-        if self.override is not None:
-            return f"OVERRIDE {self.override.describe()}"
-        if self.floor is not None and self.floor_multiple is not None:
-            return f"max(fixed {self.fixed_tolerance:.1e}, {self.floor_multiple:g} x floor)"
-        return "fixed"
-
-    @property
-    def note(self) -> str:
-        floor = "" if self.floor is None else f", floor {self.floor:.2e}"
-        rho = "" if self.spearman is None else f", spearman {self.spearman:.5f} (min {self.spearman_min})"
-        return f"tol = {self.source}{floor}{rho}"
-
-    def line(self) -> str:
-        """One log line: the difference, the tolerance and where it came from (fixed part, floor, override)."""
-        rho = "" if self.spearman is None else f"  spearman {self.spearman:.5f} (min {self.spearman_min})"
-        floor = "" if self.floor is None else f"  floor {self.floor:.2e}"
-        return (f"{'PASS' if self.passed else 'FAIL'}  {self.name:<34} max|d| {self.max_abs:.3e} "
-                f"(tol {self.tolerance:.1e} = {self.source}){floor}  mean|d| {self.mean_abs:.2e}  "
-                f"max rel {self.max_rel:.2e}{rho}")
-
-    def _fields(self) -> dict[str, Any]:
-        return {**super()._fields(), "override": self.override.to_dict() if self.override else None}
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> "ParityResult":
-        """A stored manifest record; ``passed`` is recomputed, not trusted."""
-        known = known_fields(cls, record)
-        if known.get("override") is not None:
-            known["override"] = ToleranceOverride(**known["override"])
-        return cls(**known)
 
 
 def worst_spearman(ref: np.ndarray, out: np.ndarray) -> Optional[float]:

@@ -19,7 +19,8 @@ from ipiqa.demo import demo_model
 from ipiqa.errors import BundleError
 from ipiqa.export.bundle_export import ExportOptions, ParityGateError, export_bundle, onnx_parity
 from ipiqa.export.gate import gate_inputs
-from ipiqa.export.parity import ParityResult, compare
+from ipiqa.export.checks import ParityResult
+from ipiqa.export.parity import compare
 from ipiqa.export.cli import main as export_cli
 from ipiqa.model import tokenize
 

@@ -26,8 +26,8 @@ from ipiqa.demo import demo_model
 from ipiqa.export.bundle_export import ExportOptions, ParityGateError, export_bundle
 from ipiqa.export.cli import main as export_cli
 from ipiqa.export.gate import gate_inputs
-from ipiqa.export.parity import (FLOOR_MULTIPLE, FP32_TOL, ParityResult, ToleranceOverride, check_tolerance,
-                                 compare)
+from ipiqa.export.checks import ParityResult, ToleranceOverride
+from ipiqa.export.parity import FLOOR_MULTIPLE, FP32_TOL, check_tolerance, compare
 from ipiqa.model import IPIQA, straightforward_pooling
 from ipiqa.runtime.backends import Backend
 
