@@ -43,8 +43,16 @@ def _batches(n: int, batch: int):
 
 
 def branch_outputs(backend: Any, images: np.ndarray, tokens: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-    """Every branch of a ``TorchBackend`` through its engine calls (``_encode_image``: the image handle it fuses
-    from; the cross pool as ``_fuse`` computes it), and the scores through ``score``, the call users run."""
+    """Every branch of a ``TorchBackend`` and its scores. Where the backend exposes its branches as the gates read
+    them (``image_outputs``/``fusion_outputs``), through the gates' own ``run_graphs``; else through its engine
+    calls (``_encode_image``: the handle it fuses from; the cross pool as ``_fuse`` computes it), the scores
+    through ``score``, the call users run."""
+    from ipiqa.runtime.backends.base import Backend
+
+    if type(backend).image_outputs is not Backend.image_outputs:
+        from ipiqa.export.graph_runs import run_graphs
+
+        return run_graphs(backend, images, tokens, batch)
     torch = backend.torch
     out: dict[str, list] = {}
     for part in _batches(len(images), batch):
