@@ -11,6 +11,9 @@ Two stages, so that a host feeding a GPU does only the first:
   table computed with the reference's own float32 operations, so it is bit-identical to the broadcast
   formula and about twice as fast. ``preprocess`` / ``preprocess_file`` are the two stages chained.
 
+Encoded images above ``MAX_IMAGE_BYTES`` (64 MiB) are refused before a byte is decoded or, for a file, read
+(``check_encoded_size``): one oversized file or request never holds a decoder or a server's memory.
+
 Only regular files are opened: a named pipe, socket or device node is refused after a ``stat`` (opening
 a FIFO for reading blocks until a writer appears, which would hang a whole batch job).
 
@@ -46,7 +49,9 @@ from .config import CLIP_MEAN, CLIP_STD
 from .errors import ImageError
 
 __all__ = ["load_image", "to_rgb", "preprocess", "preprocess_file", "load_resized", "resized", "normalize",
-           "read_regular_file", "FAST_REDUCING_GAP", "decode_bytes"]
+           "read_regular_file", "FAST_REDUCING_GAP", "decode_bytes", "MAX_IMAGE_BYTES", "check_encoded_size"]
+
+MAX_IMAGE_BYTES = 64 * 2**20  # an encoded image file (JPEG, PNG, WebP, ...) above this is an error row
 
 FAST_REDUCING_GAP = 2.0  # fast path only: Pillow's reduce() by integer factors until within 2x of R
 _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
@@ -74,8 +79,15 @@ def _not_regular(mode: int) -> Optional[str]:
     return "is not a regular file"
 
 
+def check_encoded_size(size: int, name: object) -> None:
+    """Refuse an encoded image above ``MAX_IMAGE_BYTES`` (checked before reading or decoding it)."""
+    if size > MAX_IMAGE_BYTES:
+        raise ImageError(f"{name}: {size / 2**20:.1f} MiB image file is above the {MAX_IMAGE_BYTES / 2**20:g} MiB "
+                         "limit (ipiqa.preprocess.MAX_IMAGE_BYTES); re-encode it smaller")
+
+
 def _open_regular(p: Path) -> BinaryIO:
-    """Open ``p`` for reading only if it is a regular file; never blocks on a FIFO.
+    """Open ``p`` for reading only if it is a regular file of at most ``MAX_IMAGE_BYTES``; never blocks on a FIFO.
 
     ``stat`` first so that no device node is ever opened (opening one can have side effects), then open
     with O_NONBLOCK and ``fstat`` the descriptor, so a file swapped for a FIFO in between is caught too.
@@ -85,8 +97,10 @@ def _open_regular(p: Path) -> BinaryIO:
         if why is None:
             fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
             try:
-                why = _not_regular(os.fstat(fd).st_mode)
+                st = os.fstat(fd)
+                why = _not_regular(st.st_mode)
                 if why is None:
+                    check_encoded_size(st.st_size, p)
                     return os.fdopen(fd, "rb")
             except BaseException:
                 os.close(fd)
@@ -160,7 +174,8 @@ def _decode(fp: BinaryIO, name: object, draft: Optional[int] = None) -> tuple[Im
 
 def decode_bytes(data: bytes, name: object) -> Image.Image:
     """Encoded image bytes (a request body, a file read elsewhere) -> the decoded image, not yet RGB, with the
-    file path's mode rules and errors; ``name`` is what an error calls it."""
+    file path's mode rules, size limit and errors; ``name`` is what an error calls it."""
+    check_encoded_size(len(data), name)
     return _decode(io.BytesIO(data), name)[0]
 
 

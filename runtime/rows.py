@@ -9,9 +9,13 @@ The rules (README "Row rules" repeats them for users):
   ``null``, the JSON key or CSV column is absent, or (Python API) the value is ``None`` or a float NaN (what
   pandas puts in an empty cell). Any other text is a prompt and is scored as written, including the words
   ``NaN``, ``null`` and ``None``. ``--prompt TEXT`` fills rows whose own prompt is missing; a blank
-  ``--prompt`` fills nothing. A model with a text branch gives a missing-prompt row an error.
+  ``--prompt`` fills nothing. A model with a text branch gives a missing-prompt row an error, and a prompt
+  longer than ``MAX_PROMPT_CHARS`` (8192 characters; CLIP reads its first 77 tokens, about 300 characters)
+  too, checked before any clean-up or tokenizing: a multi-megabyte prompt never holds a batch (or a server).
 - **Image.** A path that is empty, not a regular file (directory, FIFO, socket, device), unreadable,
-  corrupt, truncated, or above Pillow's decompression-bomb limit gives an error row naming the cause.
+  corrupt, truncated, above ``MAX_IMAGE_BYTES`` (64 MiB encoded; ``ipiqa.preprocess.check_encoded_size``,
+  checked before the file is read or the bytes decoded) or above Pillow's decompression-bomb limit gives an
+  error row naming the cause.
 - **Score.** A NaN or infinite score is never written as a number: the row becomes an error row.
 - **One bad row never loses the others**: errors are per row; a batch whose backend call fails marks
   that batch's rows and the run goes on.
@@ -26,13 +30,16 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ipiqa.errors import IPIQAError
+# The decoder's gate owns the byte limit (every decode and file read passes it); re-exported as a row rule.
+from ipiqa.preprocess import MAX_IMAGE_BYTES, check_encoded_size, read_regular_file
 
-__all__ = ["Row", "Result", "MISSING_PROMPT", "MISSING_IMAGE", "clean_prompt", "resolve_prompt", "row_error",
+__all__ = ["Row", "Result", "MISSING_PROMPT", "MISSING_IMAGE", "MAX_PROMPT_CHARS", "MAX_IMAGE_BYTES", "clean_prompt", "resolve_prompt", "row_error",
            "load_pixels", "score_error", "scoring_failed", "finish", "check_prompt_source",
            "image_file", "image_bytes"]
 
 MISSING_PROMPT = "missing prompt: IP-IQA scores an image against its prompt; fill the prompt cell (or pass --prompt)"
 MISSING_IMAGE = "missing image path"
+MAX_PROMPT_CHARS = 8192  # a longer prompt is an error row (see the module docstring)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,9 @@ def row_error(row: Row, needs_prompt: bool) -> Optional[str]:
         return row.error
     if needs_prompt and row.prompt is None:
         return MISSING_PROMPT
+    if needs_prompt and len(row.prompt) > MAX_PROMPT_CHARS:
+        return (f"prompt of {len(row.prompt)} characters is above the {MAX_PROMPT_CHARS}-character limit "
+                "(ipiqa.runtime.rows.MAX_PROMPT_CHARS; CLIP reads only its first 77 tokens): shorten it")
     if not row.image or not str(row.image).strip():
         return MISSING_IMAGE
     return None
@@ -142,13 +152,12 @@ def image_file(row: Row) -> Optional[str]:
 
 
 def image_bytes(row: Row) -> bytes:
-    """The row's encoded image: its in-memory bytes, else its file's (regular files only; ``ImageError`` names the
-    file otherwise). A decoded Python API image has no encoded bytes and is refused."""
+    """The row's encoded image: its in-memory bytes, else its file's (regular files of at most ``MAX_IMAGE_BYTES``
+    only; ``ImageError`` names the file otherwise). A decoded Python API image has no encoded bytes and is refused."""
     if isinstance(row.source, (bytes, bytearray, memoryview)):
+        check_encoded_size(len(row.source), row.image)
         return bytes(row.source)
     path = image_file(row)
     if path is None:
         raise IPIQAError(f"{row.image}: this row holds a decoded image, not an encoded file; pass a path or bytes")
-    from ipiqa.preprocess import read_regular_file
-
     return read_regular_file(path)

@@ -119,3 +119,61 @@ def test_special_files_become_error_rows_and_the_run_finishes(tiny_bundle, image
     with Scorer(tiny_bundle, device="cpu") as s:  # the Python API gives the same rows
         api = s.score([r.image for r in rows], [r.prompt for r in rows])
     assert [a["error"] or "" for a in api] == [r["error"] for r in got]
+
+
+# ---------------------------------------------------------------- size limits, before any decoding or tokenizing
+
+from ipiqa import preprocess  # noqa: E402
+from ipiqa.runtime.pipeline import decode_row  # noqa: E402
+from ipiqa.runtime.rows import MAX_PROMPT_CHARS, image_bytes  # noqa: E402
+
+
+class _Recorder:
+    """A tokenizer that records every prompt it is given."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def __call__(self, prompts):
+        self.seen.extend(prompts)
+        return self.inner(prompts)
+
+
+def test_a_prompt_above_the_limit_is_an_error_row_naming_it_and_never_tokenized(scorer, image, monkeypatch):
+    recorder = _Recorder(scorer.tokenizer)
+    monkeypatch.setattr(scorer, "tokenizer", recorder)
+    long = "a red fox " * (MAX_PROMPT_CHARS // 10 + 1)
+    (bad, good) = scorer.score([str(image), str(image)], [long, "a red fox"])
+    assert bad["error"].startswith(f"prompt of {len(long)} characters is above the {MAX_PROMPT_CHARS}-character limit")
+    assert good["error"] is None and all(len(p) < 100 for p in recorder.seen)
+
+
+def test_a_prompt_at_the_limit_is_scored(scorer, image):
+    (record,) = scorer.score([str(image)], ["x" * MAX_PROMPT_CHARS])
+    assert record["error"] is None
+
+
+def test_an_image_only_model_ignores_a_long_prompt():
+    assert row_error_for(Row("a.png", "x" * (MAX_PROMPT_CHARS + 1)), needs_prompt=False) is None
+
+
+def row_error_for(row, needs_prompt):
+    from ipiqa.runtime.rows import row_error
+
+    return row_error(row, needs_prompt)
+
+
+def test_an_image_file_above_the_byte_limit_is_an_error_row_naming_the_limit(scorer, image, monkeypatch):
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_BYTES", image.stat().st_size - 1)
+    (record,) = scorer.score([str(image)], ["a red fox"])
+    assert record["error"].startswith(f"{image}: ") and "MiB limit (ipiqa.preprocess.MAX_IMAGE_BYTES)" in record["error"]
+
+
+def test_image_bytes_above_the_limit_are_refused_before_decoding(image, monkeypatch):
+    data = image.read_bytes()
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_BYTES", len(data) - 1)
+    monkeypatch.setattr(preprocess, "_decode", lambda *a: pytest.fail("decoded an oversized image"))
+    pixels, error = decode_row(Row("shard.tar::k", "a fox", source=data), 64, True)
+    assert pixels is None and error.startswith("shard.tar::k: ") and "MiB limit" in error
+    with pytest.raises(IPIQAError, match="MiB limit"):
+        image_bytes(Row(str(image), "a fox"))  # what --server sends: refused before the file is read

@@ -290,6 +290,24 @@ def test_every_bad_request_is_answered_alone_inside_a_shared_batch(served):
             assert why in error and np.isnan(scores).all(), (name, error)
 
 
+def test_a_4_mb_prompt_is_that_requests_error_naming_the_limit_and_the_server_goes_on(served):
+    from ipiqa.runtime.rows import MAX_PROMPT_CHARS
+
+    scores, error = _infer(served.client, _png(5), b"a red fox " * 400_000)
+    assert f"above the {MAX_PROMPT_CHARS}-character limit" in error and np.isnan(scores).all()
+    scores, error = _infer(served.client, _png(5), PROMPT_TEXT.encode())
+    assert error == "" and np.isfinite(scores).all()
+
+
+def test_an_image_above_the_byte_limit_is_that_requests_error_naming_the_limit(served, monkeypatch):
+    from ipiqa import preprocess
+
+    blob = _png(6)
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_BYTES", len(blob) - 1)  # the handler runs in this process
+    scores, error = _infer(served.client, blob, PROMPT_TEXT.encode())
+    assert error.startswith("IMAGE[0]: ") and "MiB limit (ipiqa.preprocess.MAX_IMAGE_BYTES)" in error
+
+
 def test_a_client_that_disconnects_mid_request_leaves_the_server_serving(served):
     http = socket.create_connection(("127.0.0.1", served.options.http_port), timeout=10)
     http.sendall(b"POST /v2/models/ipiqa/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

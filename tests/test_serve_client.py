@@ -177,3 +177,13 @@ def test_the_cli_prints_the_stop_line_and_exits_1(server, folder, tmp_path, monk
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "--resume" in result.output and URL in result.output
     assert len(read_csv(out)) == 2
+
+
+def test_an_image_file_above_the_byte_limit_is_refused_before_sending(server, folder, tmp_path, monkeypatch):
+    from ipiqa import preprocess
+
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_BYTES", 1)
+    with _scorer() as scorer:
+        summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv")
+    assert summary.errors == 8 and server.calls == 0
+    assert all("MiB limit" in r["error"] for r in read_csv(tmp_path / "o.csv"))

@@ -202,6 +202,15 @@ def test_bad_image_bytes_are_refused_with_the_runtime_cause(preprocess, runtime,
     assert response.error.message == "ipiqa_preprocess: " + runtime_error.replace(str(path), "IMAGE[0]", 1)
 
 
+def test_a_prompt_above_the_limit_is_refused_before_tokenizing(preprocess, monkeypatch):
+    from ipiqa.runtime.rows import MAX_PROMPT_CHARS
+
+    monkeypatch.setattr(preprocess, "tokenizer", lambda prompts: pytest.fail("tokenized an oversized prompt"))
+    (response,) = preprocess.execute([_request([_png()], [b"a red fox " * 400_000])])
+    assert response.error.code == TritonError.INVALID_ARG
+    assert f"above the {MAX_PROMPT_CHARS}-character limit" in response.error.message
+
+
 def test_row_errors_are_the_clients_fault_not_the_servers(preprocess):
     (bad_image, no_prompt) = preprocess.execute([_request([b"junk"], [PROMPT.encode()]), _request([_png()], [b" "])])
     assert bad_image.error.code == no_prompt.error.code == TritonError.INVALID_ARG
