@@ -1,19 +1,23 @@
 """What every stage of ``export_bundle`` shares: the export context it reads and adds to, the reuse rule
-(``run_stage``) and the gate rule (``check_gate``). Imports nothing heavy."""
+(``run_stage``) and the gate rule (``check_gate``). Torch-free itself: the model and the graph specs it
+carries are only named in annotations (``TYPE_CHECKING``); the stages that use them import torch."""
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 from ipiqa.config import IPIQAConfig
 from ipiqa.manifest import Manifest
-from ipiqa.model import IPIQA
 
 from .checks import Check
-from .graphs import GraphSpec
 from .options import ExportOptions, ParityGateError
+
+if TYPE_CHECKING:
+    from ipiqa.model import IPIQA
+
+    from .graphs import GraphSpec
 
 __all__ = ["ExportReport", "ExportContext", "run_stage", "check_gate"]
 T = TypeVar("T")

@@ -306,3 +306,13 @@ def test_export_leaves_the_callers_pooling_mode_alone(tmp_path):
     export_bundle(model, [src], tmp_path / "b", ExportOptions(onnx_only=True, single_query_pooling=False),
                   progress=lambda m: None)
     assert model.single_query_pooling and read_bundle(tmp_path / "b").onnx.pooling == "straightforward"
+
+
+def test_the_stage_rules_import_no_torch():
+    """``export/stages.py`` (context, reuse rule, gate rule) is what its docstring says: torch-free."""
+    import subprocess
+    import sys
+
+    code = "import sys, ipiqa.export.stages; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
