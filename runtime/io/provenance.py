@@ -53,6 +53,25 @@ class Provenance:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    @classmethod
+    def from_json(cls, text: str, where: object) -> "Provenance":
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise IPIQAError(f"{where}: not an ipiqa run record (not JSON)") from None
+        return cls.from_dict(data if isinstance(data, dict) else {}, where)
+
+    @classmethod
+    def served(cls, url: str, record: Optional[str] = None, bundle_sha256: Optional[str] = None) -> "Provenance":
+        """A remote run's record: the server's own (``record``: the ``to_json()`` of the server's
+        ``Scorer.provenance``, as ``ipiqa serve`` may publish it), else what any ipiqa server says, its bundle
+        hash (backend and precision then ``unknown``, not compared on resume)."""
+        if record:
+            return cls.from_json(record, url)
+        from ipiqa import __version__
+
+        return cls(bundle_sha256, f"server {url}", "unknown", None, __version__, "unknown")
+
     def differences(self, other: "Provenance", keys: tuple[str, ...] = SAME_ON_RESUME) -> list[tuple[str, Any, Any]]:
         """(key, this value, the other's) for each of ``keys`` that differs."""
         return [(k, getattr(self, k), getattr(other, k)) for k in keys if getattr(self, k) != getattr(other, k)]
@@ -186,8 +205,8 @@ def check_resume(output: Path, provenance: Provenance) -> None:
         keys = tuple(k for k in SAME_ON_RESUME if k != "bundle_sha256")
     else:
         keys = SAME_ON_RESUME
-    if provenance.precision == "unknown" or first.precision == "unknown":
-        keys = tuple(k for k in keys if k not in ("precision", "engine_batch"))
+    if "unknown" in (provenance.precision, first.precision):  # a server that says only its bundle
+        keys = tuple(k for k in keys if k == "bundle_sha256")
     diff = first.differences(provenance, keys)
     if diff:
         was = ", ".join(f"{k} {old}" for k, old, _ in diff)
