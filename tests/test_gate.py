@@ -322,3 +322,25 @@ def test_engine_gate_checks_text_embedding_and_scores_through_the_backend(tiny_m
     assert [r.name for r in results] == ["engines[fp32]/text_embedding", "engines[fp32]/scores"]
     assert all(r.floor is not None for r in results) and results[0].passed
     assert results[1].passed is passes
+
+
+# ---------------------------------------------------------------- the gates' backend: built like the served one
+
+
+def test_the_gates_backend_is_built_through_init_like_the_served_one(tiny_bundle, monkeypatch):
+    """``from_graphs`` calls ``__init__`` (no object assembled around it), so whatever ``__init__`` sets up, the
+    gates' backend has too; a manifest and a graph set together, or neither, is refused in one line."""
+    from ipiqa.bundle import read_bundle
+    from ipiqa.errors import IPIQAError
+    from ipiqa.runtime.backends.ort import OrtBackend
+
+    m = read_bundle(tiny_bundle)
+    graphs = {name: m.graph_path(name) for name in m.onnx.graphs}
+    built = []
+    init = OrtBackend.__init__
+    monkeypatch.setattr(OrtBackend, "__init__", lambda self, *a, **k: (built.append(k.get("graphs")), init(self, *a, **k))[1])
+    with OrtBackend.from_graphs(graphs, "int8") as gate, OrtBackend(m) as served:
+        assert built == [graphs, None] and gate.name == "onnxruntime-cpu-int8" and gate.cfg == served.cfg
+    for args, kwargs in (((), {}), ((m,), {"graphs": graphs})):
+        with pytest.raises(IPIQAError, match="takes a bundle's manifest or a graph set"):
+            OrtBackend(*args, **kwargs)

@@ -172,6 +172,19 @@ def test_new_weights_at_the_same_graph_paths_never_meet_the_old_compiled_blob(ti
     assert keys <= {p.name for p in cache.iterdir()} and len(list(cache.iterdir())) == 2 * len(keys)
 
 
+def test_the_gates_openvino_backend_is_built_through_init_like_the_served_one(tiny_bundle, monkeypatch):
+    m = read_bundle(tiny_bundle)
+    graphs = {name: m.graph_path(name) for name in m.onnx.graphs}
+    built = []
+    init = OpenVinoBackend.__init__
+    monkeypatch.setattr(OpenVinoBackend, "__init__",
+                        lambda self, *a, **k: (built.append(k.get("graphs")), init(self, *a, **k))[1])
+    with OpenVinoBackend.from_graphs(graphs) as gate, OpenVinoBackend(m, cache_dir="") as served:
+        assert built == [graphs, None] and gate.cfg == served.cfg and gate.served == served.served
+    with pytest.raises(IPIQAError, match="takes a bundle's manifest or graph files"):
+        OpenVinoBackend()
+
+
 def test_a_graph_swapped_for_another_config_is_refused_on_openvino(tiny_bundle, tmp_path):
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
     data = json.loads((bundle / "manifest.json").read_text())

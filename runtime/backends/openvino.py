@@ -110,8 +110,19 @@ class OpenVinoBackend(Backend):
 
     name = "openvino"
 
-    def __init__(self, manifest: Manifest, precision: str = "fp32", threads: Optional[int] = None,
-                 cache_dir: Union[str, Path, None] = None):
+    def __init__(self, manifest: Optional[Manifest] = None, precision: str = "fp32", threads: Optional[int] = None,
+                 cache_dir: Union[str, Path, None] = None, *, graphs: Optional[Mapping[str, Path]] = None,
+                 served: Optional[Mapping[str, str]] = None):
+        """``manifest``: the bundle's graphs for ``precision``, checked against the manifest (what the runtime
+        serves). ``graphs`` instead: files no manifest lists yet (``from_graphs``, where ``served`` is described)."""
+        if (manifest is None) == (graphs is None):
+            raise IPIQAError("OpenVinoBackend takes a bundle's manifest or graph files (OpenVinoBackend.from_graphs), "
+                             "one of them")
+        if graphs is not None:
+            cache = cache_folder(None, cache_dir)
+            keys = {name: cache_key(Path(path)) for name, path in graphs.items()} if cache is not None else {}
+            self._open(None, graphs, precision, dict(served or inference_precisions(precision)), threads, cache, keys)
+            return
         served = inference_precisions(precision)  # refuses an unknown precision
         if precision == "bf16":
             reason = bf16_refusal()
@@ -132,14 +143,10 @@ class OpenVinoBackend(Backend):
     def from_graphs(cls, graphs: Mapping[str, Path], precision: str = "fp32",
                     served: Optional[Mapping[str, str]] = None, threads: Optional[int] = None,
                     cache_dir: Union[str, Path, None] = "") -> "OpenVinoBackend":
-        """The BF16 gate's backend: graph files no manifest lists yet (config read from the graphs).
-        ``served``: each graph's inference precision (default ``inference_precisions``; the tests show the
-        gate catches the text graph at BF16 through it). No compile cache by default."""
-        backend = cls.__new__(cls)
-        cache = cache_folder(None, cache_dir)
-        keys = {name: cache_key(Path(path)) for name, path in graphs.items()} if cache is not None else {}
-        backend._open(None, graphs, precision, dict(served or inference_precisions(precision)), threads, cache, keys)
-        return backend
+        """The BF16 and OpenVINO INT8 gates' backend: graph files no manifest lists yet (config read from the
+        graphs). ``served``: each graph's inference precision (default ``inference_precisions``; the tests show
+        the gate catches the text graph at BF16 through it). No compile cache by default."""
+        return cls(graphs=graphs, precision=precision, threads=threads, cache_dir=cache_dir, served=served)
 
     def _open(self, cfg: Optional[IPIQAConfig], graphs: Mapping[str, Path], precision: str,
               served: Mapping[str, str], threads: Optional[int], cache: Optional[Path], keys: Mapping[str, str],

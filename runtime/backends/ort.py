@@ -60,8 +60,18 @@ class OrtBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, provider: str = "cpu", device_id: int = 0, threads: Optional[int] = None,
-                 precision: str = "fp32"):
+    def __init__(self, manifest: Optional[Manifest] = None, provider: str = "cpu", device_id: int = 0,
+                 threads: Optional[int] = None, precision: str = "fp32", *,
+                 graphs: Optional[Mapping[str, Union[Path, bytes]]] = None, optimize: bool = True, fp16: bool = False):
+        """``manifest``: the bundle's ``precision`` set on ``provider``, each graph checked against the manifest
+        (what the runtime serves). ``graphs`` instead: a set no manifest lists, on the CPU provider
+        (``from_graphs``, where the other keywords are described)."""
+        if (manifest is None) == (graphs is None):
+            raise IPIQAError("OrtBackend takes a bundle's manifest or a graph set (OrtBackend.from_graphs), one of them")
+        if graphs is not None:
+            self._open(None, graphs, "cpu", 0, precision, [PROVIDERS["cpu"]], threads, fp16=fp16, optimize=optimize,
+                       quiet=True)
+            return
         import onnxruntime as ort
 
         if provider not in PROVIDERS:
@@ -103,13 +113,10 @@ class OrtBackend(Backend):
 
         The same engine calls as the served backend; the config comes from the graphs themselves (each one
         embeds it, and they must agree). ``label``: what the set is, for the backend's name. ``optimize=False``
-        runs Q/DQ as written (what TensorRT's explicit quantization computes).
+        runs Q/DQ as written (what TensorRT's explicit quantization computes). ``fp16``: the set holds FP16
+        graphs (loaded without the layout pass that crashes on them, see ``ort_session``).
         """
-        backend = cls.__new__(cls)
-        backend._open(None, graphs, "cpu", 0, label, [PROVIDERS["cpu"]], threads,
-                      fp16=fp16,
-                      optimize=optimize, quiet=True)
-        return backend
+        return cls(graphs=graphs, precision=label, threads=threads, optimize=optimize, fp16=fp16)
 
     def _open(self, cfg: Optional[IPIQAConfig], graphs: Mapping[str, Union[Path, bytes]], provider: str,
               device_id: int, precision: str, providers: Sequence[Any], threads: Optional[int], fp16: bool = False,
