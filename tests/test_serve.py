@@ -201,7 +201,7 @@ def _assert_same_rows(remote: list[dict], local: list[dict], outputs) -> None:
         for o in outputs:
             assert (a[o] == "") == (b[o] == "")
             if a[o]:
-                assert abs(float(a[o]) - float(b[o])) <= 1e-6
+                assert float(a[o]) == float(b[o])  # one engine batch (backends.base): batches never change a score
 
 
 def test_score_server_rows_equal_the_local_clis(served, tiny_bundle, manifest, tmp_path):
@@ -245,7 +245,18 @@ def test_score_server_resume_continues_a_cut_output(served, manifest, tmp_path):
                   "--allow-errors")
     assert result.exit_code == 0 and "3 already done" in result.output
     assert cut.read_text().startswith("".join(lines[:4]))  # the kept rows untouched, the rest appended
-    _assert_same_rows(read_csv(cut), read_csv(full), served.scorer.outputs)  # batches differ: floats to 1e-6
+    _assert_same_rows(read_csv(cut), read_csv(full), served.scorer.outputs)  # exactly, though batches differ
+
+
+def test_a_server_run_records_the_servers_own_run_record(served, manifest, tmp_path):
+    from ipiqa.runtime.io.provenance import read_provenance
+
+    out = tmp_path / "remote.csv"
+    with RemoteScorer(served.url, concurrency=2) as scorer:
+        scorer.score_files(manifest, out)
+    recorded, own = read_provenance(out), served.scorer.provenance
+    assert (recorded.bundle_sha256, recorded.backend, recorded.precision, recorded.engine_batch) == \
+        (own.bundle_sha256, own.backend, own.precision, own.engine_batch)
 
 
 def test_score_server_refuses_local_options_and_unreachable_servers(tmp_path, manifest, tiny_bundle):
@@ -285,7 +296,7 @@ def test_every_bad_request_is_answered_alone_inside_a_shared_batch(served):
     for name, _, _, why in jobs:
         scores, error = answers[name]
         if why is None:
-            assert error == "" and np.abs(scores - _local(served.scorer, good[int(name[4:])])).max() <= 1e-6
+            assert error == "" and np.array_equal(scores, _local(served.scorer, good[int(name[4:])]))
         else:
             assert why in error and np.isnan(scores).all(), (name, error)
 
@@ -335,7 +346,7 @@ def test_256_requests_from_16_clients_all_answered_in_batches(served):
             for i in range(16):
                 j = (k + i) % len(blobs)
                 scores, error = _infer(client, blobs[j], PROMPT_TEXT.encode())
-                if error or np.abs(scores - expected[j]).max() > 1e-6:
+                if error or not np.array_equal(scores, expected[j]):
                     failures.append((k, i, error, scores))
         except Exception as exc:  # noqa: BLE001 - collected and asserted below
             failures.append((k, repr(exc)))
@@ -368,6 +379,7 @@ class _Slow:
     def __init__(self, scorer):
         self.inner = scorer
         self.resolution, self.needs_prompt, self.outputs = scorer.resolution, scorer.needs_prompt, scorer.outputs
+        self.provenance = scorer.provenance
 
     def score_arrays(self, images, prompts):
         time.sleep(0.4)

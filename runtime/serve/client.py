@@ -26,6 +26,7 @@ from ipiqa._optional import require
 from ipiqa.errors import IPIQAError
 
 from ..io import RowSource, writable_rows
+from ..io.provenance import Provenance
 from ..io.run_output import open_output
 from ..pipeline import RunSummary
 from ..rows import Result, Row, finish, image_bytes, row_error, scoring_failed
@@ -215,7 +216,7 @@ class RemoteScorer:
         start = time.perf_counter()
         n = errors = 0
         stopped = False
-        with open_output(output, rows, self.outputs, fmt, resume) as (writer, skipped):
+        with open_output(output, rows, self.outputs, fmt, resume, self.provenance) as (writer, skipped):
             results = self.iter_results(rows)
             try:
                 for batch in _batches(results, batch_size):
@@ -239,6 +240,11 @@ class RemoteScorer:
             return " (stdout); rerun with -o FILE, which --resume can continue"
         return (f"; when the server is back, the same command with --resume scores the rest: ipiqa score --server "
                 f"{self.url} --images {images} -o {output} --resume")
+
+    @property
+    def provenance(self) -> Provenance:
+        """This run's record: the server's own (ipiqa serve publishes its Scorer's), else its bundle hash."""
+        return Provenance.served(self.url, self.served.provenance, self.served.bundle_sha256)
 
     # The CLI's summary line reads a local scorer's prompt cache; the server keeps its own, so none is counted here.
     cache = PromptCacheCounts()

@@ -13,28 +13,28 @@ ERROR (the request itself succeeds, so a batch of good and bad rows still carrie
 ensemble's python model refuses the request (INVALID_ARG) with the same text. ``row_answer`` maps either form to
 the runtime's (scores, error) pair, so a client reads both servers alike.
 
-**The description** (``ServedModel``): the score names, whether rows need a prompt, the input resolution and the
-SHA-256 of the bundle's ``manifest.json`` (which lists every file's hash), as the string parameters
+**The description** (``ServedModel``): the score names, whether rows need a prompt, the input resolution, the
+SHA-256 of the bundle's ``manifest.json`` (which lists every file's hash) and, from ``ipiqa serve``, its run record
+(``io.provenance``: backend, precision, engine batch), as the string parameters
 ``DESCRIPTION_KEYS``. The ensemble carries them as its ``config.pbtxt`` parameters (written by
 ``ipiqa-export --triton``); ``ipiqa serve`` answers them from a second model, ``ipiqa_describe`` (PyTriton's public
 ``bind`` has no config parameters). ``describe`` reads either, through Triton's public endpoints only.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from ipiqa.errors import IPIQAError
 
+from ..io.provenance import bundle_sha256  # the bundle's identity, as a local run records it
 from ..rows import Row, clean_prompt
 
 __all__ = ["MODEL", "DESCRIBE_MODEL", "IMAGE", "PROMPT", "SCORES", "ERROR", "QUERY", "DESCRIPTION",
-           "OUTPUTS_PARAMETER", "BUNDLE_PARAMETER", "NEEDS_PROMPT_PARAMETER", "RESOLUTION_PARAMETER",
+           "OUTPUTS_PARAMETER", "BUNDLE_PARAMETER", "NEEDS_PROMPT_PARAMETER", "RESOLUTION_PARAMETER", "PROVENANCE_PARAMETER",
            "ServedModel", "bundle_sha256", "served_model", "describe", "build_inputs", "request_rows", "row_answer",
            "text"]
 
@@ -46,7 +46,9 @@ OUTPUTS_PARAMETER = "ipiqa_outputs"  # comma-separated score names, the order of
 BUNDLE_PARAMETER = "ipiqa_bundle_sha256"  # SHA-256 of the bundle's manifest.json
 NEEDS_PROMPT_PARAMETER = "ipiqa_needs_prompt"  # "true": the model has a text branch; "false": image only
 RESOLUTION_PARAMETER = "ipiqa_resolution"  # the side the server resizes images to
-DESCRIPTION_KEYS = (OUTPUTS_PARAMETER, BUNDLE_PARAMETER, NEEDS_PROMPT_PARAMETER, RESOLUTION_PARAMETER)
+PROVENANCE_PARAMETER = "ipiqa_provenance"  # ipiqa serve only: its Scorer's run record (io.provenance), as JSON
+DESCRIPTION_KEYS = (OUTPUTS_PARAMETER, BUNDLE_PARAMETER, NEEDS_PROMPT_PARAMETER, RESOLUTION_PARAMETER,
+                    PROVENANCE_PARAMETER)
 
 
 @dataclass(frozen=True)
@@ -58,17 +60,15 @@ class ServedModel:
     needs_prompt: bool
     resolution: Optional[int]
     has_error_output: bool  # ipiqa serve: bad rows come back in ERROR; the ensemble refuses the request
+    provenance: Optional[str] = None  # ipiqa serve: its run record's JSON (what a --server output records)
 
     @staticmethod
-    def parameters(outputs: Sequence[str], bundle: str, needs_prompt: bool, resolution: int) -> dict[str, str]:
+    def parameters(outputs: Sequence[str], bundle: str, needs_prompt: bool, resolution: int,
+                   provenance: Optional[str] = None) -> dict[str, str]:
         """The description as both servers publish it: string parameters keyed by ``DESCRIPTION_KEYS``."""
-        return {OUTPUTS_PARAMETER: ",".join(outputs), BUNDLE_PARAMETER: bundle,
-                NEEDS_PROMPT_PARAMETER: "true" if needs_prompt else "false", RESOLUTION_PARAMETER: str(resolution)}
-
-
-def bundle_sha256(root: Union[str, Path]) -> str:
-    """The bundle's identity: the hash of its manifest, which holds every file's own hash."""
-    return hashlib.sha256((Path(root) / "manifest.json").read_bytes()).hexdigest()
+        params = {OUTPUTS_PARAMETER: ",".join(outputs), BUNDLE_PARAMETER: bundle,
+                  NEEDS_PROMPT_PARAMETER: "true" if needs_prompt else "false", RESOLUTION_PARAMETER: str(resolution)}
+        return {**params, PROVENANCE_PARAMETER: provenance} if provenance else params
 
 
 def text(value: object) -> str:
@@ -89,7 +89,8 @@ def served_model(params: dict[str, str], output_names: Sequence[str], url: str, 
                        bundle_sha256=params.get(BUNDLE_PARAMETER) or None,
                        needs_prompt=params.get(NEEDS_PROMPT_PARAMETER, "true") != "false",
                        resolution=int(resolution) if resolution.isdigit() else None,
-                       has_error_output=ERROR in output_names)
+                       has_error_output=ERROR in output_names,
+                       provenance=params.get(PROVENANCE_PARAMETER) or None)
 
 
 def describe(grpc: Any, client: Any, url: str, model: str = MODEL, timeout_s: float = 30.0) -> ServedModel:

@@ -105,7 +105,7 @@ def start_server(options: ServeOptions, scorer: Any) -> tuple[Any, RequestHandle
                           http_address=options.address, grpc_address=options.address,
                           metrics_address=options.address)
     description = ServedModel.parameters(scorer.outputs, bundle_sha256(options.bundle), scorer.needs_prompt,
-                                         scorer.resolution)
+                                         scorer.resolution, scorer.provenance.to_json())
     handler = RequestHandler(scorer, options.workers)
     triton = Triton(config=config, **_security())
     try:
