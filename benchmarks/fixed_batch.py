@@ -8,7 +8,8 @@ as one engine call (the variable batch of before), in one run, on the same input
 Each mode has its own backend on the same bundle (a session that alternated shapes would re-plan its memory at
 every switch, a cost neither mode has in a real run); rounds alternate the two, so a shared machine's load
 changes both alike, and each figure is the median round. Ratios are fixed / variable images per second (1.0:
-free; below 1: what reproducibility costs).
+free; below 1: what reproducibility costs). At requested batch 1 the two modes make identical calls: that row is
+an A/A control, and its distance from 1.00 is the run's noise (on a shared 2-core machine, tens of percent).
 
 Entry point: ``section(workdir, ...) -> dict`` (``markdown`` inside), meant to be registered as the
 ``fixed_batch`` section of ``python -m benchmarks``; ``python -m benchmarks.fixed_batch`` runs it alone.
@@ -127,7 +128,8 @@ def _row(kind: str, batch: int, seconds: dict[str, float], images: int, fixed: i
 def _markdown(info: dict, rows: list[dict]) -> str:
     lines = [f"### Fixed engine batch (reproducible scores): {info['backend']}, {info['machine']}",
              "", f"Every engine call at batch {rows[0]['engine_batch_fixed'] if rows else '?'} against each requested "
-             "batch as one call; rounds interleaved, median round.", "",
+             "batch as one call; rounds interleaved, median round. At requested batch 1 both modes make the same "
+             "calls: that row's distance from 1.00 is this run's noise.", "",
              "| measure | requested batch | variable img/s | fixed img/s | fixed / variable |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for r in rows:

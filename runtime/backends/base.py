@@ -40,8 +40,10 @@ from ipiqa.manifest import io_shapes
 __all__ = ["Backend", "batch_spans", "engine_batch_for", "CPU_ENGINE_BATCH", "GPU_ENGINE_BATCH"]
 
 # The engine batch of a CPU backend: RN50-512 FP32 on ONNX Runtime measured 4.47 / 4.48 / 4.17 img/s at batch
-# 1 / 4 / 8 (2-core Ice Lake, issue 28) and benchmarks/fixed_batch.py finds the same here: no size is faster, and
-# 1 wastes nothing on padding a short batch or a single uncached prompt.
+# 1 / 4 / 8 on a quiet 2-core Ice Lake (issue 28), and 1 wastes nothing padding a short batch, one uncached prompt
+# or one server request. benchmarks/fixed_batch.py on a 2-core AMD EPYC (Zen 4) shared by seven processes read
+# fixed / variable 0.75-0.88 at a requested batch of 4-8 with its A/A row at 0.98, within that machine's noise
+# (other runs: 0.46-1.05): rerun it on a quiet machine before changing this.
 CPU_ENGINE_BATCH = 1
 # ``reproducible=True`` on a GPU: big enough to keep an RN50-512 engine busy, small enough that padding one
 # request up to it at low load stays cheap (clamped into a TensorRT profile's [min, max]).
