@@ -72,7 +72,7 @@ def _start(bundle: Path, backend: str, max_batch: int, delay_ms: float, log: Pat
             if proc.poll() is not None:
                 raise RuntimeError(f"ipiqa serve exited ({proc.returncode}); see {log}")
             try:
-                if client.is_model_ready("ipiqa"):
+                if client.is_model_ready("ipiqa"):  # what "ready" means: the model, not the server
                     return proc, grpc_port
             except Exception:  # noqa: BLE001 - not listening yet
                 pass
@@ -86,6 +86,8 @@ def _start(bundle: Path, backend: str, max_batch: int, delay_ms: float, log: Pat
 def _load(port: int, blobs: Sequence[bytes], clients: int, per_client: int) -> ServeRate:
     import tritonclient.grpc as grpc
 
+    from ipiqa.runtime.serve.contract import ERROR, MODEL, build_inputs
+
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -95,13 +97,11 @@ def _load(port: int, blobs: Sequence[bytes], clients: int, per_client: int) -> S
         try:
             for i in range(per_client):
                 blob = blobs[(k * per_client + i) % len(blobs)]
-                inputs = [grpc.InferInput("IMAGE", [1, 1], "BYTES"), grpc.InferInput("PROMPT", [1, 1], "BYTES")]
-                inputs[0].set_data_from_numpy(np.array([[blob]], dtype=object))
-                inputs[1].set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=object))
+                inputs = build_inputs(grpc, blob, PROMPT)  # the request every ipiqa client sends
                 t0 = time.perf_counter()
-                answer = client.infer("ipiqa", inputs, client_timeout=300)
+                answer = client.infer(MODEL, inputs, client_timeout=300)
                 dt = time.perf_counter() - t0
-                error = answer.as_numpy("ERROR").reshape(-1)[0]
+                error = answer.as_numpy(ERROR).reshape(-1)[0]
                 with lock:
                     latencies.append(dt)
                     if error:
