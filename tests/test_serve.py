@@ -28,6 +28,7 @@ if int(np.__version__.split(".")[0]) >= 2:
                 allow_module_level=True)
 
 from conftest import make_image, read_csv  # noqa: E402
+from serve_ports import free_ports as _free_ports  # noqa: E402
 from ipiqa.cli import cli  # noqa: E402
 from ipiqa.errors import IPIQAError  # noqa: E402
 from ipiqa.runtime.rows import MISSING_PROMPT, Row  # noqa: E402
@@ -40,17 +41,6 @@ from ipiqa.runtime.serve.server import ServeOptions, serve_forever, start_server
 
 TIMEOUT_S = 30.0  # per client call: nothing here can hang CI
 PROMPT_TEXT = "a red fox"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _options(bundle: Path, **kw) -> ServeOptions:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ if int(np.__version__.split(".")[0]) >= 2:
 from click.testing import CliRunner  # noqa: E402
 
 from conftest import TINY, read_csv  # noqa: E402
+from serve_ports import free_ports as _free_ports, port_free as _port_free  # noqa: E402
 from ipiqa.cli import cli  # noqa: E402
 from ipiqa.runtime.io import RowSource  # noqa: E402
 from ipiqa.runtime.scorer import Scorer  # noqa: E402
@@ -37,28 +37,6 @@ from ipiqa.runtime.serve.client import RemoteScorer, ServerUnavailable  # noqa: 
 
 PROMPT = "a red fox"
 N_IMAGES = 160  # the kill comes after the first written batch: most rows are still to be sent
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _port_free(port: int) -> bool:
-    """Free to listen on as tritonserver does (SO_REUSEADDR: a killed server's TIME_WAIT sockets do not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class Served:
