@@ -43,8 +43,9 @@ def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_
     """Serve a BUNDLE as the Triton model 'ipiqa' (Triton Inference Server through PyTriton; ipiqa[serve]).
 
     Each request is one image file's bytes (IMAGE, BYTES) and its prompt (PROMPT, BYTES); the answer is the
-    bundle's scores (SCORES, FP32) and ERROR: empty, or why that request's row was not scored (corrupt, empty
-    or oversized image, missing or oversized prompt: the same text as a local run). Requests waiting together
+    bundle's scores (SCORES, FP32) and ERROR: empty, or why that request's row was not scored (a corrupt or
+    empty image, one above 64 MiB encoded or Pillow's pixel limit, a missing prompt or one above 8192
+    characters, refused before decoding or tokenizing: the same text as a local run). Requests waiting together
     are scored as one batch. The model describes itself (outputs, prompts needed, resolution, bundle hash) through
     a second model, ipiqa_describe, which 'ipiqa score --server' reads.
 
