@@ -61,6 +61,3 @@ def test_output_dir_on_a_filesystem_without_locks_exits_non_zero_scoring_nothing
     assert result.exit_code == 1 and "does not support flock" in result.output and "Traceback" not in result.output
     assert not list((tmp_path / "scores").glob("*.csv"))
 
-
-def test_refuse_same_file_lives_with_the_output_formats_and_is_still_importable_from_lock():
-    assert lock.refuse_same_file is formats.refuse_same_file

@@ -268,6 +268,14 @@ class ResultWriter:
         self.close()
 
 
+def scan_output(path: Path, outputs: Sequence[str], fmt: Optional[str] = None) -> Scanned:
+    """(end offset, record) of each complete record of a CSV/JSONL output, in one pass (None: the CSV header): the
+    scan ``--resume`` trusts, for the readers of score files (``ipiqa report`` / ``select``)."""
+    codec = CODECS[fmt or output_format(path)]
+    with open(path, "rb") as fh:
+        yield from codec.scan(fh, outputs, path)
+
+
 def resume_point(path: Path, rows: Iterator[Row], outputs: Sequence[str], fmt: Optional[str] = None) -> int:
     """How many leading rows the output already holds; consumes that many from ``rows``.
 

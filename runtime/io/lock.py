@@ -4,7 +4,6 @@
 Only "would block" means another run holds a lock. Any other error from ``flock`` means this filesystem cannot
 lock (NFS mounted ``nolock``, Lustre without ``-o flock``: ENOLCK, ENOSYS, EOPNOTSUPP): reading it as "busy"
 made ``--output-dir`` skip every shard and exit 0, so it is one error naming the filesystem and the fix.
-(``refuse_same_file``, not a lock, lives with the output formats; imported here still for older callers.)
 """
 from __future__ import annotations
 
@@ -16,9 +15,9 @@ import time
 from pathlib import Path
 from typing import IO, Optional, Union
 
-from .formats import OutputError, refuse_same_file
+from .formats import OutputError
 
-__all__ = ["OutputLock", "try_flock", "write_holder", "LockUnsupported", "refuse_same_file"]
+__all__ = ["OutputLock", "try_flock", "write_holder", "LockUnsupported"]
 
 BUSY_ERRNOS = frozenset({errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES})  # flock(LOCK_NB): another holder
 

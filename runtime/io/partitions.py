@@ -24,7 +24,7 @@ from ..rows import Result
 from .formats import CODECS, OutputError
 from .lock import try_flock, write_holder
 from .provenance import sidecar_path
-from .shards import PARQUET_SUFFIXES, SHARD_SUFFIXES
+from .inputs import PARQUET_SUFFIXES, SHARD_SUFFIXES
 from .sources import RowSource
 
 __all__ = ["PartitionResult", "PartitionsSummary", "partition_outputs", "score_partition", "score_partitions"]

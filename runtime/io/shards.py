@@ -27,7 +27,6 @@ from ..rows import Row, clean_prompt, resolve_prompt
 
 # Discovery (suffix tables, brace patterns) lives in ``inputs``; the suffix tables are re-exported only for
 # io.partitions, which still imports them from here: import them from ``inputs``.
-from .inputs import PARQUET_SUFFIXES, SHARD_SUFFIXES  # noqa: F401
 
 __all__ = ["SHARD_IMAGE_EXTS", "sample_key", "check_tar", "shard_rows", "truncated_label", "MAX_MEMBER_BYTES"]
 

@@ -20,8 +20,7 @@ from typing import Iterable, Iterator, Optional, Union
 from ipiqa.errors import IPIQAError
 
 from ..rows import Row, check_prompt_source, clean_prompt, resolve_prompt
-from .formats import RESUME_HINT, OutputError
-from .lock import refuse_same_file
+from .formats import RESUME_HINT, OutputError, refuse_same_file
 from .inputs import IMAGE_SUFFIXES, discover
 from .references import is_reference, resolve_references
 from .parquet_source import ParquetColumns, parquet_columns, parquet_row_count, parquet_rows

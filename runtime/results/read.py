@@ -16,7 +16,7 @@ from typing import Collection, Iterator, Optional, Union
 
 from ipiqa.errors import IPIQAError
 
-from ..io.formats import CODECS, output_columns, output_format
+from ..io.formats import output_columns, output_format, scan_output
 from ..io.inputs import SHARD_SUFFIXES, split_reference
 
 __all__ = ["ScoreRow", "ScoresFile", "SCORE_SUFFIXES", "resolve_image", "shard_of"]
@@ -105,13 +105,11 @@ class ScoresFile:
         self.count = index - start
 
     def _scanned_records(self) -> Iterator[dict]:
-        codec = CODECS[self.fmt]
         size, end = self.path.stat().st_size, 0
         self.complete = True
-        with open(self.path, "rb") as fh:
-            for end, record in codec.scan(fh, self.outputs, self.path):
-                if record is not None:  # None: the CSV header
-                    yield record
+        for end, record in scan_output(self.path, self.outputs, self.fmt):
+            if record is not None:  # None: the CSV header
+                yield record
         self.complete = end >= size
 
     def _parquet_records(self) -> Iterator[dict]:
