@@ -151,7 +151,7 @@ class RemoteScorer:
                 now = time.monotonic()
                 deadline = deadline if deadline is not None else now + self.retry_s
                 if now >= deadline or self._stopping.is_set():
-                    raise ServerUnavailable(f"{self.url}: the server did not answer for {self.retry_s:.0f}s "
+                    raise ServerUnavailable(f"{self.url}: the server did not answer for {self.retry_s:g} s "
                                             f"({_one_line(exc)})") from None
                 self._stopping.wait(min(delay, deadline - now))
                 delay = min(2 * delay, _MAX_DELAY_S)
