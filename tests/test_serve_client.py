@@ -187,3 +187,26 @@ def test_an_image_file_above_the_byte_limit_is_refused_before_sending(server, fo
         summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv")
     assert summary.errors == 8 and server.calls == 0
     assert all("MiB limit" in r["error"] for r in read_csv(tmp_path / "o.csv"))
+
+
+def test_a_server_back_with_another_bundle_stops_the_run(server, folder, tmp_path):
+    from ipiqa.runtime.serve.client import ServerChanged
+
+    def fail(call):
+        if call == 4:
+            server.description = {**server.description, "ipiqa_bundle_sha256": "cd" * 32}  # restarted, other bundle
+            return _failure("UNAVAILABLE", "connection refused")
+        return None
+
+    server.fail = fail
+    out = tmp_path / "o.csv"
+    with _scorer(retry_s=30) as scorer, pytest.raises(ServerChanged, match="another model.*bundle_sha256") as stop:
+        scorer.score_files(RowSource(folder, "a fox"), out, batch_size=1)
+    assert "3 rows" in str(stop.value) and len(read_csv(out)) == 3
+
+
+def test_a_server_back_with_the_same_model_goes_on(server, folder, tmp_path):
+    server.fail = lambda call: _failure("UNAVAILABLE") if call == 4 else None
+    with _scorer(retry_s=30) as scorer:
+        summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv", batch_size=1)
+    assert summary.rows == 8 and summary.errors == 0

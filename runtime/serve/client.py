@@ -32,7 +32,7 @@ from ..pipeline import RunSummary
 from ..rows import Result, Row, finish, image_bytes, row_error, scoring_failed
 from .contract import ERROR, MODEL, SCORES, ServedModel, build_inputs, describe, row_answer
 
-__all__ = ["RemoteScorer", "RemoteBackend", "ServerUnavailable", "parse_server", "is_connection_failure",
+__all__ = ["RemoteScorer", "RemoteBackend", "ServerUnavailable", "ServerChanged", "parse_server", "is_connection_failure",
            "RETRY_S"]
 
 RETRY_S = 60.0  # how long a call failing for the connection is retried before the run stops
@@ -49,6 +49,10 @@ _CHANNEL_ARGS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive
 
 class ServerUnavailable(IPIQAError):
     """The server stopped answering for longer than the retry time: the run stops, its written rows intact."""
+
+
+class ServerChanged(ServerUnavailable):
+    """The server came back describing another model: the run stops, so one output holds one model's scores."""
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,13 @@ class RemoteScorer:
         deadline, delay = None, _FIRST_DELAY_S
         while True:
             try:
-                return self._client.infer(self.model, build_inputs(self._grpc, data, prompt), outputs=self._wanted,
-                                          client_timeout=self.timeout_s)
+                answer = self._client.infer(self.model, build_inputs(self._grpc, data, prompt),
+                                            outputs=self._wanted, client_timeout=self.timeout_s)
+                if deadline is not None:  # answered after an outage: is it still the model this run began with?
+                    self._check_same_model()
+                return answer
+            except ServerChanged:
+                raise
             except Exception as exc:  # noqa: BLE001 - sorted into the row's failure or the connection's
                 if not is_connection_failure(exc):
                     raise
@@ -155,6 +164,18 @@ class RemoteScorer:
                                             f"({_one_line(exc)})") from None
                 self._stopping.wait(min(delay, deadline - now))
                 delay = min(2 * delay, _MAX_DELAY_S)
+
+    def _check_same_model(self) -> None:
+        """A restarted server may serve another bundle, backend or precision: then the run stops (what differs is
+        what ``--resume`` compares: the run record's ``SAME_ON_RESUME`` keys, and the outputs)."""
+        now = describe(self._grpc, self._client, self.url, self.model, self.timeout_s)
+        was_record, now_record = self.provenance, Provenance.served(self.url, now.provenance, now.bundle_sha256)
+        changed = [f"{key} {a} -> {b}" for key, a, b in was_record.differences(now_record)]
+        changed += [f"{key} {getattr(self.served, key)} -> {getattr(now, key)}" for key in
+                    ("outputs", "needs_prompt", "resolution") if getattr(self.served, key) != getattr(now, key)]
+        if changed:
+            raise ServerChanged(f"{self.url}: the server came back with another model ({'; '.join(changed)}); "
+                                "stopped so that one output holds one model's scores")
 
     def score_row(self, row: Row) -> Result:
         """One row -> its Result, by the runtime's rules. The server's answer about the row (ERROR, a refused
@@ -227,8 +248,8 @@ class RemoteScorer:
                         stopped = True
                         break
             except ServerUnavailable as exc:
-                raise ServerUnavailable(f"{exc}; {skipped + n} rows are in {output}"
-                                        f"{self._continue(source.path, output)}") from None
+                resume = "" if isinstance(exc, ServerChanged) else self._continue(source.path, output)
+                raise type(exc)(f"{exc}; {skipped + n} rows are in {output}{resume}") from None
             finally:
                 results.close()
         return replace(RunSummary(rows=n, errors=errors, stopped=stopped), skipped=skipped,
