@@ -136,7 +136,7 @@ def test_the_benchmarks_machine_record_says_when_the_flags_were_injected(cpu_fam
     assert "cpu_flags_injected_by" not in machine_info()
 
 
-# ---------------------------------------------------------------- thread counts: the process's cores, not the host's
+# ---------------------------------------------------------------- thread pools: the process's cores, none spinning
 
 
 @pytest.fixture
@@ -195,3 +195,16 @@ def test_the_export_runs_torch_on_the_process_cores(tiny_model_file, tmp_path, t
     finally:
         torch.set_num_threads(before)
     assert "stopped here" in res.output and seen == [2]
+
+
+def test_no_onnxruntime_pool_spins_after_its_call_so_the_next_session_gets_the_cores(tiny_bundle):
+    """Three sessions called in turn: a pool spin-waiting after its call would hold the next one's cores."""
+    from ipiqa.bundle import read_bundle
+    from ipiqa.export.graph_runs import graph_backend
+    from ipiqa.runtime.backends.ort import OrtBackend
+
+    m = read_bundle(tiny_bundle)
+    with OrtBackend(m) as served, graph_backend({name: m.graph_path(name) for name in m.onnx.graphs}) as gate:
+        for backend in (served, gate):
+            assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+                    for s in backend.sessions.values()} == {"0"}
