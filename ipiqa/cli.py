@@ -17,6 +17,7 @@ from ._optional import require, require_torch
 from .config import IPIQAConfig
 from .device import DEVICE_HELP
 from .errors import ConfigError, IPIQAError
+from ipiqa.runtime.cpu import usable_cores
 
 if TYPE_CHECKING:
     from .bundle import Manifest
@@ -220,7 +221,7 @@ _ImagesPath = ImagesPath  # the name this module used before export's --calibrat
               "(openvino BF16, else onnxruntime INT8/FP32; torch for MODEL files). openvino: ipiqa[openvino], CPU.")
 @click.option("--device", default="auto", show_default=True, callback=device_option, help=DEVICE_HELP)
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
-@click.option("--workers", default=min(8, os.cpu_count() or 1), show_default=True, type=click.IntRange(1),
+@click.option("--workers", default=min(8, usable_cores()), show_default=True, type=click.IntRange(1),
               help="Threads decoding images ahead of inference.")
 @click.option("--decode", type=click.Choice(["host", "device"]), default="host", show_default=True,
               help="host: decode + exact resize in --workers threads. device: the torch backend (MODEL file) decodes "
@@ -241,6 +242,10 @@ _ImagesPath = ImagesPath  # the name this module used before export's --calibrat
                    "precision the bundle or device cannot serve is refused with the command that builds it.")
 @click.option("--fp16", is_flag=True, help="Half precision for the torch backend on CUDA.")
 @click.option("--compile", "compile_", is_flag=True, help="torch backend: torch.compile the image encoder (CUDA graphs on GPU).")
+@click.option("--reproducible", is_flag=True,
+              help="GPU: run every engine call at one fixed batch, so a row's score never depends on --batch, the last "
+                   "short batch, a resume or the prompt mix (costs padding on short batches). On the CPU it always is. "
+                   "Behind 'ipiqa serve' the server's own setting applies.")
 @click.option("--resume", is_flag=True, help="Skip the rows the output file already holds; append the rest.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first row that cannot be scored.")
 @click.option("--allow-errors", is_flag=True, help=f"Exit 0 even when rows failed (default: exit {EXIT_ROW_ERRORS}).")
@@ -308,6 +313,7 @@ class ScoreArgs:
     precision: str
     fp16: bool
     compile_: bool
+    reproducible: bool
     resume: bool
     fail_fast: bool
     ray_address: Optional[str]
@@ -327,7 +333,7 @@ class ScoreArgs:
         """The local-scoring options given (not at their defaults), as the user typed them."""
         given = dict(backend=self.backend != "auto", device=self.device != "auto", decode=self.decode != "host",
                      fast_decode=self.fast_decode, precision=self.precision != "auto", fp16=self.fp16,
-                     compile=self.compile_, ray=self.ray_address is not None)
+                     compile=self.compile_, reproducible=self.reproducible, ray=self.ray_address is not None)
         return [f"--{k.replace('_', '-')}" for k, v in given.items() if v]
 
 
@@ -345,7 +351,7 @@ def _score_into_file(args: ScoreArgs):
     from ipiqa.runtime.scorer import Scorer
 
     with Scorer(args.model, backend=args.backend, device=args.device, fp16=args.fp16, compile=args.compile_,
-                precision=args.precision) as scorer:
+                precision=args.precision, reproducible=args.reproducible) as scorer:
         return run_scoring(scorer, args.rows(), args.output, args.fmt, args.batch, args.workers, args.quiet, None,
                            args.resume, args.fail_fast, args.decode, args.fast_decode)
 
@@ -358,7 +364,7 @@ def _score_into_folder(args: ScoreArgs):
     from ipiqa.runtime.scorer import Scorer
 
     with Scorer(args.model, backend=args.backend, device=args.device, fp16=args.fp16, compile=args.compile_,
-                precision=args.precision) as scorer:
+                precision=args.precision, reproducible=args.reproducible) as scorer:
         rows = args.rows()
         with _progress(args.quiet, partitions=len(rows.partitions)) as progress:
             summary = score_partitions(scorer, rows, args.output_dir, args.fmt, args.batch, args.workers,
@@ -387,7 +393,7 @@ def _score_on_ray(args: ScoreArgs):
         summary = score_with_ray(args.model, rows, args.output_dir if per_partition else args.output, None,
                                  args.ray_address, batch_size=args.batch, backend=args.backend, device=args.device,
                                  fmt=args.fmt, per_partition=per_partition, on_results=progress.results,
-                                 on_partition=progress.partition)
+                                 on_partition=progress.partition, reproducible=args.reproducible)
     if per_partition:
         _partitions_line(summary, rows, args.output_dir, "on Ray ")
     else:
@@ -472,7 +478,7 @@ def demo_cmd(out: Path, resolution: int) -> None:
     from .checkpoint import save_model
     from .demo import demo_model, write_samples
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     model = demo_model(cfg)
     model_path = save_model(out / "model.safetensors", model.state_dict(), cfg)
     manifest = write_samples(out / "images")

@@ -122,10 +122,10 @@ class _Decode:
 class _ScoreActor:
     """One per GPU (or CPU slot): a runtime Scorer with its own prompt cache."""
 
-    def __init__(self, bundle: str, backend: str, device: str):
+    def __init__(self, bundle: str, backend: str, device: str, reproducible: bool = False):
         from .scorer import Scorer
 
-        self.scorer = Scorer(bundle, backend=backend, device=device)
+        self.scorer = Scorer(bundle, backend=backend, device=device, reproducible=reproducible)
         self.outputs = self.scorer.outputs
 
     def __call__(self, batch: dict) -> dict:
@@ -155,10 +155,11 @@ def _fail_once() -> None:
 class _PartitionActor:
     """One per GPU (or CPU slot): scores whole partitions, each into its own file (``io.partitions``)."""
 
-    def __init__(self, bundle: str, backend: str, device: str, source: RowSource, finals: list, batch_size: int):
+    def __init__(self, bundle: str, backend: str, device: str, source: RowSource, finals: list, batch_size: int,
+                 reproducible: bool = False):
         from .scorer import Scorer
 
-        self.scorer = Scorer(bundle, backend=backend, device=device)
+        self.scorer = Scorer(bundle, backend=backend, device=device, reproducible=reproducible)
         self.source, self.finals, self.batch_size = source, finals, batch_size
 
     def score(self, index: int):
@@ -171,7 +172,7 @@ class _PartitionActor:
 
 def _score_partitions(ray, bundle: Union[str, Path], source: RowSource, output_dir: Union[str, Path],
                       fmt: Optional[str], actors: int, resources: dict, batch_size: int, backend: str, device: str,
-                      hook: dict, on_partition: Callable[[Any], None]):
+                      hook: dict, on_partition: Callable[[Any], None], reproducible: bool = False):
     from ray.util import ActorPool
 
     from .io.partitions import PartitionsSummary, partition_outputs
@@ -179,7 +180,8 @@ def _score_partitions(ray, bundle: Union[str, Path], source: RowSource, output_d
     finals = partition_outputs(source, output_dir, fmt or "csv")
     start = time.perf_counter()
     remote = ray.remote(_PartitionActor).options(max_restarts=-1, max_task_retries=-1, **resources, **hook)
-    pool = ActorPool([remote.remote(str(Path(bundle).resolve()), backend, device, source, finals, batch_size)
+    pool = ActorPool([remote.remote(str(Path(bundle).resolve()), backend, device, source, finals, batch_size,
+                                    reproducible)
                       for _ in range(max(1, min(actors, len(finals))))])
     results = []
     for result in pool.map_unordered(lambda actor, index: actor.score.remote(index), range(len(finals))):
@@ -193,11 +195,12 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, RowSource,
                    actors: Optional[int] = None, batch_size: int = 8, backend: str = "auto", device: str = "auto",
                    fmt: Optional[str] = None, per_partition: bool = False,
                    on_results: Callable[[list[Result]], None] = lambda results: None,
-                   on_partition: Callable[[Any], None] = lambda partition: None):
+                   on_partition: Callable[[Any], None] = lambda partition: None, reproducible: bool = False):
     """Score every row on Ray into one CSV, JSONL or Parquet file, in input order (a ``RunSummary``).
 
     ``on_results`` gets each batch's results as the driver writes them (the CLI's bar); ``on_partition`` each
-    partition's ``PartitionResult`` as its task ends (``per_partition``).
+    partition's ``PartitionResult`` as its task ends (``per_partition``). ``reproducible``: every worker's
+    ``Scorer(reproducible=True)`` (one engine batch on GPUs too; on CPUs it always is).
 
     ``per_partition``: ``output`` is a folder and every shard or Parquet file gets its own output in it, one Ray
     task each (a ``PartitionsSummary``; see ``io.partitions``). ``source`` may be a ``RowSource`` built with its
@@ -232,7 +235,7 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, RowSource,
     if per_partition:
         resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
         return _score_partitions(ray, bundle, source, output, fmt, actors, resources, batch_size, backend,
-                                 "cuda:0" if use_gpu else "cpu", hook, on_partition)
+                                 "cuda:0" if use_gpu else "cpu", hook, on_partition, reproducible)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if isinstance(source, RowSource):
         ds = ray.data.read_datasource(_datasource(source), override_num_blocks=1, num_cpus=0)  # light I/O: never starve the actors
@@ -243,7 +246,8 @@ def score_with_ray(bundle: Union[str, Path], source: Union[str, Path, RowSource,
     ds = ds.map_batches(_Decode, fn_constructor_kwargs={"resolution": cfg.resolution, "needs_prompt": cfg.text},
                         batch_size=batch_size, batch_format="numpy", concurrency=max(1, cpus - actors))
     ds = ds.map_batches(_ScoreActor, fn_constructor_kwargs={"bundle": str(Path(bundle).resolve()), "backend": backend,
-                                                            "device": "cuda:0" if use_gpu else "cpu"},
+                                                            "device": "cuda:0" if use_gpu else "cpu",
+                                                            "reproducible": reproducible},
                         batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=1 if use_gpu else 0,
                         max_restarts=-1, max_task_retries=-1, **hook)
     n = errors = 0
