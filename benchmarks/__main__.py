@@ -52,7 +52,8 @@ def _args(argv) -> argparse.Namespace:
                         "export (INT8 export peak memory against calibration images; opt-in), report (ipiqa report "
                         "and select on --report-rows; opt-in), shards (host rows/s from WebDataset shards and Parquet "
                         "against loose files, memory against shard count; opt-in), serve (ipiqa serve requests/s, "
-                        "p50/p99 at 1/4/16 clients vs the same backend locally; needs ipiqa[serve]; opt-in)")
+                        "p50/p99 at 1/4/16 clients vs the same backend locally; needs ipiqa[serve]; opt-in), "
+                        "overhead (batch 1: the image graph alone against Scorer.score_arrays, paired; opt-in)")
     p.add_argument("--report-rows", default="200000", help="scores-file sizes (rows) for the report section")
     p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
     p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
@@ -389,12 +390,26 @@ def _export_section(args) -> dict:
     return section(bundle, runs, work, held_out=4 if args.smoke else 16)
 
 
+def _overhead_section(args) -> dict:
+    """Batch 1: each CPU backend's image graph alone against ``Scorer.score_arrays`` (``benchmarks/overhead.py``),
+    on the engine section's single-query bundle (exported once, then reused)."""
+    from ipiqa.bundle import read_bundle
+
+    from .overhead import section
+
+    bundle = _setup(args, cuda=False)[3]["single_query"]
+    runs = [("onnxruntime", "fp32"), ("onnxruntime", "int8")]
+    if read_bundle(bundle).onnx.int8["cpu"].openvino_passed:
+        runs.append(("openvino", "int8"))
+    return section(bundle, runs, seconds=0.5 if args.smoke else 6.0)
+
+
 def main(argv=None) -> int:
     args = _args(argv)
     import torch
 
     sections = set(filter(None, args.sections.split(",")))
-    known = ("engine", "host", "jobs", "export", "report", "shards", "serve")
+    known = ("engine", "host", "jobs", "export", "report", "shards", "serve", "overhead")
     unknown = sections - set(known)
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {', '.join(known)}")
@@ -424,6 +439,9 @@ def main(argv=None) -> int:
 
         results["serve"] = serve_section(args.workdir / "serve", requests_per_client=4 if args.smoke else 16)
         print(results["serve"]["markdown"], file=sys.stderr)
+    if "overhead" in sections:
+        results["overhead"] = _overhead_section(args)
+        print(results["overhead"]["markdown"], file=sys.stderr)
     if "report" in sections:
         from .report_bench import measure_report
 

@@ -73,6 +73,9 @@ def markdown(results: dict) -> str:
         lines += ["", "## Datasets as stored: shards and Parquet against loose files", "", results["shards"]["markdown"]]
     if results.get("serve"):
         lines += ["", "## `ipiqa serve` under load against local scoring", "", results["serve"]["markdown"]]
+    if results.get("overhead"):
+        lines += ["", "## Runtime overhead at batch 1: the image graph alone against `Scorer.score_arrays` (paired "
+                      "timings)", "", results["overhead"]["markdown"]]
     if results.get("report"):
         lines += ["", "## `ipiqa report` and `ipiqa select` against scores-file rows (one fresh process per command)",
                   "", results["report"]["markdown"]]

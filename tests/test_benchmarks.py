@@ -83,3 +83,13 @@ def test_smoke_report_has_host_rates_cores_needed_and_job_growth(smoke):
     assert rows == [500, 2000] and all(j["peak_rss_mib"] > 0 and j["resume_seconds"] > 0 for j in results["jobs"]["rows"])
     md = (folder / "results.md").read_text()
     assert "Host cores needed" in md and "Jobs of any size" in md and "Fast decode path" in md
+
+
+def test_the_overhead_rows_pair_the_image_graph_alone_with_score_arrays_on_one_backend(tiny_bundle):
+    from benchmarks.overhead import markdown, measure
+
+    (row,) = measure(tiny_bundle, (("onnxruntime", "fp32"),), seconds=0.2, warmup=1)
+    assert row.backend == "onnxruntime-cpu" and row.iterations >= 2
+    assert row.image_graph_per_s > 0 and row.cached_prompt_per_s > 0 and row.new_prompt_per_s > 0
+    assert row.cached_ratio == row.cached_prompt_per_s / row.image_graph_per_s
+    assert "| onnxruntime-cpu | 1 |" in markdown([row])
