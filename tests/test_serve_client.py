@@ -33,12 +33,16 @@ class Server:
         self.description = ServedModel.parameters(("quality", "alignment"), "ab" * 32, needs_prompt, 64)
         self.calls = 0
         self.fail = lambda call: None
+        self.describe_loading = 0  # probes of the description model that answer "not ready"
 
     def client(self, url, channel_args=None):
         server = self
 
         class Client:
             def is_model_ready(self, name):
+                if name == DESCRIBE_MODEL and server.describe_loading:
+                    server.describe_loading -= 1
+                    return False
                 return True
 
             def get_model_metadata(self, name, as_json=False):
@@ -210,3 +214,16 @@ def test_a_server_back_with_the_same_model_goes_on(server, folder, tmp_path):
     with _scorer(retry_s=30) as scorer:
         summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv", batch_size=1)
     assert summary.rows == 8 and summary.errors == 0
+
+
+def test_a_server_back_before_its_description_model_is_ready_is_waited_for(server, folder, tmp_path):
+    def fail(call):
+        if call == 4:  # restarted: model ipiqa answers, its description model is still loading for two probes
+            server.describe_loading = 2
+            return _failure("UNAVAILABLE")
+        return None
+
+    server.fail = fail
+    with _scorer(retry_s=30) as scorer:
+        summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv", batch_size=1)
+    assert summary.rows == 8 and summary.errors == 0 and server.describe_loading == 0

@@ -30,7 +30,7 @@ from ..io.provenance import Provenance
 from ..io.run_output import open_output
 from ..pipeline import RunSummary
 from ..rows import Result, Row, finish, image_bytes, row_error, scoring_failed
-from .contract import ERROR, MODEL, SCORES, ServedModel, build_inputs, describe, row_answer
+from .contract import ERROR, MODEL, SCORES, NotDescribed, ServedModel, build_inputs, describe, row_answer
 
 __all__ = ["RemoteScorer", "RemoteBackend", "ServerUnavailable", "ServerChanged", "parse_server", "is_connection_failure",
            "RETRY_S"]
@@ -79,8 +79,10 @@ def parse_server(address: str) -> str:
 
 
 def is_connection_failure(exc: BaseException) -> bool:
-    """True when a failed call says nothing about its row (see the module docstring); False for the server's
-    answer about the request (INVALID_ARG, INTERNAL, ...)."""
+    """True when a failed call says nothing about its row (see the module docstring), a server whose description
+    model is still loading included; False for the server's answer about the request (INVALID_ARG, INTERNAL, ...)."""
+    if isinstance(exc, NotDescribed):  # a restarted server whose description model is still loading
+        return True
     status = getattr(exc, "status", None)
     if callable(status):  # tritonclient's InferenceServerException: "StatusCode.UNAVAILABLE"
         code = str(status() or "").rpartition(".")[2]

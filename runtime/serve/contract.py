@@ -35,7 +35,7 @@ from ..rows import Row, clean_prompt
 
 __all__ = ["MODEL", "DESCRIBE_MODEL", "IMAGE", "PROMPT", "SCORES", "ERROR", "QUERY", "DESCRIPTION",
            "OUTPUTS_PARAMETER", "BUNDLE_PARAMETER", "NEEDS_PROMPT_PARAMETER", "RESOLUTION_PARAMETER", "PROVENANCE_PARAMETER",
-           "ServedModel", "bundle_sha256", "served_model", "describe", "build_inputs", "request_rows", "row_answer",
+           "ServedModel", "NotDescribed", "bundle_sha256", "served_model", "describe", "build_inputs", "request_rows", "row_answer",
            "text"]
 
 MODEL = "ipiqa"
@@ -49,6 +49,10 @@ RESOLUTION_PARAMETER = "ipiqa_resolution"  # the side the server resizes images 
 PROVENANCE_PARAMETER = "ipiqa_provenance"  # ipiqa serve only: its Scorer's run record (io.provenance), as JSON
 DESCRIPTION_KEYS = (OUTPUTS_PARAMETER, BUNDLE_PARAMETER, NEEDS_PROMPT_PARAMETER, RESOLUTION_PARAMETER,
                     PROVENANCE_PARAMETER)
+
+
+class NotDescribed(IPIQAError):
+    """The server has model ``ipiqa`` but its description model is not ready (a server still starting)."""
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,10 @@ def describe(grpc: Any, client: Any, url: str, model: str = MODEL, timeout_s: fl
     config = client.get_model_config(model, as_json=True)
     config = config.get("config", config)
     params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
-    if OUTPUTS_PARAMETER not in params and model == MODEL and client.is_model_ready(DESCRIBE_MODEL):
+    if OUTPUTS_PARAMETER not in params and model == MODEL:
+        if not client.is_model_ready(DESCRIBE_MODEL):
+            raise NotDescribed(f"{url}: model {DESCRIBE_MODEL!r} is not ready: the server is still starting, or it "
+                               "is not this ipiqa's 'ipiqa serve' (which answers its description there)")
         query = grpc.InferInput(QUERY, [1], "BYTES")
         query.set_data_from_numpy(np.array([b"describe"], dtype=object))
         answer = client.infer(DESCRIBE_MODEL, [query], client_timeout=timeout_s).as_numpy(DESCRIPTION)
