@@ -256,6 +256,9 @@ _ImagesPath = ImagesPath  # the name this module used before export's --calibrat
                    "MODEL: each row's image file is sent as one request; same output rows, --resume included.")
 @click.option("--concurrency", default=8, show_default=True, type=click.IntRange(1),
               help="--server: requests in flight at once.")
+@click.option("--server-retry", "server_retry", default=None, type=click.FloatRange(0), metavar="SECONDS",
+              help="--server: seconds (default 60) a call failing for the connection (server down, restarting, draining) is "
+                   "retried before the run stops, its rows so far intact; then rerun the same command with --resume.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @friendly
 def score_cmd(**options: Any) -> None:
@@ -320,6 +323,7 @@ class ScoreArgs:
     allow_errors: bool
     server: Optional[str]
     concurrency: int
+    server_retry: Optional[float]
     quiet: bool
 
     def rows(self):
@@ -416,7 +420,7 @@ def _score_on_server(args: ScoreArgs):
     from ipiqa.runtime.serve.client import RemoteScorer
 
     rows = args.rows()
-    with RemoteScorer(args.server, concurrency=args.concurrency) as scorer:
+    with RemoteScorer(args.server, concurrency=args.concurrency, retry_s=args.server_retry) as scorer:
         return run_scoring(scorer, rows, args.output, args.fmt, args.batch, 1, args.quiet, None, args.resume,
                            args.fail_fast)
 

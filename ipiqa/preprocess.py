@@ -172,11 +172,12 @@ def _decode(fp: BinaryIO, name: object, draft: Optional[int] = None) -> tuple[Im
         raise ImageError(f"{name}: corrupt image ({exc})") from None
 
 
-def decode_bytes(data: bytes, name: object) -> Image.Image:
+def decode_bytes(data: bytes, name: object, draft: Optional[int] = None) -> Image.Image:
     """Encoded image bytes (a request body, a file read elsewhere) -> the decoded image, not yet RGB, with the
-    file path's mode rules, size limit and errors; ``name`` is what an error calls it."""
+    file path's mode rules, size limit and errors; ``name`` is what an error calls it. ``draft``: a JPEG may be
+    decoded at a reduced DCT scale keeping both sides >= it (thumbnails; never for scoring, which is exact)."""
     check_encoded_size(len(data), name)
-    return _decode(io.BytesIO(data), name)[0]
+    return _decode(io.BytesIO(data), name, draft)[0]
 
 
 def _load(path: PathLike, draft: Optional[int] = None) -> tuple[Image.Image, Optional[tuple]]:

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import TINY, make_image, read_csv
+from serve_ports import free_ports
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.cache import PromptCache
 from ipiqa.runtime.io.provenance import read_provenance, sidecar_path
@@ -215,17 +215,6 @@ def test_a_resume_with_another_bundle_is_refused_on_the_command_line(bundle, tin
 # ---------------------------------------------------------------- through the server, under other clients' traffic
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def server(bundle, tmp_path_factory):
     """``ipiqa serve`` (the public command, in its own process) on free loopback ports, batching up to 16
@@ -234,7 +223,7 @@ def server(bundle, tmp_path_factory):
     pytest.importorskip("tritonclient.grpc", reason="the server test needs ipiqa[serve] (tritonclient)")
     if int(np.__version__.split(".")[0]) >= 2:
         pytest.skip(f"PyTriton's python stub needs numpy<2 (numpy {np.__version__} here)")
-    http, grpc_port, metrics = _free_ports(3)
+    http, grpc_port, metrics = free_ports(3)
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "ipiqa.cli", "serve", str(bundle), "--backend", "onnxruntime",
                              "--device", "cpu", "--address", "127.0.0.1", "--http-port", str(http), "--grpc-port",

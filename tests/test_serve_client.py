@@ -227,3 +227,16 @@ def test_a_server_back_before_its_description_model_is_ready_is_waited_for(serve
     with _scorer(retry_s=30) as scorer:
         summary = scorer.score_files(RowSource(folder, "a fox"), tmp_path / "o.csv", batch_size=1)
     assert summary.rows == 8 and summary.errors == 0 and server.describe_loading == 0
+
+
+def test_server_retry_sets_how_long_the_cli_retries_before_it_stops(server, folder, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from ipiqa.cli import cli
+
+    monkeypatch.setattr(client_module, "RETRY_S", 0.5)  # the default here; the option must win
+    server.fail = lambda call: _failure("UNAVAILABLE", "connection refused") if call > 2 else None
+    result = CliRunner().invoke(cli, ["score", "--server", URL, "--images", str(folder), "--prompt", "a fox",
+                                      "-o", str(tmp_path / "o.csv"), "-q", "--batch", "1", "--concurrency", "1",
+                                      "--server-retry", "0.2"])
+    assert result.exit_code == 1 and "did not answer for 0.2 s" in result.output

@@ -338,3 +338,18 @@ def test_the_shards_benchmark_reports_every_source_and_each_shard_count(tiny_bun
     assert all(r["rows"] == 8 and r["rows_per_s"] > 0 for r in result["rates"])
     assert [(m["shards"], m["rows"]) for m in result["memory"]] == [(1, 4), (2, 8)]
     assert "peak RSS" in result["markdown"]
+
+
+def test_an_image_member_above_the_encoded_size_limit_is_an_error_row_never_read(tmp_path, monkeypatch):
+    import ipiqa.preprocess as preprocess
+
+    big, small = jpeg(1, size=(64, 64)), jpeg(2)
+    monkeypatch.setattr(preprocess, "MAX_IMAGE_BYTES", (len(big) + len(small)) // 2)
+    write_shard(tmp_path / "s.tar", [("a.jpg", big), ("a.txt", b"a cat"), ("b.jpg", small), ("b.txt", b"a dog")])
+    read = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda self, m: read.append(m.name) or real(self, m))
+    rows = list(shard_rows(str(tmp_path / "s.tar")))
+    assert "MAX_IMAGE_BYTES" in rows[0].error and rows[0].source is None
+    assert rows[1].error is None and rows[1].source == small
+    assert "a.jpg" not in read

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from ipiqa.errors import IPIQAError
+from ipiqa.preprocess import check_encoded_size
 
 from ..rows import Row, clean_prompt, resolve_prompt
 
@@ -91,6 +92,19 @@ class _Sample:
 def truncated_label(shard: str, offset: int) -> str:
     """The ``image`` of a cut shard's last row (deterministic, so ``--resume`` matches it)."""
     return f"{shard}::<truncated at byte {offset}>"
+
+
+def _too_big(member: tarfile.TarInfo, ext: str, label: str) -> Optional[str]:
+    """Why a member is not read into memory (an image above the row rules' encoded-size limit, any member above
+    ``MAX_MEMBER_BYTES``), or None: checked on the header's size, before a byte of it is read."""
+    if _is_image(ext):
+        try:
+            check_encoded_size(member.size, label)
+        except IPIQAError as exc:
+            return str(exc)
+    if member.size > MAX_MEMBER_BYTES:
+        return f"{label}: member of {member.size} bytes, above the {MAX_MEMBER_BYTES >> 20} MiB limit"
+    return None
 
 
 def _is_image(ext: str) -> bool:
@@ -176,10 +190,10 @@ def shard_rows(shard: str, prompt: Optional[str] = None, prompt_field: str = "pr
                     sample = None
                 if sample is None:
                     sample = _Sample(key, member.offset)
-                if member.size > MAX_MEMBER_BYTES:
+                too_big = _too_big(member, ext, f"{shard}::{member.name}")
+                if too_big is not None:
                     sample.members[ext] = None
-                    sample.errors.append(f"{shard}::{member.name}: member of {member.size} bytes, above the "
-                                         f"{MAX_MEMBER_BYTES >> 20} MiB limit")
+                    sample.errors.append(too_big)
                 elif _wanted(ext):
                     sample.members[ext] = tf.extractfile(member).read()
                 else:

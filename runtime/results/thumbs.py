@@ -90,7 +90,7 @@ class Thumbnails:
 
     def _make(self, row: Row, name: object) -> Thumbnail:
         try:
-            img = to_rgb(decode_bytes(image_bytes(row), name))
+            img = to_rgb(decode_bytes(image_bytes(row), name, draft=self.size))
             img.thumbnail((self.size, self.size))
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=self.quality, optimize=True)

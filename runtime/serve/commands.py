@@ -35,11 +35,14 @@ __all__ = ["serve_cmd"]
 @click.option("--address", default="127.0.0.1", show_default=True, callback=text_option,
               help="Interface the endpoints listen on: this machine only by default; --address 0.0.0.0 serves "
                    "other machines (every interface).")
+@click.option("--reproducible", is_flag=True,
+              help="GPU: every engine call at one fixed batch, so a request's score never depends on the batch the "
+                   "dynamic batcher formed from other clients' traffic (on the CPU it always is).")
 @click.option("--exit-timeout", default=30, show_default=True, type=click.IntRange(0),
               help="Seconds Ctrl-C / SIGTERM waits for in-flight requests before the server exits.")
 @friendly
 def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_ms,
-              workers, address, exit_timeout) -> None:
+              workers, address, reproducible, exit_timeout) -> None:
     """Serve a BUNDLE as the Triton model 'ipiqa' (Triton Inference Server through PyTriton; ipiqa[serve]).
 
     Each request is one image file's bytes (IMAGE, BYTES) and its prompt (PROMPT, BYTES); the answer is the
@@ -69,7 +72,7 @@ def serve_cmd(bundle, backend, precision, device, http_port, grpc_port, metrics_
                            max_queue_delay_ms, workers, exit_timeout, address)
     require("pytriton", extra="serve")
     prepare_environment()  # before the bundle loads: a refused environment costs nothing
-    with Scorer(bundle, backend=backend, device=device, precision=precision) as scorer:
+    with Scorer(bundle, backend=backend, device=device, precision=precision, reproducible=reproducible) as scorer:
         triton, handler = start_server(options, scorer)
         click.echo(f"ready: {bundle} as model 'ipiqa' (backend {scorer.backend.name}, outputs "
                    f"{','.join(scorer.outputs)}) on {address}: gRPC :{grpc_port}, HTTP :{http_port} "
