@@ -1,7 +1,9 @@
 """Seeded tiny inputs and authors'-layout checkpoint files, made by the tests themselves."""
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +61,30 @@ def cpu_family(request, monkeypatch) -> CpuFamily:
     return family
 
 
+@contextmanager
+def hardware_flags_only():
+    """Inside: this CPU's own flags, whatever ``$IPIQA_CPU_FLAGS`` says (a fixture making, say, a BF16-gated bundle
+    while the suite runs as another family)."""
+    saved = os.environ.pop(FLAGS_ENV, None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[FLAGS_ENV] = saved
+
+
+@pytest.fixture
+def real_cpu_flags(monkeypatch) -> None:
+    """The test decides with this CPU's own flags, whatever ``$IPIQA_CPU_FLAGS`` the suite runs with."""
+    monkeypatch.delenv(FLAGS_ENV, raising=False)
+
+
 def needs_hardware(*flags: str):
-    """Skip unless this CPU really has one of ``flags``: for numerics, which injected flags cannot change."""
+    """For numerics, which injected flags cannot change: skip unless this CPU really has one of ``flags``, and
+    run with the hardware's flags (``real_cpu_flags``), so the branches agree with the instructions."""
     have = [f for f in flags if f in hardware_flags()]
-    return pytest.mark.skipif(not have, reason=f"needs the real instruction: this CPU has none of {', '.join(flags)}")
+    skip = pytest.mark.skipif(not have, reason=f"needs the real instruction: this CPU has none of {', '.join(flags)}")
+    return lambda test: skip(pytest.mark.usefixtures("real_cpu_flags")(test))
 
 
 def save_torchscript(state_dict: dict, path: Path) -> Path:
