@@ -240,3 +240,21 @@ def test_server_retry_sets_how_long_the_cli_retries_before_it_stops(server, fold
                                       "-o", str(tmp_path / "o.csv"), "-q", "--batch", "1", "--concurrency", "1",
                                       "--server-retry", "0.2"])
     assert result.exit_code == 1 and "did not answer for 0.2 s" in result.output
+
+
+def test_a_parquet_row_holding_only_a_path_sends_that_files_bytes(server, folder, tmp_path, monkeypatch):
+    """A Hugging Face ``Image`` struct with ``bytes=None`` names its file: the request carries the file's bytes, not
+    the row's ``FILE::ROW`` label (which every such row sent before: 'file not found')."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    sent = []
+    real = client_module.build_inputs
+    monkeypatch.setattr(client_module, "build_inputs", lambda g, image, prompt: sent.append(image) or real(g, image, prompt))
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": str(folder / "img0.png")}, {"bytes": None, "path": str(folder / "img1.png")}]
+    pq.write_table(pa.table({"image": pa.array(cells, type=struct), "prompt": ["a fox", "a cat"]}), tmp_path / "d.parquet")
+    with _scorer() as scorer:
+        summary = scorer.score_files(tmp_path / "d.parquet", tmp_path / "o.csv")
+    assert summary.errors == 0
+    assert sent == [(folder / "img0.png").read_bytes(), (folder / "img1.png").read_bytes()]
