@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -105,7 +106,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-class RemoteScorer:
+class RemoteScorer(AbstractContextManager):
     """A running server behind the attributes a local ``Scorer`` run uses: ``outputs``, ``needs_prompt``,
     ``backend.name``, ``score_files`` and ``close``; one row is one request (the server batches them).
 
@@ -275,8 +276,5 @@ class RemoteScorer:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "RemoteScorer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: object) -> None:  # (AbstractContextManager's __enter__ returns self)
         self.close()
