@@ -90,6 +90,9 @@ def markdown(results: dict) -> str:
 
 
 def _plot(results: dict, path: Path) -> bool:
+    """The throughput plot, where the run has engine rows (a run of other sections only has none)."""
+    if not any(r.get("images_per_s") for r in results["runs"]):
+        return False
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -93,3 +93,12 @@ def test_the_overhead_rows_pair_the_image_graph_alone_with_score_arrays_on_one_b
     assert row.image_graph_per_s > 0 and row.cached_prompt_per_s > 0 and row.new_prompt_per_s > 0
     assert row.cached_ratio == row.cached_prompt_per_s / row.image_graph_per_s
     assert "| onnxruntime-cpu | 1 |" in markdown([row])
+
+
+def test_a_run_without_engine_rows_writes_no_empty_plot(tmp_path):
+    from benchmarks.report import write_report
+
+    results = {"machine": {"cpu": "c", "cores": 2, "gpu": {}}, "slug": "s", "resolution": 224, "images_per_prompt": 10,
+               "timestamp": "t", "runs": []}
+    written = write_report(results, tmp_path)
+    assert [p.name for p in written] == ["results.json", "results.md"] and not (tmp_path / "throughput.png").exists()
