@@ -53,7 +53,8 @@ def _args(argv) -> argparse.Namespace:
                         "and select on --report-rows; opt-in), shards (host rows/s from WebDataset shards and Parquet "
                         "against loose files, memory against shard count; opt-in), serve (ipiqa serve requests/s, "
                         "p50/p99 at 1/4/16 clients vs the same backend locally; needs ipiqa[serve]; opt-in), "
-                        "overhead (batch 1: the image graph alone against Scorer.score_arrays, paired; opt-in)")
+                        "overhead (batch 1: the image graph alone against Scorer.score_arrays, paired; opt-in), "
+                        "fixed_batch (one engine batch against free batches, engine and end to end; opt-in)")
     p.add_argument("--report-rows", default="200000", help="scores-file sizes (rows) for the report section")
     p.add_argument("--host-sources", default="512,1024,2048", help="JPEG sides for the host section")
     p.add_argument("--host-images", type=int, default=16, help="JPEGs per source size in the host section")
@@ -409,7 +410,7 @@ def main(argv=None) -> int:
     import torch
 
     sections = set(filter(None, args.sections.split(",")))
-    known = ("engine", "host", "jobs", "export", "report", "shards", "serve", "overhead")
+    known = ("engine", "host", "jobs", "export", "report", "shards", "serve", "overhead", "fixed_batch")
     unknown = sections - set(known)
     if unknown:
         raise SystemExit(f"unknown --sections {sorted(unknown)}; choose from {', '.join(known)}")
@@ -442,6 +443,13 @@ def main(argv=None) -> int:
     if "overhead" in sections:
         results["overhead"] = _overhead_section(args)
         print(results["overhead"]["markdown"], file=sys.stderr)
+    if "fixed_batch" in sections:
+        from .fixed_batch import section as fixed_batch_section
+
+        results["fixed_batch"] = fixed_batch_section(args.workdir / "fixed_batch", resolution=args.resolution,
+                                                     e2e_images=4 if args.smoke else 8, rounds=1 if args.smoke else 2,
+                                                     smoke=args.smoke)
+        print(results["fixed_batch"]["markdown"], file=sys.stderr)
     if "report" in sections:
         from .report_bench import measure_report
 

@@ -10,7 +10,7 @@ from typing import Optional
 import click
 
 from ipiqa.bundle import parse_batch_profile
-from ipiqa.console import InputPath, friendly, format_table, text_option
+from ipiqa.console import ImagesPath, InputPath, friendly, format_table, text_option
 from ipiqa.runtime.cpu import usable_cores
 
 from .checks import ToleranceOverride
@@ -88,9 +88,11 @@ def _check_table(checks) -> str:
 @click.option("--int8", is_flag=True,
               help="Quantize the image graph to INT8 on --calibration images and gate it on held-out ones: for the "
                    "CPU always; with engines, also an INT8 image engine (text and fusion engines FP16).")
-@click.option("--calibration", type=InputPath(exists=True, path_type=Path),
-              help="--int8: a folder of images, or a CSV with an 'image' column (and 'prompt', used by the gate), "
-                   "like those you will score. 1 in 5 (4 to 32) is held out for the gate, never calibrated on.")
+@click.option("--calibration", type=ImagesPath(exists=True, path_type=Path),
+              help="--int8: images like those you will score, as 'ipiqa score --images' takes them: a folder, a "
+                   "CSV/JSONL manifest (its 'prompt' column is used by the gate; rows may name SHARD::KEY or "
+                   "FILE::ROW), tar shards ('shards/*.tar', a brace pattern, a list file) or Parquet files. 1 in 5 "
+                   "(4 to 32) is held out for the gate, never calibrated on.")
 @click.option("--calibration-size", default=64, show_default=True, type=click.IntRange(1),
               help="--int8: at most this many images calibrate (evenly spread over the rest).")
 @click.option("--int8-setting", "int8_settings", multiple=True, callback=_int8_setting, metavar="[TARGET.]KEY=VALUE",
@@ -156,7 +158,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     if official and not clip_path:
         raise click.UsageError("--official needs --clip (the base CLIP RN50 weights)")
     if int8 and calibration is None:
-        raise click.UsageError("--int8 needs --calibration IMAGES.csv|DIR (images like those you will score)")
+        raise click.UsageError("--int8 needs --calibration IMAGES (a folder, manifest, shards or Parquet files like those you will score)")
     if not int8 and (calibration is not None or int8_settings):
         raise click.UsageError("--calibration and --int8-setting go with --int8")
     if int8 and fp16 is False and not onnx_only:

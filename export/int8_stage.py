@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, Optional
 
-from ipiqa.bundle import sha256_file
 from ipiqa.manifest import Int8Calibration, Int8Graph, to_plain
 from ipiqa.model import tokenize
 
@@ -19,13 +18,13 @@ __all__ = ["int8_stage", "int8_held_out"]
 def int8_stage(ctx: ExportContext) -> None:
     """The image graph quantized per target on the user's images and gated on held-out ones (Int8GateError
     below the bar); text and fusion stay FP32 on the CPU and come from ``fp16/`` for engines."""
-    from .calibration import calibration_batches, split_calibration
+    from .calibration import calibration_batches, calibration_fingerprint, split_calibration
 
     opts, cfg = ctx.options.int8, ctx.cfg
     if opts is None:
         return
     split = split_calibration(opts.calibration)
-    calibration_files = [(str(p), sha256_file(p)) for p in split.calibration + split.held_out if p.is_file()]
+    calibration_files = calibration_fingerprint(split)
     inputs: dict[str, Any] = {}  # calibration batches and held-out images, read once, when a target is built
 
     def prepared() -> dict[str, Any]:

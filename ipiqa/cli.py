@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import click
 
-from .console import EXIT_ROW_ERRORS, InputPath, device_option, friendly, format_table, text_option
+from .console import EXIT_ROW_ERRORS, ImagesPath, InputPath, device_option, friendly, format_table, text_option
 from ._optional import require, require_torch
 from .config import IPIQAConfig
 from .device import DEVICE_HELP
@@ -180,18 +180,6 @@ def run_scoring(scorer, source, output, fmt, batch, workers, quiet, prompt=None,
     return summary
 
 
-class ImagesPath(InputPath):
-    """``--images`` (and ``ipiqa-export --calibration``): a path (checked as ``InputPath`` does), or a shard
-    pattern (braces, glob) that RowSource expands; a pattern is not a file, so it is passed on as written."""
-
-    def convert(self, value, param, ctx):
-        text = os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
-        if set("{}*?[") & set(text) and not os.path.lexists(text):
-            return Path(text)
-        return super().convert(value, param, ctx)
-
-
-_ImagesPath = ImagesPath  # the name this module used before export's --calibration shared it
 @click.command("score")
 @click.argument("model", required=False, type=InputPath(exists=True, path_type=Path))
 @click.option("--images", "--image", "source", required=True, type=ImagesPath(exists=True, path_type=Path),

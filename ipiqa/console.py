@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import click
 
 from .errors import IPIQAError
 
-__all__ = ["EXIT_ROW_ERRORS", "friendly", "format_table", "InputPath", "text_option", "device_option"]
+__all__ = ["EXIT_ROW_ERRORS", "friendly", "format_table", "InputPath", "ImagesPath", "text_option", "device_option"]
 
 EXIT_ROW_ERRORS = 3  # the run finished, but some rows are error rows
 
@@ -58,6 +59,17 @@ class InputPath(click.Path):
         from .preprocess import _not_regular  # the one wording of "not a regular file"
 
         self.fail(f"{click.format_filename(path)!r} {_not_regular(mode)}", param, ctx)
+
+
+class ImagesPath(InputPath):
+    """``--images`` (and ``ipiqa-export --calibration``): a path (checked as ``InputPath`` does), or a shard
+    pattern (braces, glob) that RowSource expands; a pattern is not a file, so it is passed on as written."""
+
+    def convert(self, value, param, ctx):
+        text = os.fsdecode(value) if isinstance(value, (bytes, os.PathLike)) else str(value)
+        if set("{}*?[") & set(text) and not os.path.lexists(text):
+            return Path(text)
+        return super().convert(value, param, ctx)
 
 
 def text_option(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:

@@ -92,7 +92,7 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
         if manifest.engine_precision is not None and not engines_serve:
             raise _engine_precision_refused(manifest, precision)
         from .backends.trt import TrtBackend
-        return _on_gpu(TrtBackend(manifest, index), True)
+        return TrtBackend(manifest, index)
     from .backends.ort import CPU_FP16_REFUSED, OrtBackend
 
     provider = "cpu" if kind == "cpu" else _ort_gpu_provider()
@@ -113,14 +113,6 @@ def select_backend(manifest: Manifest, backend: str = "auto", device: Union[str,
     if precision not in manifest.onnx_precisions:
         raise manifest.missing_precision(precision)
     return OrtBackend(manifest, provider, index, precision=precision)
-
-
-def _on_gpu(backend: Backend, gpu: bool) -> Backend:
-    """Say where a backend's engines run where its class does not (``Backend.gpu``: the engine batch rule reads
-    it); ``OrtBackend`` sets it per provider itself."""
-    if "gpu" not in type(backend).__dict__ and "gpu" not in vars(backend):
-        backend.gpu = gpu
-    return backend
 
 
 def _bf16_servable(manifest: Manifest) -> bool:
@@ -146,7 +138,7 @@ def cpu_auto_choice(manifest: Manifest) -> tuple[str, str]:
     FP32 stays on ONNX Runtime (OpenVINO FP32 0.95x on the AMX machine)."""
     import importlib.util
 
-    from .cpu import cpu_flags
+    from .cpu import INT8_DOT_FLAGS, cpu_flags
 
     flags = cpu_flags()
     have_ov = importlib.util.find_spec("openvino") is not None
@@ -155,7 +147,7 @@ def cpu_auto_choice(manifest: Manifest) -> tuple[str, str]:
         return "openvino", "bf16"
     if int8:
         entry = manifest.onnx.int8["cpu"]
-        fast_ov = have_ov and entry.openvino_passed and bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+        fast_ov = have_ov and entry.openvino_passed and bool(flags & set(INT8_DOT_FLAGS))
         return ("openvino" if fast_ov else "onnxruntime"), "int8"
     return "onnxruntime", "fp32"
 
@@ -231,7 +223,7 @@ class Scorer:
 
             self.manifest = None
             torch_backend = TorchBackend(source, parse_device(device), fp16, compile)
-            self.backend = _on_gpu(torch_backend, torch_backend.device.type == "cuda")
+            self.backend = torch_backend
             self.cfg = self.backend.cfg
             self.tokenizer = ClipTokenizer(default_bpe(), self.cfg.context_length)
         else:

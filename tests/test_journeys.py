@@ -123,8 +123,6 @@ def test_export_int8_calibrates_on_a_folder_of_shards(tiny_model_file, user):
     assert read_bundle(user / "bundle").onnx.int8["cpu"].calibration.held_out == 4
 
 
-@pytest.mark.xfail(strict=True, reason="export/cli.py's --calibration is InputPath(exists=True), which refuses a "
-                                       "pattern before RowSource sees it: it needs ipiqa.cli.ImagesPath (lead's change)")
 def test_export_int8_calibration_takes_a_shard_pattern(tiny_model_file, user):
     from ipiqa.export.cli import main as export_cli
 

@@ -34,6 +34,7 @@ class TorchBackend(Backend):
 
         self.torch = torch
         self.device = torch.device(parse_device(device).resolve_torch())
+        self.gpu = self.device.type == "cuda"  # the engine batch rule (backends.base) reads it
         if fp16 and self.device.type != "cuda":
             raise IPIQAError("--fp16 needs --device cuda (half precision on CPU is slow and inexact)")
         self.dtype = torch.float16 if fp16 else torch.float32

@@ -45,6 +45,7 @@ def _ok(result: Any) -> Any:
 
 class TrtBackend(Backend):
     name = "tensorrt"
+    gpu = True  # the engine batch rule (backends.base) reads it
 
     def __init__(self, manifest: Manifest, device_id: int = 0):
         trt = require("tensorrt", extra="tensorrt")
