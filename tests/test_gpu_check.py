@@ -58,12 +58,13 @@ def test_dry_run_runs_every_part_and_writes_one_summary_line_each(dry_run):
     proc, out, _ = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(next(out.glob("*/gpu_check.json")).read_text())
-    assert [p["name"] for p in report["parts"]] == ["parity", "decode", "throughput", "claims", "parity-compile"]
+    assert [p["name"] for p in report["parts"]] == ["parity", "decode", "throughput", "reproducible", "claims",
+                                                    "parity-compile"]
     for p in report["parts"]:
         assert p["status"] in ("PASS", "MEASURED"), p["summary"] + (p["error"] or "")
         assert p["bound"] and p["figure"] and p["rows"]
         assert p["summary"] in proc.stdout  # printed at the end of the output
-    assert (out / report["machine_name"] / "gpu_check.md").read_text().count("## ") == 6  # summary + 5 parts
+    assert (out / report["machine_name"] / "gpu_check.md").read_text().count("## ") == 7  # summary + 6 parts
 
 
 def test_dry_run_judges_parity_by_the_gates_bounds_table(dry_run):

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 from .layout import ROOT, ensure_layout
 from .parts import ERROR, FAIL, PartResult, progress, run_parts
 
-PARTS = ("parity", "decode", "throughput", "claims", "parity-compile")  # compile builds last: the longest, least sure
+PARTS = ("parity", "decode", "throughput", "reproducible", "claims", "parity-compile")  # compile builds last: the longest, least sure
 
 
 def _args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -36,10 +36,11 @@ def _args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def _parts(names: Sequence[str], ctx) -> dict[str, Callable[[], PartResult]]:
-    from . import claims, decode, parity, throughput
+    from . import claims, decode, parity, reproducible, throughput
 
     calls = {"parity": lambda: parity.part(ctx), "decode": lambda: decode.part(ctx),
-             "throughput": lambda: throughput.part(ctx), "claims": lambda: claims.part(ctx),
+             "throughput": lambda: throughput.part(ctx), "reproducible": lambda: reproducible.part(ctx),
+             "claims": lambda: claims.part(ctx),
              "parity-compile": lambda: parity.part(ctx, compiled=True)}
     return {name: calls[name] for name in PARTS if name in names}
 
