@@ -112,24 +112,14 @@ def _calibration_shards(user) -> None:
                      for i in range(8)])
 
 
-def test_export_int8_calibrates_on_a_folder_of_shards(tiny_model_file, user):
+@pytest.mark.parametrize("calibration", ["shards", "shards/*.tar", "shards/{00000..00001}.tar"],
+                         ids=["folder", "glob", "braces"])
+def test_export_int8_calibrates_on_shards_named_as_images_names_them(tiny_model_file, user, calibration):
     from ipiqa.bundle import read_bundle
     from ipiqa.export.cli import main as export_cli
 
     _calibration_shards(user)
     res = CliRunner().invoke(export_cli, [str(tiny_model_file), "-o", "bundle", "--onnx-only", "--int8",
-                                          "--calibration", "shards", "--calibration-size", "8"])
-    assert res.exit_code == 0, res.output
-    assert read_bundle(user / "bundle").onnx.int8["cpu"].calibration.held_out == 4
-
-
-def test_export_int8_calibration_takes_a_shard_pattern(tiny_model_file, user):
-    from ipiqa.export.cli import main as export_cli
-
-    from ipiqa.bundle import read_bundle
-
-    _calibration_shards(user)
-    res = CliRunner().invoke(export_cli, [str(tiny_model_file), "-o", "bundle", "--onnx-only", "--int8",
-                                          "--calibration", "shards/*.tar", "--calibration-size", "8"])
+                                          "--calibration", calibration, "--calibration-size", "8"])
     assert res.exit_code == 0, res.output
     assert read_bundle(user / "bundle").onnx.int8["cpu"].calibration.held_out == 4
