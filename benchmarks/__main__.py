@@ -20,13 +20,17 @@ from typing import Callable, Optional
 import numpy as np
 
 from ipiqa.demo import SMOKE_ARCH
+from ipiqa.errors import IPIQAError
 from ipiqa.runtime.cpu import usable_cores
 
+from .auto_check import AUTO_ROW, auto_reason, check_auto
+from .auto_check import markdown as auto_markdown
 from .flops import graph_flops
 from .machine import machine_info, machine_slug, measured_peak_flops
+from .prompt_mix import DEFAULT_MIXES, parse_mixes, prompt_for, text_share
 from .report import write_report
 
-IMAGES_PER_PROMPT = 10  # AGIQA-3k: 2,982 images of 300 prompts
+IMAGES_PER_PROMPT = 10  # AGIQA-3k: 2,982 images of 300 prompts (the default mix; --images-per-prompt)
 # Every row the benchmark cannot measure says why, starting with one of these (the spec's guarantee).
 NOT_AVAILABLE, SKIPPED = "not available on this machine: ", "skipped"
 NOTE_PREFIXES = (NOT_AVAILABLE, SKIPPED)
@@ -43,6 +47,11 @@ def _args(argv) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=3.0, help="keep timing until this much time has passed")
     p.add_argument("--e2e-images", type=int, default=40, help="JPEG files (1024x1024) for the end-to-end run")
     p.add_argument("--e2e-batch", type=int, default=4)
+    p.add_argument("--images-per-prompt", default=DEFAULT_MIXES,
+                   help="comma list of prompt mixes for the engine and end-to-end rows, each measured in full "
+                        "(default 10, AGIQA-3k's mix; 1,4,10 adds AIGCQA-20k's every-prompt-new case and best-of-N, "
+                        "at 3x the engine section's time): a new prompt every N images, so at 1 the text encoder "
+                        "runs for every image")
     p.add_argument("--skip", default="", help="comma list of backends to leave out (e.g. torch-compile)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--workdir", type=Path, default=Path(__file__).parent / ".work", help="exported bundles are cached here")
@@ -68,6 +77,10 @@ def _args(argv) -> argparse.Namespace:
                    help="FP32 bundle for the export section (default: the seeded model exported at --resolution)")
     p.add_argument("--smoke", action="store_true", help="CI: reduced-width model, 224 px, batch 1-2, 2 iterations")
     args = p.parse_args(argv)
+    try:
+        args.mixes = parse_mixes(args.images_per_prompt)
+    except IPIQAError as exc:
+        p.error(str(exc))
     if args.smoke:
         args.resolution, args.batches, args.warmup, args.iters, args.min_seconds = 224, "1,2", 1, 2, 0.0
         args.e2e_images, args.e2e_batch = 4, 2
@@ -190,6 +203,11 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
                       precision="bf16")
     scorer_runner("openvino-cpu-int8", bundles["single_query"], "OpenVINO on the bundle's CPU INT8 image graph, FP32 "
                   "text and fusion, prompt cache", backend="openvino", device="cpu", precision="int8")
+    if cuda:
+        out[AUTO_ROW] = (None, SKIPPED + " (the CPU auto rule is measured on CPU runs)", None)
+    else:
+        scorer_runner(AUTO_ROW, bundles["single_query"], "Scorer(bundle, precision='auto') on CPU: "
+                      "cpu_auto_choice's pick", device="cpu", precision="auto")
     scorer_runner("onnxruntime-cpu-straightforward-pools", bundles["straightforward"], "pools as written (before issue 9), prompt cache",
                   backend="onnxruntime", device="cpu")
     if cuda:
@@ -209,16 +227,24 @@ def _flops(bundles) -> dict:
     return table
 
 
-def _per_image_flops(flops: dict, backend: str) -> float:
+def _per_image_flops(flops: dict, backend: str, images_per_prompt: int) -> float:
     if backend == "reference-eager-fp32":
         return sum(v["straightforward"] for v in flops.values())  # text encoded for every image
     pools = "straightforward" if "straightforward" in backend else "single_query"
     return (flops["image_encoder"][pools] + flops["fusion"][pools]
-            + flops["text_encoder"][pools] / IMAGES_PER_PROMPT)  # one text pass per prompt
+            + flops["text_encoder"][pools] * text_share(images_per_prompt))  # one text pass per prompt
 
 
 def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
-    """JPEG files (1024x1024, like AGIQA-3k) -> scores through the runtime pipeline, prompt cache on and off."""
+    """JPEG files (1024x1024, like AGIQA-3k) -> scores through the runtime pipeline, prompt cache on and off,
+    at each prompt mix (``--images-per-prompt``)."""
+    results = []
+    for mix in args.mixes:
+        results += _end_to_end_mix(args, runners, engine_rate, workdir, mix)
+    return results
+
+
+def _end_to_end_mix(args, runners, engine_rate: dict, workdir: Path, mix: int) -> list[dict]:
     from PIL import Image
 
     from ipiqa.runtime.cache import PromptCache
@@ -234,10 +260,10 @@ def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
             base = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # smooth-ish content, realistic JPEG size
             Image.fromarray(base).resize((1024, 1024), Image.BICUBIC).save(p, quality=90)
         paths.append(p)
-    rows = [Row(str(p), f"a generated image, prompt #{i // IMAGES_PER_PROMPT}") for i, p in enumerate(paths)]
+    rows = [Row(str(p), prompt_for(i, mix, f"e2e {mix} per prompt")) for i, p in enumerate(paths)]
     results = []
-    for name in ("onnxruntime-cpu", "onnxruntime-cpu-int8", "openvino-cpu", "openvino-cpu-bf16", "openvino-cpu-int8",
-                 "onnxruntime-gpu", "tensorrt", "torch-fp16"):
+    for name in (AUTO_ROW, "onnxruntime-cpu", "onnxruntime-cpu-int8", "openvino-cpu", "openvino-cpu-bf16",
+                 "openvino-cpu-int8", "onnxruntime-gpu", "tensorrt", "torch-fp16"):
         fn, _, scorer = runners.get(name, (None, "", None))
         if fn is None:
             continue
@@ -247,11 +273,12 @@ def _end_to_end(args, runners, engine_rate: dict, workdir: Path) -> list[dict]:
             summary = scorer.score_files(ordered, output=workdir / "e2e.csv", batch_size=args.e2e_batch,
                                          workers=usable_cores())
             rate = summary.rows / summary.seconds
-            engine = engine_rate.get((name, args.e2e_batch))
-            results.append({"name": f"{name}, {label}", "batch": args.e2e_batch, "images": summary.rows,
+            engine = engine_rate.get((name, args.e2e_batch, mix))
+            results.append({"name": f"{name}, {label}", "backend": name, "picked": scorer.backend.name,
+                            "images_per_prompt": mix, "batch": args.e2e_batch, "images": summary.rows,
                             "images_per_s": rate, "fraction_of_engine": rate / engine if engine else None,
                             "cache_hits": scorer.cache.hits, "cache_misses": scorer.cache.misses})
-            print(f"  e2e {results[-1]['name']}: {rate:.2f} img/s", file=sys.stderr)
+            print(f"  e2e {results[-1]['name']}, {mix}/prompt: {rate:.2f} img/s", file=sys.stderr)
     return results
 
 
@@ -266,31 +293,33 @@ def _engine_section(args, cuda: bool, info: dict) -> dict:
     runners = _runners(args, cfg, model, model_path, bundles, cuda)
     rng = np.random.default_rng(0)
     runs, engine_rate = [], {}
-    for batch in batches:
+    for mix, batch in ((m, b) for m in args.mixes for b in batches):
         images = rng.integers(0, 256, (batch, cfg.resolution, cfg.resolution, 3), dtype=np.uint8)
         anchor = None
-        for name, (fn, note, _) in runners.items():
-            row = {"backend": name, "batch": batch, "note": note}
+        for name, (fn, note, owner) in runners.items():
+            row = {"backend": name, "batch": batch, "images_per_prompt": mix, "note": note}
+            if name == AUTO_ROW and owner is not None:
+                row["picked"] = owner.backend.name
             if fn is not None:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 counter = iter(range(10**9))
 
-                def prompts_for(_i, batch=batch, counter=counter):
-                    return [f"a generated image, prompt #{next(counter) // IMAGES_PER_PROMPT}" for _ in range(batch)]
+                def prompts_for(_i, batch=batch, counter=counter, run=f"{mix} per prompt, batch {batch}"):
+                    return [prompt_for(next(counter), mix, run) for _ in range(batch)]
 
                 times = _timed(fn, images, prompts_for, args.warmup, args.iters, args.min_seconds)
                 p50 = float(np.median(times))
                 row.update(p50_ms=p50 * 1e3, p99_ms=float(np.percentile(times, 99)) * 1e3, iterations=len(times),
-                           images_per_s=batch / p50, gflop_per_image=_per_image_flops(flops, name) / 1e9)
+                           images_per_s=batch / p50, gflop_per_image=_per_image_flops(flops, name, mix) / 1e9)
                 row["peak_fraction_pct"] = 100 * row["gflop_per_image"] * 1e9 * row["images_per_s"] / peak
                 row["peak_memory_mib"] = (torch.cuda.max_memory_allocated() / 2**20 if cuda and name.startswith(("torch", "reference", "runtime-torch"))
                                           else None if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
                 if name == "reference-eager-fp32":
                     anchor = row["images_per_s"]
                 row["speedup"] = row["images_per_s"] / anchor if anchor else None
-                engine_rate[(name, batch)] = row["images_per_s"]
-                print(f"  {name:<28} batch {batch:>4}: {row['images_per_s']:8.2f} img/s  p50 {row['p50_ms']:8.1f} ms"
+                engine_rate[(name, batch, mix)] = row["images_per_s"]
+                print(f"  {name:<28} {mix:>2}/prompt batch {batch:>4}: {row['images_per_s']:8.2f} img/s  p50 {row['p50_ms']:8.1f} ms"
                       f"  x{row['speedup'] or 0:.2f}", file=sys.stderr)
             runs.append(row)
             gc.collect()
@@ -298,13 +327,24 @@ def _engine_section(args, cuda: bool, info: dict) -> dict:
         print(f"  note: --e2e-batch {args.e2e_batch} was not timed engine-only; no ratio", file=sys.stderr)
     e2e = _end_to_end(args, runners, engine_rate, args.workdir)
     fast = _fast_path_scores(args, runners)
+    checks = check_auto(runs)
+    reason = _auto_reason(bundles["single_query"]) if runners[AUTO_ROW][0] is not None else ""
+    print(auto_markdown(checks, reason), file=sys.stderr)
     for _, _, owner in runners.values():
         if owner is not None:
             owner.close()
-    best = max((v for (name, _), v in engine_rate.items() if name != "reference-eager-fp32"), default=None)
+    best = max((v for (name, _, _), v in engine_rate.items() if name != "reference-eager-fp32"), default=None)
     return {"resolution": cfg.resolution, "runs": runs, "end_to_end": e2e, "flops": flops, "peak_gflops": peak / 1e9,
             "peak_note": f"torch {'FP16 8192^3 on GPU' if cuda else 'FP32 2048^3 on CPU'}, best of 5",
-            "fast_path_scores": fast, "best_engine_images_per_s": best}
+            "fast_path_scores": fast, "best_engine_images_per_s": best,
+            "auto_check": [asdict(c) for c in checks], "auto_reason": reason}
+
+
+def _auto_reason(bundle: Path) -> str:
+    from ipiqa.bundle import read_bundle
+    from ipiqa.runtime.cpu import cpu_flags
+
+    return auto_reason(read_bundle(bundle), cpu_flags())
 
 
 def _fast_path_scores(args, runners) -> Optional[dict]:
@@ -418,7 +458,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(usable_cores())
     info = machine_info()
     print(f"machine: {info['cpu']} x{info['cores']}, GPU: {info['gpu'].get('name', 'none')}", file=sys.stderr)
-    results: dict = {"resolution": args.resolution, "images_per_prompt": IMAGES_PER_PROMPT, "runs": [],
+    results: dict = {"resolution": args.resolution, "images_per_prompt": list(args.mixes), "runs": [],
                      "sections": sorted(sections)}
     if "engine" in sections:
         results.update(_engine_section(args, cuda, info))

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .auto_check import AutoCheck
+from .auto_check import markdown as auto_markdown
+from .prompt_mix import mix_label
+
 __all__ = ["write_report", "markdown"]
 
 
@@ -11,25 +15,65 @@ def _fmt(v, spec: str) -> str:
     return "" if v is None else format(v, spec)
 
 
+def _mixes(results: dict) -> list:
+    """The run's prompt mixes (a list since ``--images-per-prompt``; one int in older results files)."""
+    value = results.get("images_per_prompt", 10)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _rows_of(rows: list[dict], mix, default) -> list[dict]:
+    return [r for r in rows if r.get("images_per_prompt", default) == mix]
+
+
+def _backend(r: dict) -> str:
+    """The auto row is named with what it picked."""
+    return f"{r['backend']} → {r['picked']}" if r.get("picked") and r["backend"] == "auto" else r["backend"]
+
+
+def _engine_tables(rows: list[dict], mixes: list) -> list[str]:
+    lines: list[str] = []
+    for mix in mixes:
+        group = _rows_of(rows, mix, mixes[0])
+        if not group:
+            continue
+        lines += ["", f"## Engine only, {mix_label(mix)}", "",
+                  "| backend | batch | p50 ms | p99 ms | img/s | × reference | GFLOP/img | % of measured peak | peak mem MiB | note |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for r in group:
+            lines.append(f"| {_backend(r)} | {r['batch']} | {_fmt(r.get('p50_ms'), '.1f')} | {_fmt(r.get('p99_ms'), '.1f')} | "
+                         f"{_fmt(r.get('images_per_s'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} | "
+                         f"{_fmt(r.get('gflop_per_image'), '.1f')} | {_fmt(r.get('peak_fraction_pct'), '.1f')} | "
+                         f"{_fmt(r.get('peak_memory_mib'), '.0f')} | {r.get('note', '')} |")
+    return lines
+
+
+def _end_to_end_tables(rows: list[dict], mixes: list) -> list[str]:
+    lines: list[str] = []
+    for mix in mixes:
+        group = _rows_of(rows, mix, mixes[0])
+        if not group:
+            continue
+        lines += ["", f"## End to end (JPEG files on disk -> scores), {mix_label(mix)}", "",
+                  "| run | batch | images | img/s | vs engine-only | prompt cache hits/misses |", "| --- | ---: | ---: | ---: | ---: | --- |"]
+        for e in group:
+            name = e["name"].replace("auto,", f"auto → {e['picked']},", 1) if e.get("backend") == "auto" else e["name"]
+            lines.append(f"| {name} | {e['batch']} | {e['images']} | {e['images_per_s']:.2f} | "
+                         f"{_fmt(e.get('fraction_of_engine'), '.0%')} | {e['cache_hits']}/{e['cache_misses']} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
-    info, rows = results["machine"], results.get("runs", [])
+    info, rows, mixes = results["machine"], results.get("runs", []), _mixes(results)
     gpu = info["gpu"].get("name", "none") if info["gpu"] else "none"
     lines = [f"# ipiqa benchmark: {results['slug']}", "",
              f"CPU: {info['cpu']} ({info['cores']} cores) · GPU: {gpu} · resolution {results['resolution']} px · "
-             f"prompts: {results['images_per_prompt']} images per prompt · {results['timestamp']}", "",
-             *(["| backend | batch | p50 ms | p99 ms | img/s | × reference | GFLOP/img | % of measured peak | peak mem MiB | note |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"] if rows else [])]
-    for r in rows:
-        lines.append(f"| {r['backend']} | {r['batch']} | {_fmt(r.get('p50_ms'), '.1f')} | {_fmt(r.get('p99_ms'), '.1f')} | "
-                     f"{_fmt(r.get('images_per_s'), '.2f')} | {_fmt(r.get('speedup'), '.2f')} | "
-                     f"{_fmt(r.get('gflop_per_image'), '.1f')} | {_fmt(r.get('peak_fraction_pct'), '.1f')} | "
-                     f"{_fmt(r.get('peak_memory_mib'), '.0f')} | {r.get('note', '')} |")
-    if results.get("end_to_end"):
-        lines += ["", "## End to end (JPEG files on disk -> scores)", "",
-                  "| run | batch | images | img/s | vs engine-only | prompt cache hits/misses |", "| --- | ---: | ---: | ---: | ---: | --- |"]
-        for e in results["end_to_end"]:
-            lines.append(f"| {e['name']} | {e['batch']} | {e['images']} | {e['images_per_s']:.2f} | "
-                         f"{_fmt(e.get('fraction_of_engine'), '.0%')} | {e['cache_hits']}/{e['cache_misses']} |")
+             f"prompts: {', '.join(map(str, mixes))} images per prompt · {results['timestamp']}"]
+    lines += _engine_tables(rows, mixes)
+    if results.get("auto_check"):
+        checks = [AutoCheck(**c) for c in results["auto_check"]]
+        lines += ["", "## `auto` against the fastest gated row (engine only, best batch against best batch)", "",
+                  auto_markdown(checks, results.get("auto_reason", ""))]
+    lines += _end_to_end_tables(results.get("end_to_end") or [], mixes)
     if results.get("flops"):
         lines += ["", "## FLOPs per image (counted from the ONNX graphs: Conv, MatMul, Gemm)", "",
                   "| graph | single-query pools | straightforward pools |", "| --- | ---: | ---: |"]
@@ -38,7 +82,7 @@ def markdown(results: dict) -> str:
     if results.get("peak_gflops"):
         lines += ["", f"Measured matmul peak (the % column's reference): {results['peak_gflops']:.0f} GFLOP/s "
                   f"({results['peak_note']}). GFLOP/img counts what each backend computes per image, the text encoder "
-                  f"amortized over {results['images_per_prompt']} images per prompt where a prompt cache is used.",
+                  f"amortized over each table's images per prompt where a prompt cache is used.",
                   "Peak memory: on GPU, torch's peak allocation per backend (torch backends only); on CPU, the process's "
                   "maximum resident set so far (cumulative over the run, so it only grows down the table)."]
     fast = results.get("fast_path_scores")
@@ -100,10 +144,15 @@ def _plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    mixes = _mixes(results)
     backends = sorted({r["backend"] for r in results["runs"] if r.get("images_per_s")})
     for b in backends:
-        pts = sorted((r["batch"], r["images_per_s"]) for r in results["runs"] if r["backend"] == b and r.get("images_per_s"))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b)
+        for mix in mixes:
+            pts = sorted((r["batch"], r["images_per_s"]) for r in _rows_of(results["runs"], mix, mixes[0])
+                         if r["backend"] == b and r.get("images_per_s"))
+            if pts:
+                label = b if len(mixes) == 1 else f"{b}, {mix}/prompt"
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("images / s")
