@@ -88,6 +88,13 @@ def _check_table(checks) -> str:
 @click.option("--int8", is_flag=True,
               help="Quantize the image graph to INT8 on --calibration images and gate it on held-out ones: for the "
                    "CPU always; with engines, also an INT8 image engine (text and fusion engines FP16).")
+@click.option("--int8-text", "int8_text", is_flag=True,
+              help="With --int8: also quantize the text graph's MatMul/Gemm to INT8 (weights per channel, activations "
+                   "dynamic; LayerNorm, softmax and the end-of-text lookup kept FP32) and gate it per prompt (text-"
+                   "embedding cosine >= 0.995 against FP32, on this CPU, over the gate's prompts and every distinct "
+                   "prompt of ../shared/datasets' label files or $IPIQA_PROMPT_DATASETS when present). "
+                   "'ipiqa score --precision int8' on ONNX Runtime runs it only where that gate passed; a failed "
+                   "gate is recorded and the FP32 text graph is served. Without this flag the text graph stays FP32.")
 @click.option("--calibration", type=ImagesPath(exists=True, path_type=Path),
               help="--int8: images like those you will score, as 'ipiqa score --images' takes them: a folder, a "
                    "CSV/JSONL manifest (its 'prompt' column is used by the gate; rows may name SHARD::KEY or "
@@ -115,7 +122,7 @@ def _check_table(checks) -> str:
               help="Relative part of the override (scale: score range, or max |reference| for tensors).")
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
 @friendly
-def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, bf16, int8, calibration,
+def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, bf16, int8, int8_text, calibration,
          calibration_size, int8_settings, batch, workspace, straightforward_pooling, opset, triton_dir, triton_backend, atol, rtol,
          verbose) -> None:
     """Export an IP-IQA model to a bundle the runtime scores with.
@@ -127,7 +134,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     -> BF16 gate (--bf16): the FP32 graphs as OpenVINO serves them at BF16 (text graph FP32),
     cosine >= 0.999 on every intermediate tensor, scores within 5e-2 (Spearman >= 0.995)
     -> INT8 image graphs (--int8), gated on held-out calibration images (cosine >= 0.995;
-    Spearman >= 0.99 where scores spread) -> TensorRT engines (FP16 by default; strongly typed,
+    Spearman >= 0.99 where scores spread) -> INT8 text graph (--int8-text), gated per prompt
+    (text-embedding cosine >= 0.995), recorded, served only where it passed -> TensorRT engines (FP16 by default; strongly typed,
     precision from the graph) -> the engine gate through the runtime's TensorRT backend
     -> manifest.json with config, preprocessing, tokenizer, versions, GPU and SHA-256 of every file.
     Gate tolerance per check: max(fixed, k x floor), where fixed is 1e-4 x max(1, scale) for FP32
@@ -144,6 +152,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
       ipiqa-export --official agiqa3k_best.pth --clip RN50.pt -o bundle/
       ipiqa-export model.safetensors -o bundle/ --onnx-only --triton triton_repo/
       ipiqa-export model.safetensors -o bundle/ --onnx-only --int8 --calibration images.csv
+      ipiqa-export model.safetensors -o bundle/ --onnx-only --int8 --int8-text --calibration images.csv
       ipiqa-export model.safetensors -o bundle/ --onnx-only --bf16
       ipiqa-export model.safetensors -o bundle/ --int8 --calibration photos/ --calibration-size 128
     """
@@ -161,6 +170,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         raise click.UsageError("--int8 needs --calibration IMAGES (a folder, manifest, shards or Parquet files like those you will score)")
     if not int8 and (calibration is not None or int8_settings):
         raise click.UsageError("--calibration and --int8-setting go with --int8")
+    if int8_text and not int8:
+        raise click.UsageError("--int8-text goes with --int8 --calibration IMAGES (it is served in the int8 set)")
     if int8 and fp16 is False and not onnx_only:
         raise click.UsageError("--int8 builds an INT8 image engine with FP16 text and fusion engines; drop --fp32")
     try:
@@ -174,7 +185,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         raise click.BadParameter(str(exc), param_hint="'--atol' / '--rtol'") from None
     try:
         options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not straightforward_pooling,
-                                tolerance_override=override, fp16_onnx=fp16_onnx, bf16=bf16,
+                                tolerance_override=override, fp16_onnx=fp16_onnx, bf16=bf16, int8_text=int8_text,
                                 int8=Int8Options(calibration, calibration_size, int8_settings) if int8 else None)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -238,6 +249,12 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
                    f"calibrated on {entry['calibration']['images']} images, gated on {entry['calibration']['held_out']} "
                    f"held-out ({entry['criterion']}):")
         click.echo(_check_table(entry["gate"]["results"]))
+    if report.int8_text:
+        t = report.int8_text
+        click.echo(f"\nINT8 text graph {t['file']} on {t['cpu']}: "
+                   f"{'served by --precision int8 (ONNX Runtime)' if t['passed'] else 'NOT served (FP32 text graph)'}; "
+                   f"gated on {t['prompt_source']}:")
+        click.echo("\n".join(t["attempts"]))
     click.echo(f"bundle written: {output}/manifest.json ({time.perf_counter() - start:.1f}s)", err=True)
     if triton_dir:
         from ipiqa.bundle import read_bundle

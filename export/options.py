@@ -80,8 +80,11 @@ class ExportOptions:
     fp16_images: int = 16  # FP16 gate inputs (ONNX Runtime CPU, FP16 rounding emulated)
     int8: Optional[Int8Options] = None
     bf16: bool = False  # gate the FP32 graphs at BF16 on OpenVINO (this CPU must have AMX or AVX512-BF16)
+    int8_text: bool = False  # --int8-text: an INT8 text graph too, gated per prompt (export.text_int8)
 
     def __post_init__(self) -> None:
+        if self.int8_text and self.int8 is None:
+            raise ValueError("--int8-text goes with --int8 (the INT8 text graph is served in the int8 set)")
         if self.int8 is not None and not self.onnx_only and self.engine.precision != "int8":
             raise ValueError("--int8 with engines builds an INT8 image engine: the engine precision must be int8")
         if self.int8 is None and not self.onnx_only and self.engine.precision == "int8":

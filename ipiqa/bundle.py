@@ -102,20 +102,22 @@ def embedded_config(metadata: Mapping[str, Mapping[str, str]]) -> IPIQAConfig:
 
 
 def check_graph_metadata(manifest: Manifest, name: str, metadata: Mapping[str, str],
-                         input_shapes: Mapping[str, Sequence[Any]], precision: str = "fp32") -> None:
+                         input_shapes: Mapping[str, Sequence[Any]], precision: str = "fp32",
+                         int8_text: bool = False) -> None:
     """Refuse a graph whose embedded config, precision or input shape disagrees with the manifest.
 
     ``precision``: the graph set it was loaded from (``Manifest.graph_path``); the graph's own
     ``ipiqa.precision`` metadata (absent: fp32) must agree, so a swapped file cannot pass as another set.
+    ``int8_text``: the caller serves the gated INT8 text graph (``Manifest.graph_precision``).
     """
-    path = manifest.graph_path(name, precision)
+    path = manifest.graph_path(name, precision, int8_text)
     embedded = metadata.get(METADATA_CONFIG_KEY)
     if embedded is None:
         raise BundleError(f"{path}: graph carries no ipiqa config; {REBUILD}")
     if IPIQAConfig.from_json(embedded) != manifest.config:
         raise BundleError(f"{path}: graph was exported for another config than the "
                           f"manifest says ({embedded} vs {manifest.config.to_json()}); {REBUILD}")
-    expected = "fp32" if precision == "bf16" or (precision == "int8" and name != "image_encoder") else precision
+    expected = manifest.graph_precision(name, precision, int8_text)
     if metadata.get(METADATA_PRECISION_KEY, "fp32") != expected:
         raise BundleError(f"{path}: graph is {metadata.get(METADATA_PRECISION_KEY, 'fp32')}, the manifest lists it "
                           f"as {expected}; {REBUILD}")

@@ -25,7 +25,7 @@ from .errors import BundleError
 from .rebuild import rebuild_command
 
 __all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "ManifestError", "GraphEntry", "Fp16Graph", "Fp16Graphs", "Bf16Gate",
-           "Int8Calibration", "Int8Graph", "OnnxGraphs", "EngineGraph", "Engines", "Tokenizer", "Source",
+           "Int8Calibration", "Int8Graph", "Int8TextGraph", "OnnxGraphs", "EngineGraph", "Engines", "Tokenizer", "Source",
            "Parity", "Manifest", "io_shapes", "check_batch_profile", "to_plain"]
 
 # 3: the manifest is the typed ``Manifest`` below: ``shapes`` (derived from the config), ``preprocess`` and
@@ -161,6 +161,25 @@ class Int8Graph:
 
 
 @dataclass(frozen=True)
+class Int8TextGraph:
+    """``onnx.int8_text``: the CPU INT8 text graph (``ipiqa-export --int8 --int8-text``) and its gate: per-prompt
+    text-embedding cosine against the FP32 text graph through ONNX Runtime. Served with the int8 set on ONNX
+    Runtime only when ``passed``; otherwise the FP32 text graph runs, as without it."""
+
+    file: str
+    key: str
+    settings: Mapping[str, Any]  # export.text_int8.quantize_text_graph's record
+    passed: bool
+    min_cosine: float
+    prompts: int  # how many prompts the gate judged
+    prompt_source: str  # which prompts, in words (the label files, or the gate's own only)
+    gate: Mapping[str, Any]  # export.text_int8.TextInt8Gate.to_dict()
+    cpu: str = ""  # the gating machine's CPU and its int8 dot-product flags: the kernels that were judged
+    attempts: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class OnnxGraphs:
     """``onnx``: the FP32 graphs (always), the ``fp16/`` graphs and the INT8 image graphs (when exported)."""
 
@@ -170,6 +189,7 @@ class OnnxGraphs:
     fp16: Optional[Fp16Graphs] = None
     int8: Mapping[str, Int8Graph] = field(default_factory=dict)
     bf16: Optional[Bf16Gate] = None
+    int8_text: Optional[Int8TextGraph] = None
 
     def __post_init__(self) -> None:
         _need(self.pooling in ("single_query", "straightforward"), "pooling",
@@ -291,15 +311,31 @@ class Manifest:
     def engine_precision(self) -> Optional[str]:
         return self.engines.precision if self.engines else None
 
-    def graph_path(self, name: str, precision: str = "fp32") -> Path:
-        """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph; bf16 and the rest
-        of int8: the FP32 graphs)."""
+    @property
+    def int8_text_passed(self) -> bool:
+        """The bundle holds an INT8 text graph whose gate passed (``onnx.int8_text``)."""
+        return self.onnx.int8_text is not None and self.onnx.int8_text.passed
+
+    def graph_precision(self, name: str, precision: str = "fp32", int8_text: bool = False) -> str:
+        """What graph ``name`` of the ``precision`` set is stored in: the rule ``graph_path`` and the metadata
+        check share. ``int8_text``: the caller serves the gated INT8 text graph (ONNX Runtime, which gated it)."""
+        if precision == "int8":
+            if name == "image_encoder" or (name == "text_encoder" and int8_text and self.int8_text_passed):
+                return "int8"
+            return "fp32"
+        return "fp32" if precision == "bf16" else precision
+
+    def graph_path(self, name: str, precision: str = "fp32", int8_text: bool = False) -> Path:
+        """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph, the INT8 text graph
+        where ``int8_text`` asks for it and its gate passed; bf16 and the rest of int8: the FP32 graphs)."""
         if precision not in self.onnx_precisions:
             raise self.missing_precision(precision)
         if precision == "fp16":
             return self.root / self.onnx.fp16.graphs[name].file  # type: ignore[union-attr]
         if precision == "int8" and name == "image_encoder":
             return self.root / self.onnx.int8["cpu"].file
+        if self.graph_precision(name, precision, int8_text) == "int8":
+            return self.root / self.onnx.int8_text.file  # type: ignore[union-attr]
         return self.root / self.onnx.graphs[name].file
 
     def missing_precision(self, precision: str) -> BundleError:
@@ -318,6 +354,7 @@ class Manifest:
         files = [g.file for g in self.onnx.graphs.values()]
         files += [g.file for g in self.onnx.fp16.graphs.values()] if self.onnx.fp16 else []
         files += [e.file for e in self.onnx.int8.values()]
+        files += [self.onnx.int8_text.file] if self.onnx.int8_text else []
         files += list(self.tokenizer.files.values())
         files += [g.file for g in self.engines.graphs.values()] if self.engines else []
         return files

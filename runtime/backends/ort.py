@@ -1,7 +1,8 @@
 """ONNX Runtime backend: CPU, CUDA or TensorRT execution provider over one of the bundle's ONNX graph sets.
 
 Graph sets (``precision``): ``fp32`` (the exported graphs), ``fp16`` (``fp16/``, for GPU providers) and
-``int8`` (the CPU INT8 image graph with the FP32 text and fusion graphs). Refused, naming the fix: FP16 on
+``int8`` (the CPU INT8 image graph with the FP32 fusion graph, and the INT8 text graph where the bundle records
+its passing gate, ``onnx.int8_text``, else the FP32 one). Refused, naming the fix: FP16 on
 the CPU provider, which has no FP16 kernels for the arithmetic ops and runs FP16 graphs through inserted
 casts at 0.87x the FP32 speed (measured here); INT8 on a GPU provider (the INT8 graph is quantized for
 CPUs; GPUs run INT8 as TensorRT engines); a set the bundle does not hold.
@@ -64,7 +65,8 @@ def ort_session(source: Union[str, Path, bytes], threads: Optional[int] = None, 
 
 class OrtBackend(Backend):
     """The bundle's graphs on one ONNX Runtime provider; ``name`` says provider and precision, e.g.
-    ``onnxruntime-cpu`` (FP32), ``onnxruntime-cpu-int8``, ``onnxruntime-cuda-fp16``."""
+    ``onnxruntime-cpu`` (FP32), ``onnxruntime-cpu-int8`` (INT8 image graph, FP32 text graph),
+    ``onnxruntime-cpu-int8+text-int8`` (the gated INT8 text graph too), ``onnxruntime-cuda-fp16``."""
 
     name = "onnxruntime"
 
@@ -96,7 +98,9 @@ class OrtBackend(Backend):
         if PROVIDERS[provider] not in available:
             raise IPIQAError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
                              "install onnxruntime-gpu (pip install 'ipiqa[gpu]') for cuda/tensorrt")
-        paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}  # refuses
+        # int8 on the CPU: the INT8 text graph where its gate passed (Manifest.graph_precision), else FP32.
+        text_int8 = precision == "int8" and manifest.int8_text_passed
+        paths = {name: manifest.graph_path(name, precision, text_int8) for name in manifest.onnx.graphs}  # refuses
         providers: list[Any] = [PROVIDERS["cpu"]]
         if provider == "cuda":
             providers.insert(0, (PROVIDERS["cuda"], {"device_id": device_id}))
@@ -111,7 +115,8 @@ class OrtBackend(Backend):
         self._open(manifest.config, paths, provider, device_id, precision, providers, threads, fp16=precision == "fp16",
                    check=lambda name, sess: check_graph_metadata(
                        manifest, name, sess.get_modelmeta().custom_metadata_map,
-                       {i.name: i.shape for i in sess.get_inputs()}, precision))
+                       {i.name: i.shape for i in sess.get_inputs()}, precision, text_int8),
+                   text_precision="int8" if text_int8 else "fp32")
 
     @classmethod
     def from_graphs(cls, graphs: Mapping[str, Union[Path, bytes]], label: str = "fp32", optimize: bool = True,
@@ -129,12 +134,15 @@ class OrtBackend(Backend):
     def _open(self, cfg: Optional[IPIQAConfig], graphs: Mapping[str, Union[Path, bytes]], provider: str,
               device_id: int, precision: str, providers: Sequence[Any], threads: Optional[int], fp16: bool = False,
               optimize: bool = True, quiet: bool = False,
-              check: Callable[[str, Any], None] = lambda name, sess: None) -> None:
-        """Sessions for ``graphs``; ``cfg`` None: the config the graphs embed (refused when they disagree)."""
+              check: Callable[[str, Any], None] = lambda name, sess: None, text_precision: str = "fp32") -> None:
+        """Sessions for ``graphs``; ``cfg`` None: the config the graphs embed (refused when they disagree).
+        ``text_precision``: the text graph's own (``int8``: the gated INT8 text graph, named in ``name``)."""
         self.gpu = provider != "cpu"
         self.device_id = device_id
         self.precision = precision
-        self.name = f"onnxruntime-{provider}" + ("" if precision == "fp32" else f"-{precision}")
+        self.text_precision = text_precision
+        self.name = (f"onnxruntime-{provider}" + ("" if precision == "fp32" else f"-{precision}") +
+                     ("+text-int8" if text_precision == "int8" else ""))
         self.sessions = {}
         for name, source in graphs.items():
             sess = ort_session(source, threads, optimize=optimize, fp16=fp16, providers=providers, quiet=quiet)
