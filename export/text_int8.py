@@ -17,6 +17,7 @@ batch by batch. Not fatal: a failed gate is recorded and the FP32 text graph is 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
@@ -58,6 +59,11 @@ def text_gate_prompts(datasets: Optional[Path]) -> tuple[list[str], str]:
     return own + real, f"the gate's {len(own)} prompts + {len(real)} distinct prompts of {datasets}"
 
 
+class _NoPreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
 def quantize_text_graph(fp32_text: Path, out_onnx: Path, nodes_to_exclude: Sequence[str] = (),
                         reduce_range: bool = TEXT_SETTINGS["reduce_range"]) -> dict:
     """Write the INT8 text graph ``out_onnx`` (+ ``.data``); returns the settings recorded beside it."""
@@ -66,10 +72,15 @@ def quantize_text_graph(fp32_text: Path, out_onnx: Path, nodes_to_exclude: Seque
     out_onnx = Path(out_onnx)
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     (out_onnx.parent / (out_onnx.name + ".data")).unlink(missing_ok=True)  # the writer appends to it otherwise
-    q.quantize_dynamic(str(fp32_text), str(out_onnx), op_types_to_quantize=list(TEXT_OP_TYPES), per_channel=True,
-                       reduce_range=reduce_range, weight_type=q.QuantType.QInt8,
-                       nodes_to_exclude=list(nodes_to_exclude), use_external_data_format=True,
-                       extra_options={"MatMulConstBOnly": True})
+    quiet = _NoPreprocessingAdvice()  # the quantizer advises shape pre-processing on the root logger each call
+    logging.getLogger().addFilter(quiet)
+    try:
+        q.quantize_dynamic(str(fp32_text), str(out_onnx), op_types_to_quantize=list(TEXT_OP_TYPES), per_channel=True,
+                           reduce_range=reduce_range, weight_type=q.QuantType.QInt8,
+                           nodes_to_exclude=list(nodes_to_exclude), use_external_data_format=True,
+                           extra_options={"MatMulConstBOnly": True})  # attention's activation products stay FP32
+    finally:
+        logging.getLogger().removeFilter(quiet)
     settings = {**TEXT_SETTINGS, "reduce_range": reduce_range, "nodes_to_exclude": list(nodes_to_exclude)}
     model = onnx.load(str(out_onnx), load_external_data=False)
     for key, value in ((PRECISION_KEY, "int8"), (TEXT_SETTINGS_KEY, json.dumps(settings))):

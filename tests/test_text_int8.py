@@ -110,7 +110,8 @@ def test_a_shifted_end_of_text_index_is_refused_by_the_gate(graphs, tmp_path):
     cfg, fp32, _ = graphs
     wrong = _edited(fp32["text_encoder"], tmp_path / "shifted.onnx", shift_eot_index)
     gate = text_int8_gate(fp32, wrong, _prompts(), _tokenize(cfg), "test subset")
-    assert not gate.passed and gate.min_cosine < 0.9, gate.line()
+    assert not gate.passed and gate.min_cosine < 0.9, gate.line()  # the cosine refuses it
+    assert "Sub node" in gate.eot_problem  # and so does the end-of-text path check
 
 
 def test_an_end_of_text_search_in_reduced_precision_is_refused_by_the_gate(graphs, tmp_path):
