@@ -59,8 +59,8 @@ def test_the_report_names_the_pick_the_reason_and_the_verdict():
 
 
 def test_the_reason_names_the_bundle_gates_and_the_cpu_flags_the_rule_reads():
-    manifest = SimpleNamespace(onnx=SimpleNamespace(int8={"cpu": SimpleNamespace(openvino_passed=True)}),
+    manifest = SimpleNamespace(onnx=SimpleNamespace(int8={"cpu": SimpleNamespace(openvino_passed=False)}),
                                onnx_precisions=("fp32", "int8"))
     text = auto_reason(manifest, frozenset({"avx2", "avx512_vnni", "avx512_bf16"}))
-    assert "OpenVINO INT8 gate passed: yes" in text and "BF16 gate recorded: no" in text
+    assert "INT8 image graph gated: yes" in text and "OpenVINO INT8 gate passed: no" in text and "BF16 gate recorded: no" in text
     assert "INT8 dot flags avx512_vnni" in text and "BF16 flags avx512_bf16" in text
