@@ -135,7 +135,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     cosine >= 0.999 on every intermediate tensor, scores within 5e-2 (Spearman >= 0.995)
     -> INT8 image graphs (--int8), gated on held-out calibration images (cosine >= 0.995;
     Spearman >= 0.99 where scores spread) -> INT8 text graph (--int8-text), gated per prompt
-    (text-embedding cosine >= 0.995), recorded, served only where it passed -> TensorRT engines (FP16 by default; strongly typed,
+    (text-embedding cosine >= 0.995), recorded, served only where it passed
+    -> TensorRT engines (FP16 by default; strongly typed,
     precision from the graph) -> the engine gate through the runtime's TensorRT backend
     -> manifest.json with config, preprocessing, tokenizer, versions, GPU and SHA-256 of every file.
     Gate tolerance per check: max(fixed, k x floor), where fixed is 1e-4 x max(1, scale) for FP32
