@@ -308,7 +308,11 @@ def _engine_section(args, cuda: bool, info: dict) -> dict:
                 def prompts_for(_i, batch=batch, counter=counter, run=f"{mix} per prompt, batch {batch}"):
                     return [prompt_for(next(counter), mix, run) for _ in range(batch)]
 
+                cache = getattr(owner, "cache", None)
+                before = (cache.hits, cache.misses) if cache is not None else None
                 times = _timed(fn, images, prompts_for, args.warmup, args.iters, args.min_seconds)
+                if before is not None:  # what the mix did to the prompt cache (warmup included)
+                    row.update(prompt_cache_hits=cache.hits - before[0], prompt_cache_misses=cache.misses - before[1])
                 p50 = float(np.median(times))
                 row.update(p50_ms=p50 * 1e3, p99_ms=float(np.percentile(times, 99)) * 1e3, iterations=len(times),
                            images_per_s=batch / p50, gflop_per_image=_per_image_flops(flops, name, mix) / 1e9)

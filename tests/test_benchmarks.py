@@ -14,19 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out, work = tmp_path_factory.mktemp("bench"), tmp_path_factory.mktemp("work")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out), "--workdir", str(work)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--images-per-prompt", "1,10", "--out", str(out),
+                           "--workdir", str(work)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     return json.loads((folder / "results.json").read_text()), folder
 
 
-def test_smoke_report_has_every_backend_at_every_batch(smoke):
+def test_smoke_report_has_every_backend_at_every_batch_and_prompt_mix(smoke):
     results, _ = smoke
     names = {r["backend"] for r in results["runs"]}
     assert {"reference-eager-fp32", "onnxruntime-cpu", "onnxruntime-cpu-int8", "onnxruntime-cpu-straightforward-pools",
-            "tensorrt", "torch-fp16"} <= names
-    assert {r["batch"] for r in results["runs"]} == {1, 2}
+            "tensorrt", "torch-fp16", "auto"} <= names
+    assert {(r["images_per_prompt"], r["batch"]) for r in results["runs"]} == {(1, 1), (1, 2), (10, 1), (10, 2)}
+    assert results["images_per_prompt"] == [1, 10]
 
 
 def test_every_row_is_a_measurement_or_says_why_not(smoke):
@@ -44,18 +46,42 @@ def test_every_row_is_a_measurement_or_says_why_not(smoke):
 
 def test_speedups_are_ratios_to_the_reference_measured_in_the_same_run(smoke):
     results, _ = smoke
-    for batch in (1, 2):
-        rows = {r["backend"]: r for r in results["runs"] if r["batch"] == batch}
+    for mix, batch in ((1, 1), (1, 2), (10, 1), (10, 2)):
+        rows = {r["backend"]: r for r in results["runs"] if r["batch"] == batch and r["images_per_prompt"] == mix}
         ref = rows["reference-eager-fp32"]["images_per_s"]
         assert rows["reference-eager-fp32"]["speedup"] == 1.0
         ort = rows["onnxruntime-cpu"]
         assert ort["speedup"] == pytest.approx(ort["images_per_s"] / ref)
 
 
-def test_end_to_end_reports_prompt_cache_counts(smoke):
+def test_end_to_end_reports_prompt_cache_counts_at_each_mix(smoke):
     results, _ = smoke
-    on = next(e for e in results["end_to_end"] if e["name"] == "onnxruntime-cpu, prompt cache on")
-    assert on["images"] == 4 and on["cache_misses"] == 1 and on["cache_hits"] == 3  # 4 images of one prompt
+    on = {e["images_per_prompt"]: e for e in results["end_to_end"] if e["name"] == "onnxruntime-cpu, prompt cache on"}
+    assert on[10]["images"] == 4 and on[10]["cache_misses"] == 1 and on[10]["cache_hits"] == 3  # 4 images, 1 prompt
+    assert on[1]["images"] == 4 and on[1]["cache_misses"] == 4 and on[1]["cache_hits"] == 0  # every prompt new
+
+
+def test_at_one_image_per_prompt_the_engine_rows_never_hit_the_prompt_cache(smoke):
+    """Prompts are unique per mix and batch: a backend's cache, alive across the run, finds nothing it saw before."""
+    results, _ = smoke
+    for r in results["runs"]:
+        if r.get("prompt_cache_misses") is not None:
+            if r["images_per_prompt"] == 1:
+                assert r["prompt_cache_hits"] == 0 and r["prompt_cache_misses"] == r["batch"] * (r["iterations"] + 1)
+            else:
+                assert r["prompt_cache_hits"] > 0
+
+
+def test_the_auto_row_is_named_with_its_pick_and_checked_per_mix(smoke):
+    results, folder = smoke
+    picked = {r["picked"] for r in results["runs"] if r["backend"] == "auto"}
+    assert len(picked) == 1 and picked <= {"onnxruntime-cpu", "onnxruntime-cpu-int8", "openvino-cpu-bf16",
+                                           "openvino-cpu-int8"}
+    assert [c["images_per_prompt"] for c in results["auto_check"]] == [1, 10]
+    assert all(c["picked"] in picked and c["passed"] in (True, False) for c in results["auto_check"])
+    text = (folder / "results.md").read_text()
+    assert f"| auto → {picked.pop()} | 1 |" in text and "cpu_auto_choice" in results["auto_reason"]
+    assert "## `auto` against the fastest gated row" in text
 
 
 def test_markdown_and_machine_info_are_written(smoke):
