@@ -14,16 +14,18 @@ def _dims(value_info) -> list[int]:
     return [d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def graph_flops(path: Path, batch: int = 1) -> int:
+def graph_flops(path: Path, batch: int = 1, sequence: int = 77) -> int:
+    """At ``batch`` rows and, where an input has a dynamic axis 1 (the text graph's tokens), ``sequence`` tokens:
+    the full context by default, an upper bound now that the runtime cuts each text call at its end-of-text."""
     import onnx
     from onnx import shape_inference
 
     model = onnx.load(str(path), load_external_data=False)
     for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if dims and not dims[0].dim_value:
-            dims[0].ClearField("dim_param")
-            dims[0].dim_value = batch
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.dim_value and axis < 2:
+                dim.ClearField("dim_param")
+                dim.dim_value = batch if axis == 0 else sequence
     model = shape_inference.infer_shapes(model, data_prop=True)
     shapes = {v.name: _dims(v) for v in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
     shapes.update({t.name: list(t.dims) for t in model.graph.initializer})

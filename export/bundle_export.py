@@ -148,7 +148,8 @@ def _trace_graphs(ctx: ExportContext, files: Mapping[str, str]) -> Tokenizer:
         for name, module in build_graphs(model).items():
             start = time.perf_counter()
             spec = ctx.specs[name]
-            export_onnx(module, examples[name], ctx.out / files[name], spec.inputs, spec.outputs, cfg, ctx.options.opset)
+            export_onnx(module, examples[name], ctx.out / files[name], spec.inputs, spec.outputs, cfg, ctx.options.opset,
+                        spec.sequence_inputs)
             ctx.progress(f"exported {name}.onnx ({time.perf_counter() - start:.1f}s)")
     return _tokenizer_files(ctx.out)
 

@@ -21,12 +21,15 @@ from torch import nn
 from ipiqa.model import IPIQA
 
 __all__ = ["GraphSpec", "graph_specs", "ImageEncoderGraph", "TextEncoderGraph", "FusionGraph", "ImageOnlyFusionGraph",
-           "build_graphs", "MASK_VALUE", "GATE_OUTPUTS"]
+           "build_graphs", "MASK_VALUE", "GATE_OUTPUTS", "GRAPH_FORMAT"]
 
 # Finite additive causal mask: -inf in FP16 engines turns fully masked rows into NaN and is a known
 # TensorRT trap; -1e4 still underflows exp() to exactly 0 in FP32, so FP32 results are unchanged.
 MASK_VALUE = -1e4
 GATE_OUTPUTS = ("pooled",)  # graph outputs only the parity gate reads
+# What the traced graphs are, beyond weights and options; in the FP32 stage's reuse key, so a re-export into an
+# old bundle re-traces. 2: the text graph's sequence axis is dynamic.
+GRAPH_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class GraphSpec:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]  # every graph output, gate-only ones included
+    sequence_inputs: tuple[str, ...] = ()  # inputs whose axis 1 is dynamic too (up to the context length)
 
     @property
     def runtime_outputs(self) -> tuple[str, ...]:
@@ -45,7 +49,7 @@ def graph_specs(model: IPIQA) -> dict[str, GraphSpec]:
     fusion_in = ("feature_map", "image_embedding", "text_embedding") if model.cfg.text else ("image_embedding",)
     return {
         "image_encoder": GraphSpec("image_encoder", ("image",), ("feature_map", "image_embedding")),
-        "text_encoder": GraphSpec("text_encoder", ("tokens",), ("text_embedding",)),
+        "text_encoder": GraphSpec("text_encoder", ("tokens",), ("text_embedding",), sequence_inputs=("tokens",)),
         "fusion": GraphSpec("fusion", fusion_in, ("scores", "pooled") if model.cfg.text else ("scores",)),
     }
 
@@ -66,6 +70,12 @@ class TextEncoderGraph(nn.Module):
 
     TensorRT refuses ArgMax on INT64 (and INT32 in some versions): the ids are cast to float32 first,
     exact for ids < 2^24 (CLIP's vocabulary has 49,408), and the row is read with ``gather``.
+
+    The sequence axis is dynamic (2 to ``context_length`` tokens; the positional table and the causal mask are
+    sliced to it, as open_clip's own forward does): under the causal mask the end-of-text row reads only the
+    tokens up to it, so the runtime may cut each call at its end-of-text (``runtime.backends.base.short_tokens``).
+    The tokenizer pads with zeros after end-of-text and the dataset prompts' mean length is 34 of 77 tokens, so
+    the text graph does ~2.3x less work for the same embedding (issue 30: the text graph at 1 image per prompt).
     """
 
     def __init__(self, model: IPIQA):
@@ -75,9 +85,9 @@ class TextEncoderGraph(nn.Module):
         self.register_buffer("mask", torch.full((n, n), MASK_VALUE).triu(1), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.text
-        x = t.token_embedding(tokens) + t.positional_embedding
-        x = t.ln_final(t.transformer(x, attn_mask=self.mask))
+        t, n = self.text, tokens.shape[1]
+        x = t.token_embedding(tokens) + t.positional_embedding[:n]
+        x = t.ln_final(t.transformer(x, attn_mask=self.mask[:n, :n]))
         eot = tokens.to(torch.float32).argmax(dim=-1)
         x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
         return x @ t.text_projection

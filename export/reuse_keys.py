@@ -15,6 +15,7 @@ import torch
 from ipiqa import __version__
 from ipiqa.model import IPIQA
 
+from .graphs import GRAPH_FORMAT
 from .options import ExportOptions
 
 __all__ = ["library_versions", "stage_key", "weights_digest", "onnx_key"]
@@ -48,6 +49,7 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def onnx_key(model: IPIQA, options: ExportOptions, rule: Mapping[str, Any], versions: Mapping[str, str]) -> str:
-    """Reuse key of the FP32 graphs: the traced weights, config, trace options, gate rule and library versions."""
+    """Reuse key of the FP32 graphs: the traced weights, config, trace options, graph format, gate rule and
+    library versions."""
     return stage_key(weights_digest(model), model.cfg.to_dict(), options.opset, options.single_query_pooling, rule,
-                versions)
+                     versions, GRAPH_FORMAT)

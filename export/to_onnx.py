@@ -32,12 +32,15 @@ def export_onnx(
     output_names: Sequence[str],
     cfg: IPIQAConfig,
     opset: int = DEFAULT_OPSET,
+    sequence_inputs: Sequence[str] = (),
 ) -> Path:
-    """Export with a dynamic batch axis on every input and output; returns ``path``."""
+    """Export with a dynamic batch axis on every input and output, and a dynamic axis 1 (2 to the context
+    length) on ``sequence_inputs`` (the text graph's tokens: see ``TextEncoderGraph``); returns ``path``."""
     require("onnx", extra="export")
     require("onnxscript", extra="export")
     batch = torch.export.Dim("batch", min=1, max=4096)
-    dynamic = {name: {0: batch} for name in input_names}
+    sequence = torch.export.Dim("sequence", min=2, max=cfg.context_length)
+    dynamic = {name: {0: batch, **({1: sequence} if name in sequence_inputs else {})} for name in input_names}
     quiet = io.StringIO()
     chatty = logging.getLogger("onnxscript")
     level, chatty.level = chatty.level, logging.ERROR  # "skipping constant folding" notes are not for users
@@ -61,3 +64,5 @@ def _set_batch_dim_names(proto) -> None:
         dims = value.type.tensor_type.shape.dim
         if dims and dims[0].dim_param:
             dims[0].dim_param = "batch"
+        if len(dims) > 1 and dims[1].dim_param:
+            dims[1].dim_param = "sequence"

@@ -24,6 +24,13 @@ prompts, a resume or the server's dynamic batcher made of it. ``engine_batch_for
 default (``CPU_ENGINE_BATCH``, where throughput barely depends on the batch: ``benchmarks/fixed_batch.py``), on
 a GPU opt-in (``Scorer(reproducible=True)``, ``--reproducible``), where padding costs at low load. A closed
 backend refuses every later call with one line (``<name>: closed``).
+
+Short text calls: where the text graph's sequence axis is dynamic (``takes_short_tokens``, bundles exported since
+the graph format 2), each text call runs only up to its rows' last end-of-text token (``short_tokens``): under
+the causal mask nothing after it reaches the embedding, and the dataset prompts' mean is 34 of 77 tokens. The
+length follows the call's own rows, so it is cut only where the engine batch is 1 (the CPU default: a prompt's
+length is its own, and its bits stay a function of the prompt) or free (a GPU without ``reproducible``); a fixed
+engine batch above 1 runs the full context, so a neighbour's length never reaches a row.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.manifest import io_shapes
 
-__all__ = ["Backend", "batch_spans", "engine_batch_for", "CPU_ENGINE_BATCH", "GPU_ENGINE_BATCH"]
+__all__ = ["Backend", "batch_spans", "engine_batch_for", "short_tokens", "CPU_ENGINE_BATCH", "GPU_ENGINE_BATCH"]
 
 # The engine batch of a CPU backend: RN50-512 FP32 on ONNX Runtime measured 4.47 / 4.48 / 4.17 img/s at batch
 # 1 / 4 / 8 on a quiet 2-core Ice Lake (issue 28), and 1 wastes nothing padding a short batch, one uncached prompt
@@ -76,6 +83,13 @@ def batch_spans(n: int, min_batch: int, max_batch: Optional[int],
         return [(i, min(i + engine_batch, n), engine_batch) for i in range(0, n, engine_batch)]
     step = max_batch or max(n, 1)
     return [(i, min(i + step, n), max(min(i + step, n) - i, min_batch)) for i in range(0, n, step)]
+
+
+def short_tokens(tokens: np.ndarray) -> np.ndarray:
+    """``tokens`` cut after the last end-of-text of its rows (at least 2 columns): the graph reads each row at
+    ``argmax`` (end-of-text is the vocabulary's largest id, the tokenizer pads with 0 after it), and under the
+    causal mask that row depends only on the columns up to it. A view, no copy."""
+    return tokens[:, :max(int(tokens.argmax(axis=1).max(initial=0)) + 1, 2)]
 
 
 def _padded(x: Any, size: int) -> Any:
@@ -123,6 +137,7 @@ class Backend(ABC):
     max_batch: Optional[int] = None  # None: any batch
     device_pixels: bool = False  # ``score`` also takes pixels already on the backend's device (decode_on_device)
     gpu: bool = False  # the engines run on a GPU: the engine batch is then free unless made reproducible
+    takes_short_tokens: bool = False  # the text graph's sequence axis is dynamic: calls may be cut (short_tokens)
     cfg: IPIQAConfig
     _closed: bool = False
 
@@ -208,8 +223,13 @@ class Backend(ABC):
             raise IPIQAError(f"{self.name}: this model has no text branch")
         tokens = self._host(tokens)
         self._check("tokens", tokens)
-        return self._over_spans("text_embedding", len(tokens),
-                                lambda a, b, size: self._encode_text(_padded(tokens[a:b], size)))
+        cut = self.takes_short_tokens and self.engine_batch in (None, 1)  # see the module docstring
+
+        def run(a: int, b: int, size: int) -> np.ndarray:
+            rows = _padded(tokens[a:b], size)
+            return self._encode_text(np.ascontiguousarray(short_tokens(rows)) if cut else rows)
+
+        return self._over_spans("text_embedding", len(tokens), run)
 
     def score(self, images: Any, text_embedding: Optional[np.ndarray] = None) -> np.ndarray:
         """uint8 (B, R, R, 3) pixels (+ float32 (B, E) text embeddings for a text model) -> float32 (B, N)."""

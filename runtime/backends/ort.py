@@ -151,6 +151,11 @@ class OrtBackend(Backend):
         self.cfg = cfg if cfg is not None else embedded_config(
             {name: sess.get_modelmeta().custom_metadata_map for name, sess in self.sessions.items()})
         self._image_names = [o.name for o in self.sessions["image_encoder"].get_outputs()]
+        # A dynamic sequence axis (graph format 2) takes short text calls; not through ONNX Runtime's TensorRT
+        # provider, which would build an engine for every new length.
+        text = self.sessions.get("text_encoder")
+        self.takes_short_tokens = (text is not None and provider != "tensorrt"
+                                   and not isinstance(text.get_inputs()[0].shape[1], int))
 
     def _encode_image(self, images: np.ndarray) -> dict[str, Any]:
         sess = self.sessions["image_encoder"]
