@@ -27,7 +27,7 @@ from .auto_check import AUTO_ROW, auto_reason, check_auto
 from .auto_check import markdown as auto_markdown
 from .flops import graph_flops
 from .machine import machine_info, machine_slug, measured_peak_flops
-from .prompt_mix import DEFAULT_MIXES, parse_mixes, prompt_for, text_share
+from .prompt_mix import DEFAULT_MIXES, parse_mixes, prompt_for, prompt_source, text_share
 from .report import write_report
 
 IMAGES_PER_PROMPT = 10  # AGIQA-3k: 2,982 images of 300 prompts (the default mix; --images-per-prompt)
@@ -500,7 +500,8 @@ def main(argv=None) -> int:
         results["report"] = measure_report(args.workdir, [int(v) for v in args.report_rows.split(",")])
     info["slug"] = slug = machine_slug(info) + ("-smoke" if args.smoke else "")
     results.update(slug=slug, machine=info, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   smoke=args.smoke, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
+                   smoke=args.smoke, command=" ".join(["python -m benchmarks", *(argv or sys.argv[1:])]),
+                   prompt_source=prompt_source())
     written = write_report(results, args.out / slug)
     print("\n".join(str(p) for p in written))
     return 0

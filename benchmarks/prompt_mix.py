@@ -3,12 +3,20 @@
 AGIQA-3k has 10 images per prompt (the prompt cache hides the text encoder), best-of-N generation 4 to 8,
 AIGCQA-20k 1.03 (the text encoder runs for nearly every image). The benchmark measures each mix it is given;
 every prompt string names its run, so no run finds another run's prompts in a cache.
+
+The prompts are AIGCQA-20k's own, in file order, behind the run's tag: the runtime cuts each text call at its
+end-of-text (``short_tokens``), so the text encoder's cost follows the prompts' real lengths; the tag adds a few
+tokens, so the text share measured is, if anything, above the dataset's. Without the label files the prompts are
+the short tag alone, and ``prompt_source`` says so in the report.
 """
 from __future__ import annotations
 
+import csv
+from functools import lru_cache
+
 from ipiqa.errors import IPIQAError
 
-__all__ = ["DEFAULT_MIXES", "MIX_NOTES", "parse_mixes", "prompt_for", "mix_label", "text_share"]
+__all__ = ["DEFAULT_MIXES", "MIX_NOTES", "parse_mixes", "prompt_for", "prompt_source", "mix_label", "text_share"]
 
 DEFAULT_MIXES = "10"
 MIX_NOTES = {1: "AIGCQA-20k-like: every prompt new, the text encoder runs for every image",
@@ -30,10 +38,32 @@ def parse_mixes(value: str) -> tuple[int, ...]:
     return tuple(mixes)
 
 
+@lru_cache(maxsize=1)
+def _real_prompts() -> tuple[str, ...]:
+    """AIGCQA-20k's prompts in file order (empty where ``../shared/datasets`` is not beside the checkout)."""
+    from ipiqa.export.prompt_sets import datasets_folder
+
+    root = datasets_folder()
+    if root is None:
+        return ()
+    with open(root / "aigcqa-20k" / "info_train.csv", newline="", encoding="utf-8") as fh:
+        return tuple(row["prompt"] for row in csv.DictReader(fh))
+
+
 def prompt_for(index: int, images_per_prompt: int, run: str) -> str:
     """The prompt of image ``index`` in a run: one new prompt every ``images_per_prompt`` images, unique to ``run``
-    (a backend's cache survives between batches and mixes; a shared string would be a hit it never earned)."""
-    return f"a generated image, {run}, prompt #{index // images_per_prompt}"
+    (a backend's cache survives between batches and mixes; a shared string would be a hit it never earned), at a
+    real prompt's length where the label files are there (see the module docstring)."""
+    n = index // images_per_prompt
+    real = _real_prompts()
+    return f"{run} #{n}: {real[n % len(real)]}" if real else f"a generated image, {run}, prompt #{n}"
+
+
+def prompt_source() -> str:
+    """Where the prompts' text comes from, for the report's header."""
+    real = _real_prompts()
+    return (f"AIGCQA-20k's prompts in file order ({len(real)}), each behind its run's tag" if real
+            else "short synthetic prompts (no label files in ../shared/datasets): the text encoder's share is low")
 
 
 def mix_label(images_per_prompt: int) -> str:

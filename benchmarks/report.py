@@ -68,6 +68,8 @@ def markdown(results: dict) -> str:
     lines = [f"# ipiqa benchmark: {results['slug']}", "",
              f"CPU: {info['cpu']} ({info['cores']} cores) · GPU: {gpu} · resolution {results['resolution']} px · "
              f"prompts: {', '.join(map(str, mixes))} images per prompt · {results['timestamp']}"]
+    if results.get("prompt_source"):
+        lines += ["", f"Prompt text: {results['prompt_source']}."]
     lines += _engine_tables(rows, mixes)
     if results.get("auto_check"):
         checks = [AutoCheck(**c) for c in results["auto_check"]]

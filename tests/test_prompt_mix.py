@@ -29,6 +29,20 @@ def test_two_runs_never_share_a_prompt_so_no_cache_hit_crosses_runs():
     assert not {prompt_for(i, 1, "batch 1") for i in range(8)} & {prompt_for(i, 1, "batch 4") for i in range(8)}
 
 
+def test_prompts_carry_real_prompt_lengths_where_the_label_files_are_there():
+    """The runtime cuts each text call at its end-of-text, so a short synthetic prompt would understate the text
+    encoder: the prompts are AIGCQA-20k's (behind the run's tag), or the report says they are not."""
+    from benchmarks.prompt_mix import _real_prompts, prompt_source
+    from ipiqa.export.prompt_sets import datasets_folder
+
+    if datasets_folder() is None:
+        assert "short synthetic prompts" in prompt_source()
+        pytest.skip("no label files beside the checkout (../shared/datasets)")
+    real = _real_prompts()
+    assert [prompt_for(i, 1, "run").split(": ", 1)[1] for i in range(3)] == list(real[:3])
+    assert "AIGCQA-20k" in prompt_source()
+
+
 def test_the_text_encoder_share_per_image_is_one_pass_per_prompt():
     assert text_share(1) == 1.0 and text_share(4) == 0.25
 
