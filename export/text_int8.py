@@ -30,7 +30,7 @@ from .checks import BOUNDS
 from .fp16 import PRECISION_KEY
 
 __all__ = ["TEXT_OP_TYPES", "TEXT_SETTINGS", "TEXT_GATE_PROMPTS", "TextInt8Gate", "quantize_text_graph",
-           "eot_path_problem", "text_int8_gate", "text_gate_prompts"]
+           "eot_path_problem", "text_int8_gate", "text_gate_prompts", "compare_text"]
 
 TEXT_OP_TYPES = ("MatMul", "Gemm")
 # reduce_range (7-bit weights): as the CPU image graph, u8 x s8 products on AVX2 CPUs without VNNI sum in 16 bits.
@@ -138,7 +138,9 @@ def eot_path_problem(graph_file: Path) -> Optional[str]:
 
 @dataclass(frozen=True)
 class TextInt8Gate:
-    """Per-prompt text-embedding cosine of the INT8 text graph against FP32, and the end-of-text path check."""
+    """Per-prompt text-embedding cosine of a reduced-precision text graph against FP32 (INT8 here; the BF16 text
+    gate, ``export.text_bf16``, reads the same record with its own ``label`` and bound), and the end-of-text
+    path check."""
 
     min_cosine: float
     max_abs: float
@@ -147,6 +149,7 @@ class TextInt8Gate:
     bound: float
     eot_problem: Optional[str] = None
     worst_prompt: str = ""  # the first 80 characters of the prompt with the lowest cosine
+    label: str = "int8"
 
     @property
     def passed(self) -> bool:
@@ -157,7 +160,7 @@ class TextInt8Gate:
 
     def line(self) -> str:
         why = f"; end-of-text path not exact: {self.eot_problem}" if self.eot_problem else ""
-        return (f"{'PASS' if self.passed else 'FAIL'} int8/text_embedding: min cosine {self.min_cosine:.6f} "
+        return (f"{'PASS' if self.passed else 'FAIL'} {self.label}/text_embedding: min cosine {self.min_cosine:.6f} "
                 f"(bound {self.bound}) over {self.prompts} prompts, max|d| {self.max_abs:.3g}{why}")
 
     def to_dict(self) -> dict:
@@ -173,6 +176,23 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
+def compare_text(ref, low, prompts: Sequence[str], tokenize, batch: int = 64) -> tuple[float, float, int]:
+    """(min cosine, max |d|, index of the worst prompt) of backend ``low``'s text embeddings against ``ref``'s,
+    ``batch`` prompts at a time (memory flat in the number of prompts); a non-finite row stops at NaN."""
+    worst, worst_i, max_abs = np.inf, 0, 0.0
+    for start in range(0, len(prompts), batch):
+        tokens = np.asarray(tokenize(list(prompts[start:start + batch])), np.int64)
+        a, b = ref.encode_text(tokens), low.encode_text(tokens)
+        cos = _row_cosines(a, b)
+        i = int(np.argmin(np.nan_to_num(cos, nan=-np.inf)))
+        if not np.isfinite(cos[i]) or cos[i] < worst:
+            worst, worst_i = (float(cos[i]) if np.isfinite(cos[i]) else float("nan")), start + i
+            if np.isnan(worst):
+                break
+        max_abs = max(max_abs, float(np.abs(np.asarray(a) - np.asarray(b)).max()))
+    return worst, max_abs, worst_i
+
+
 def text_int8_gate(fp32: Mapping[str, Path], int8_text: Path, prompts: Iterable[str], tokenize, source: str = "",
                    batch: int = 64) -> TextInt8Gate:
     """The INT8 text graph in the set ``OrtBackend`` serves for int8 (image INT8 or FP32 alike: only the text
@@ -181,18 +201,7 @@ def text_int8_gate(fp32: Mapping[str, Path], int8_text: Path, prompts: Iterable[
     from .graph_runs import graph_backend
 
     prompts = list(prompts)
-    bound = BOUNDS["int8"].cosine_min
-    worst, worst_i, max_abs = np.inf, 0, 0.0
     with graph_backend(dict(fp32)) as ref, graph_backend({**fp32, "text_encoder": Path(int8_text)}, "int8") as low:
-        for start in range(0, len(prompts), batch):
-            tokens = np.asarray(tokenize(prompts[start:start + batch]), np.int64)
-            a, b = ref.encode_text(tokens), low.encode_text(tokens)
-            cos = _row_cosines(a, b)
-            i = int(np.argmin(np.nan_to_num(cos, nan=-np.inf)))
-            if not np.isfinite(cos[i]) or cos[i] < worst:
-                worst, worst_i = (float(cos[i]) if np.isfinite(cos[i]) else float("nan")), start + i
-                if np.isnan(worst):
-                    break
-            max_abs = max(max_abs, float(np.abs(np.asarray(a) - np.asarray(b)).max()))
-    return TextInt8Gate(worst, max_abs, len(prompts), source, bound, eot_path_problem(Path(int8_text)),
+        worst, max_abs, worst_i = compare_text(ref, low, prompts, tokenize, batch)
+    return TextInt8Gate(worst, max_abs, len(prompts), source, BOUNDS["int8"].cosine_min, eot_path_problem(Path(int8_text)),
                         prompts[worst_i][:80] if prompts else "")
