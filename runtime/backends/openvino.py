@@ -178,6 +178,9 @@ class OpenVinoBackend(Backend):
             self.models[name] = compiled
             self.requests[name] = compiled.create_infer_request()
         self.cfg = cfg if cfg is not None else embedded_config(metadata)
+        # The text graph's sequence axis is dynamic (graph format 2): encode_text may cut each call at its end-of-text.
+        self.takes_short_tokens = ("text_encoder" in self.models
+                                   and not self.models["text_encoder"].inputs[0].get_partial_shape()[1].is_static)
         self._outputs = {name: [o.get_any_name() for o in m.outputs] for name, m in self.models.items()}
         self._inputs = {name: [i.get_any_name() for i in m.inputs] for name, m in self.models.items()}
 
