@@ -126,9 +126,10 @@ def _setup(args, cuda: bool):
     bundles = {}
     bf16 = _bf16_available() is None  # the BF16 gate runs (and BF16 rows exist) only where BF16 runs natively
     for name, single in (("single_query", True), ("straightforward", False)):
-        # The INT8 text graph's gate reads every dataset prompt (minutes at full size): not in the smoke run.
+        # The text graphs' gates read every dataset prompt (minutes at full size): not in the smoke run.
         options = ExportOptions(onnx_only=True, single_query_pooling=single, int8=int8 if single else None,
-                                bf16=bf16 and single, int8_text=single and not args.smoke)
+                                bf16=bf16 and single, int8_text=single and not args.smoke,
+                                bf16_text=bf16 and single and not args.smoke)
         export_bundle(model, [model_path], work / f"bundle-{name}", options, progress=lambda m: print(f"  {m}", file=sys.stderr))
         bundles[name] = work / f"bundle-{name}"
     return cfg, model, model_path, bundles
@@ -200,11 +201,13 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
     if bf16_missing:
         out["openvino-cpu-bf16"] = (None, bf16_missing, None)
     else:
-        scorer_runner("openvino-cpu-bf16", bundles["single_query"], "OpenVINO BF16 image + fusion graphs, FP32 text "
-                      "graph, BF16 gate passed at export, prompt cache", backend="openvino", device="cpu",
+        scorer_runner("openvino-cpu-bf16", bundles["single_query"], "OpenVINO BF16 image + fusion graphs, BF16 "
+                      "gate passed at export; text graph BF16 where its per-prompt gate passed (the backend name says "
+                      "+text-bf16), else FP32; prompt cache", backend="openvino", device="cpu",
                       precision="bf16")
     scorer_runner("openvino-cpu-int8", bundles["single_query"], "OpenVINO on the bundle's CPU INT8 image graph, FP32 "
-                  "text and fusion, prompt cache", backend="openvino", device="cpu", precision="int8")
+                  "fusion, text graph BF16 where its per-prompt gate passed and the CPU has BF16 (+text-bf16), else "
+                  "FP32; prompt cache", backend="openvino", device="cpu", precision="int8")
     if cuda:
         out[AUTO_ROW] = (None, SKIPPED + " (the CPU auto rule is measured on CPU runs)", None)
     else:

@@ -30,6 +30,7 @@ from .engine_stage import engine_stage
 from .gate import PARITY_PROMPTS, engine_parity, gate_inputs, onnx_parity
 from .graphs import GATE_OUTPUTS, build_graphs, graph_specs
 from .int8_stage import int8_stage
+from .text_bf16 import text_bf16_stage
 from .text_int8_stage import text_int8_stage
 from .options import (DEFAULT_CALIBRATION_SIZE, Bf16GateError, ExportOptions, Fp16GateError,  # noqa: F401 (re-exported)
                       Int8Options, ParityGateError, check_bf16_gating)
@@ -101,6 +102,8 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
         int8_stage(ctx)
     if options.int8_text:
         text_int8_stage(ctx)
+    if options.bf16_text:
+        text_bf16_stage(ctx)
     if not options.onnx_only:
         engine_stage(ctx)
     _write(ctx)

@@ -85,6 +85,12 @@ def _check_table(checks) -> str:
 @click.option("--bf16", is_flag=True,
               help="Gate the FP32 graphs at BF16 on OpenVINO (pip install 'ipiqa[openvino]'; run on a CPU with AMX or "
                    "AVX512-BF16, like those that will serve it), so 'ipiqa score --precision bf16' may serve them.")
+@click.option("--bf16-text", "bf16_text", is_flag=True,
+              help="With --bf16: also gate the text graph at BF16 on OpenVINO, its end-of-text search moved onto "
+                   "int32 token ids, per prompt (text-embedding cosine >= 0.999 against ONNX Runtime FP32, over the "
+                   "same prompts as --int8-text). Where it passes, OpenVINO runs the text graph at BF16 beside "
+                   "--precision bf16 and int8 on BF16 CPUs (the backend name says +text-bf16); a failed gate is "
+                   "recorded and the text graph stays FP32. Without this flag the text graph stays FP32.")
 @click.option("--int8", is_flag=True,
               help="Quantize the image graph to INT8 on --calibration images and gate it on held-out ones: for the "
                    "CPU always; with engines, also an INT8 image engine (text and fusion engines FP16).")
@@ -122,7 +128,7 @@ def _check_table(checks) -> str:
               help="Relative part of the override (scale: score range, or max |reference| for tensors).")
 @click.option("-v", "--verbose", is_flag=True, help="Log details.")
 @friendly
-def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, bf16, int8, int8_text, calibration,
+def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp16, fp16_onnx, bf16, bf16_text, int8, int8_text, calibration,
          calibration_size, int8_settings, batch, workspace, straightforward_pooling, opset, triton_dir, triton_backend, atol, rtol,
          verbose) -> None:
     """Export an IP-IQA model to a bundle the runtime scores with.
@@ -133,6 +139,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
     -> fp16/ graphs (for FP16/INT8 engines, or --fp16-onnx), gated against the FP32 graphs
     -> BF16 gate (--bf16): the FP32 graphs as OpenVINO serves them at BF16 (text graph FP32),
     cosine >= 0.999 on every intermediate tensor, scores within 5e-2 (Spearman >= 0.995)
+    -> BF16 text gate (--bf16-text): the text graph at BF16 on OpenVINO, per prompt (cosine >= 0.999)
     -> INT8 image graphs (--int8), gated on held-out calibration images (cosine >= 0.995;
     Spearman >= 0.99 where scores spread) -> INT8 text graph (--int8-text), gated per prompt
     (text-embedding cosine >= 0.995), recorded, served only where it passed
@@ -154,7 +161,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
       ipiqa-export model.safetensors -o bundle/ --onnx-only --triton triton_repo/
       ipiqa-export model.safetensors -o bundle/ --onnx-only --int8 --calibration images.csv
       ipiqa-export model.safetensors -o bundle/ --onnx-only --int8 --int8-text --calibration images.csv
-      ipiqa-export model.safetensors -o bundle/ --onnx-only --bf16
+      ipiqa-export model.safetensors -o bundle/ --onnx-only --bf16 --bf16-text
       ipiqa-export model.safetensors -o bundle/ --int8 --calibration photos/ --calibration-size 128
     """
     from ipiqa._optional import require
@@ -171,6 +178,8 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         raise click.UsageError("--int8 needs --calibration IMAGES (a folder, manifest, shards or Parquet files like those you will score)")
     if not int8 and (calibration is not None or int8_settings):
         raise click.UsageError("--calibration and --int8-setting go with --int8")
+    if bf16_text and not bf16:
+        raise click.UsageError("--bf16-text goes with --bf16 (the text graph's BF16 gate runs where BF16 is gated)")
     if int8_text and not int8:
         raise click.UsageError("--int8-text goes with --int8 --calibration IMAGES (it is served in the int8 set)")
     if int8 and fp16 is False and not onnx_only:
@@ -186,7 +195,7 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
         raise click.BadParameter(str(exc), param_hint="'--atol' / '--rtol'") from None
     try:
         options = ExportOptions(onnx_only=onnx_only, engine=spec, opset=opset, single_query_pooling=not straightforward_pooling,
-                                tolerance_override=override, fp16_onnx=fp16_onnx, bf16=bf16, int8_text=int8_text,
+                                tolerance_override=override, fp16_onnx=fp16_onnx, bf16=bf16, bf16_text=bf16_text, int8_text=int8_text,
                                 int8=Int8Options(calibration, calibration_size, int8_settings) if int8 else None)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
@@ -256,6 +265,11 @@ def main(model: Optional[Path], output: Path, official, clip_path, onnx_only, fp
                    f"{'served by --precision int8 (ONNX Runtime)' if t['passed'] else 'NOT served (FP32 text graph)'}; "
                    f"gated on {t['prompt_source']}:")
         click.echo("\n".join(t["attempts"]))
+    if report.bf16_text:
+        t = report.bf16_text
+        click.echo(f"\nBF16 text graph on {t['runtime']} ({t['cpu']}): "
+                   f"{'served at BF16 by OpenVINO (bf16, int8)' if t['passed'] else 'NOT served (FP32 text graph)'}; "
+                   f"min cosine {t['min_cosine']:.5f} over {t['prompts']} prompts ({t['prompt_source']})")
     click.echo(f"bundle written: {output}/manifest.json ({time.perf_counter() - start:.1f}s)", err=True)
     if triton_dir:
         from ipiqa.bundle import read_bundle

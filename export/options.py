@@ -81,10 +81,13 @@ class ExportOptions:
     int8: Optional[Int8Options] = None
     bf16: bool = False  # gate the FP32 graphs at BF16 on OpenVINO (this CPU must have AMX or AVX512-BF16)
     int8_text: bool = False  # --int8-text: an INT8 text graph too, gated per prompt (export.text_int8)
+    bf16_text: bool = False  # --bf16-text: the text graph gated per prompt at BF16 on OpenVINO (export.text_bf16)
 
     def __post_init__(self) -> None:
         if self.int8_text and self.int8 is None:
             raise ValueError("--int8-text goes with --int8 (the INT8 text graph is served in the int8 set)")
+        if self.bf16_text and not self.bf16:
+            raise ValueError("--bf16-text goes with --bf16 (the text graph's BF16 gate runs where BF16 is gated)")
         if self.int8 is not None and not self.onnx_only and self.engine.precision != "int8":
             raise ValueError("--int8 with engines builds an INT8 image engine: the engine precision must be int8")
         if self.int8 is None and not self.onnx_only and self.engine.precision == "int8":

@@ -31,11 +31,13 @@ class ExportReport:
     bf16: Optional[dict] = None  # the manifest's onnx.bf16 entry as JSON (the BF16 gate on OpenVINO) when run
     int8: dict[str, dict] = field(default_factory=dict)  # the manifest's onnx.int8 entries as JSON, per target
     int8_text: Optional[dict] = None  # the manifest's onnx.int8_text entry as JSON (--int8-text)
+    bf16_text: Optional[dict] = None  # the manifest's onnx.bf16_text entry as JSON (--bf16-text)
     reused_onnx: bool = False
     reused_fp16: bool = False
     reused_bf16: bool = False
     reused_int8: bool = False
     reused_int8_text: bool = False
+    reused_bf16_text: bool = False
     reused_engines: bool = False
 
 

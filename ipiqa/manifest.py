@@ -25,7 +25,7 @@ from .errors import BundleError
 from .rebuild import rebuild_command
 
 __all__ = ["BUNDLE_FORMAT", "GRAPHS", "PRECISIONS", "ManifestError", "GraphEntry", "Fp16Graph", "Fp16Graphs", "Bf16Gate",
-           "Int8Calibration", "Int8Graph", "Int8TextGraph", "OnnxGraphs", "EngineGraph", "Engines", "Tokenizer", "Source",
+           "Int8Calibration", "Int8Graph", "Int8TextGraph", "Bf16TextGate", "OnnxGraphs", "EngineGraph", "Engines", "Tokenizer", "Source",
            "Parity", "Manifest", "io_shapes", "check_batch_profile", "to_plain"]
 
 # 3: the manifest is the typed ``Manifest`` below: ``shapes`` (derived from the config), ``preprocess`` and
@@ -180,6 +180,24 @@ class Int8TextGraph:
 
 
 @dataclass(frozen=True)
+class Bf16TextGate:
+    """``onnx.bf16_text``: the FP32 text graph at BF16 on OpenVINO, its end-of-text search on int32 ids
+    (``runtime.backends.openvino_text``), gated per prompt (``ipiqa-export --bf16 --bf16-text``): text-embedding
+    cosine against ONNX Runtime FP32. No file of its own. OpenVINO serves the text graph at BF16 (with ``bf16``
+    and ``int8``) only when ``passed`` and the CPU has BF16; otherwise at FP32, as without it."""
+
+    key: str  # reuse key: FP32 graphs + prompts + OpenVINO version + CPU
+    runtime: str  # "openvino X": the kernels that were judged
+    cpu: str  # the gating machine's CPU model and its BF16 flags
+    passed: bool
+    min_cosine: float
+    prompts: int
+    prompt_source: str
+    gate: Mapping[str, Any]  # export.text_int8.TextInt8Gate.to_dict() (label "bf16")
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class OnnxGraphs:
     """``onnx``: the FP32 graphs (always), the ``fp16/`` graphs and the INT8 image graphs (when exported)."""
 
@@ -190,6 +208,7 @@ class OnnxGraphs:
     int8: Mapping[str, Int8Graph] = field(default_factory=dict)
     bf16: Optional[Bf16Gate] = None
     int8_text: Optional[Int8TextGraph] = None
+    bf16_text: Optional[Bf16TextGate] = None
 
     def __post_init__(self) -> None:
         _need(self.pooling in ("single_query", "straightforward"), "pooling",
@@ -315,6 +334,11 @@ class Manifest:
     def int8_text_passed(self) -> bool:
         """The bundle holds an INT8 text graph whose gate passed (``onnx.int8_text``)."""
         return self.onnx.int8_text is not None and self.onnx.int8_text.passed
+
+    @property
+    def bf16_text_passed(self) -> bool:
+        """The text graph passed its per-prompt BF16 gate on OpenVINO (``onnx.bf16_text``)."""
+        return self.onnx.bf16_text is not None and self.onnx.bf16_text.passed
 
     def graph_precision(self, name: str, precision: str = "fp32", int8_text: bool = False) -> str:
         """What graph ``name`` of the ``precision`` set is stored in: the rule ``graph_path`` and the metadata

@@ -5,14 +5,17 @@ arithmetic (``INFERENCE_PRECISION_HINT=bf16``) at several times ONNX Runtime's F
 Runtime's CPU provider cannot do. What each precision runs:
 
 - ``fp32``: every graph at f32 (set explicitly: OpenVINO's own default on BF16 CPUs is BF16);
-- ``bf16``: the image and fusion graphs at BF16, the text graph at f32. The hint applies to a whole
-  compiled graph, FP32 islands included, and the text graph reads its [QA] row with an ArgMax over float
-  token ids, which BF16 cannot represent near 49407 (the wrong row is read: cosine 0.67 measured). The
-  text graph runs once per distinct prompt (cached), so f32 there costs little. Served only where the CPU
-  has the flags (``ipiqa.runtime.cpu``) and the bundle records a passing BF16 gate (``ipiqa-export --bf16``);
-  the compiled model's own precision is checked after compiling, so no silent FP32 fallback is served as BF16;
-- ``int8``: the bundle's CPU INT8 image graph (Q/DQ, OpenVINO's int8 kernels), text and fusion at f32;
-  served where the export also gated it on OpenVINO (``onnx.int8.cpu.openvino``).
+- ``bf16``: the image and fusion graphs at BF16. Served only where the CPU has the flags (``ipiqa.runtime.cpu``)
+  and the bundle records a passing BF16 gate (``ipiqa-export --bf16``); the compiled model's own precision is
+  checked after compiling, so no silent FP32 fallback is served as BF16;
+- ``int8``: the bundle's CPU INT8 image graph (Q/DQ, OpenVINO's int8 kernels), fusion at f32; served where the
+  export also gated it on OpenVINO (``onnx.int8.cpu.openvino``).
+
+The text graph (both): at BF16 only where its own per-prompt gate passed (``onnx.bf16_text``, ``ipiqa-export
+--bf16-text``) and the CPU has BF16, else f32. The hint applies to a whole compiled graph, and the text graph
+finds its [QA] row with a TopK over float token ids, which BF16 cannot represent near 49407 (the wrong row:
+cosine 0.43 measured); so the backend moves that search onto int32 ids in the model it read
+(``openvino_text``) before compiling it at BF16, and refuses BF16 for a graph it cannot rewrite.
 
 Compiled models are cached (``CACHE_DIR``) beside the bundle in ``cache/openvino/`` (or ``cache_dir``, or
 ``$IPIQA_OPENVINO_CACHE``; a read-only bundle falls back to ``~/.cache/ipiqa/openvino``), so the second start
@@ -36,21 +39,30 @@ from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.cpu import bf16_refusal, usable_cores
 
+from . import openvino_text
 from .base import Backend
 
-__all__ = ["OpenVinoBackend", "OPENVINO_PRECISIONS", "inference_precisions", "cache_folder", "cache_key"]
+__all__ = ["OpenVinoBackend", "OPENVINO_PRECISIONS", "inference_precisions", "text_bf16_servable", "cache_folder",
+           "cache_key"]
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "int8")
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 
 
-def inference_precisions(precision: str) -> dict[str, str]:
+def inference_precisions(precision: str, bf16_text: bool = False) -> dict[str, str]:
     """Each graph's inference precision for a served ``precision``: the one table the backend, the BF16
-    gate and the manifest's ``served`` record read."""
+    gates and the manifest's ``served`` record read. ``bf16_text``: the text graph's own BF16 gate passed and
+    the CPU has BF16 (``text_bf16_servable``); it then runs BF16 beside the bf16 and int8 sets."""
     if precision not in OPENVINO_PRECISIONS:
         raise IPIQAError(f"unknown openvino precision {precision!r}; choose from {', '.join(OPENVINO_PRECISIONS)}")
     low = "bf16" if precision == "bf16" else "fp32"
-    return {"image_encoder": low, "text_encoder": "fp32", "fusion": low}
+    text = "bf16" if bf16_text and precision in ("bf16", "int8") else "fp32"
+    return {"image_encoder": low, "text_encoder": text, "fusion": low}
+
+
+def text_bf16_servable(manifest: Manifest) -> bool:
+    """The bundle's text graph passed its BF16 gate (``onnx.bf16_text``) and this CPU has BF16."""
+    return manifest.bf16_text_passed and bf16_refusal() is None
 
 
 def cache_folder(root: Optional[Path], override: Union[str, Path, None] = None) -> Optional[Path]:
@@ -123,7 +135,7 @@ class OpenVinoBackend(Backend):
             keys = {name: cache_key(Path(path)) for name, path in graphs.items()} if cache is not None else {}
             self._open(None, graphs, precision, dict(served or inference_precisions(precision)), threads, cache, keys)
             return
-        served = inference_precisions(precision)  # refuses an unknown precision
+        served = inference_precisions(precision, text_bf16_servable(manifest))  # refuses an unknown precision
         if precision == "bf16":
             reason = bf16_refusal()
             if reason:
@@ -153,8 +165,9 @@ class OpenVinoBackend(Backend):
               check: Callable[[str, Any], None] = lambda name, model: None) -> None:
         core = _core()
         self.precision = precision
-        self.name = "openvino-cpu" + ("" if precision == "fp32" else f"-{precision}")
         self.served = dict(served)
+        self.name = ("openvino-cpu" + ("" if precision == "fp32" else f"-{precision}")
+                     + ("+text-bf16" if self.served.get("text_encoder") == "bf16" else ""))
         self.cache = cache
         self.models: dict[str, Any] = {}
         self.requests: dict[str, Any] = {}
@@ -168,8 +181,14 @@ class OpenVinoBackend(Backend):
             if cache is not None:
                 (cache / keys[name]).mkdir(parents=True, exist_ok=True)
                 config["CACHE_DIR"] = str(cache / keys[name])
-            # From the file path, so a second start imports the blob of these very bytes, not compiles.
-            compiled = core.compile_model(str(path), "CPU", config)
+            if name == "text_encoder" and served[name] == "bf16":
+                problem = openvino_text.integer_end_of_text(model)  # the module's, so a test may replace it
+                if problem:
+                    raise IPIQAError(f"{path}: the text graph cannot run at BF16 on OpenVINO ({problem}); serve it "
+                                     "at FP32 (re-export without --bf16-text)")
+                compiled = core.compile_model(model, "CPU", config)  # the rewritten model (cached by its hash)
+            else:  # from the file path, so a second start imports the blob of these very bytes, not compiles
+                compiled = core.compile_model(str(path), "CPU", config)
             hint = compiled.get_property("INFERENCE_PRECISION_HINT")
             got = getattr(hint, "get_type_name", lambda: str(hint))()
             if served[name] == "bf16" and got != "bf16":
