@@ -38,7 +38,7 @@ def int8_stage(ctx: ExportContext) -> None:
 
     entries: dict[str, Int8Graph] = {}
     reused = []
-    openvino = _openvino_version()
+    openvino = _openvino_kernels()
     for target in ctx.options.int8_targets:
         key = stage_key(ctx.onnx_key, "int8", target, calibration_files, opts.size, dict(opts.settings.get(target, {})),
                         openvino if target == "cpu" else None)
@@ -61,26 +61,82 @@ def _openvino_version() -> Optional[str]:
     return f"openvino {openvino.__version__}"
 
 
+def _openvino_kernels() -> Optional[str]:
+    """The CPU stage's reuse key part: the OpenVINO version, and NNCF's where it makes the OpenVINO INT8 graph
+    (a new NNCF re-quantizes; without NNCF the key is what it was before NNCF was used)."""
+    from . import openvino_int8
+
+    runtime, nncf = _openvino_version(), openvino_int8.nncf_version()
+    return f"{runtime}; {nncf}" if runtime and nncf else runtime
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+
+
+def _nncf_graph(ctx: ExportContext, runtime: str, inputs: Mapping[str, Any], reference: Mapping[str, Any],
+                size: int) -> dict:
+    """OpenVINO's own INT8 image graph (NNCF, ``openvino_int8``) in the bundle, gated like the QDQ graph there.
+    A passing record (``quantizer`` "nncf X", ``file``, ``settings``, ``attempts``, ``gate``), or ``{"nncf":
+    reason}`` (+ ``nncf_attempts`` where it was gated) for the caller to fall back to the QDQ graph; never raises."""
+    from . import openvino_int8
+
+    version = openvino_int8.nncf_version()
+    if version is None:
+        return {"nncf": "NNCF is not installed (pip install 'ipiqa[openvino]')"}
+    xml = ctx.out / openvino_int8.NNCF_FILE
+    try:
+        result = openvino_int8.quantize_and_gate_openvino(
+            ctx.fp32_graphs(), xml, inputs["batches"], inputs["held"], inputs["tokens"], ctx.cfg.outputs,
+            calibration_size=size, reference=reference)
+    except Exception as exc:  # noqa: BLE001 - NNCF or OpenVINO failing is this optional graph's result, not the export's
+        _remove_ir(xml)
+        return {"nncf": f"{version} raised {_reason(exc)}"}
+    for r in result.gate.results:
+        ctx.progress(f"[cpu on {runtime}, {version}] {r.line()}")
+    if not result.gate:
+        _remove_ir(xml)  # no file the manifest does not list stays in the bundle
+        failed = "; ".join(r.line() for r in result.gate.results if not r) or result.gate.criterion
+        return {"nncf": f"{version} missed the INT8 bounds with {len(result.settings.ignored)} layers FP32 ({failed})",
+                "nncf_attempts": list(result.attempts)}
+    return {"runtime": runtime, "quantizer": version, "file": openvino_int8.NNCF_FILE,
+            "settings": result.settings.to_dict(), "attempts": list(result.attempts), "gate": result.gate.to_dict()}
+
+
+def _remove_ir(xml) -> None:
+    for path in (xml, xml.with_suffix(".bin")):
+        path.unlink(missing_ok=True)
+
+
 def _openvino_gate(ctx: ExportContext, rel: str, settings: Any, inputs: Mapping[str, Any],
-                   reference: Mapping[str, Any]) -> Optional[dict]:
-    """The CPU INT8 graph through OpenVINO's int8 kernels on the same held-out images; recorded, never fatal:
-    a failure, an exception from OpenVINO included (a graph its reader or CPU plugin refuses), is a failed gate
-    with its reason, and only keeps ``auto`` on ONNX Runtime for INT8."""
+                   reference: Mapping[str, Any], size: int) -> Optional[dict]:
+    """OpenVINO's INT8 image graph and its gate on the same held-out images (``Int8Graph.openvino``); recorded,
+    never fatal. First NNCF's graph for OpenVINO (``_nncf_graph``: ``quantizer`` "nncf X", ``file``); where NNCF is
+    missing, raises or misses the bounds, the CPU QDQ graph through OpenVINO's int8 kernels (``quantizer``
+    "onnxruntime-qdq", ``nncf``: why not NNCF's). A failure there, an exception from OpenVINO included (a graph
+    its reader or CPU plugin refuses), is a failed gate with its reason, and only keeps ``auto`` on ONNX Runtime
+    for INT8."""
     from .int8 import Int8Gate, int8_gate
 
     runtime = _openvino_version()
     if runtime is None:
         return None
+    nncf = _nncf_graph(ctx, runtime, inputs, reference, size)
+    if "nncf" not in nncf:
+        return nncf
+    ctx.progress(f"[cpu on {runtime}] OpenVINO's own INT8 graph not used: {nncf['nncf']}; gating the QDQ graph there")
+    record = {"runtime": runtime, "quantizer": "onnxruntime-qdq", **nncf}
     try:
         gate = int8_gate(ctx.fp32_graphs(), ctx.out / rel, settings, inputs["held"], inputs["tokens"],
                          ctx.cfg.outputs, runtime="openvino", reference=reference)
     except Exception as exc:  # noqa: BLE001 - any OpenVINO failure is this optional gate's result, not the export's
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        reason = _reason(exc)
         ctx.progress(f"[cpu on {runtime}] OpenVINO INT8 gate failed ({reason}); INT8 is served on ONNX Runtime")
-        return {"runtime": runtime, "gate": Int8Gate(settings, (), len(inputs["held"]), error=reason).to_dict()}
+        return {**record, "gate": Int8Gate(settings, (), len(inputs["held"]), error=reason).to_dict()}
     for r in gate.results:
         ctx.progress(f"[cpu on {runtime}] {r.line()}")
-    return {"runtime": runtime, "gate": gate.to_dict()}
+    return {**record, "gate": gate.to_dict()}
 
 
 def _build_int8(ctx: ExportContext, target: str, key: str, inputs: Mapping[str, Any]) -> Int8Graph:
@@ -105,7 +161,8 @@ def _build_int8(ctx: ExportContext, target: str, key: str, inputs: Mapping[str, 
         calibration=Int8Calibration(str(opts.calibration), gate.settings.calibration_size, len(inputs["held"]),
                                     inputs["source"]),
         seconds=round(time.perf_counter() - start, 2),
-        openvino=_openvino_gate(ctx, rel, gate.settings, inputs, result.reference) if target == "cpu" else None)
+        openvino=(_openvino_gate(ctx, rel, gate.settings, inputs, result.reference, gate.settings.calibration_size)
+                  if target == "cpu" else None))
     ctx.progress(f"INT8 image graph for {target}: {rel} ({entry.seconds:.1f}s; {gate.criterion})")
     return entry
 
