@@ -107,16 +107,24 @@ def test_calibration_iterates_one_image_at_a_time_as_views_of_the_batches(setup,
     assert all(any(np.shares_memory(item, b) for b in setup.batches) for item in seen[0])
 
 
-def test_the_gate_passes_and_the_bundle_records_nncf_its_ir_settings_and_attempts(tiny_model_file, tmp_path):
-    from ipiqa.bundle import check_graph_metadata, read_bundle
+@pytest.fixture(scope="module")
+def nncf_bundle(tiny_model_file, tmp_path_factory):
+    """The tiny model exported with --int8 where NNCF is installed: its bundle folder."""
     from ipiqa.checkpoint import load_model
     from ipiqa.export.bundle_export import ExportOptions, Int8Options, export_bundle
+
+    root = tmp_path_factory.mktemp("nncf_bundle")
+    write_images(root / "calibration", 12, seed=4)
+    export_bundle(load_model(tiny_model_file), [tiny_model_file], root / "bundle",
+                  ExportOptions(onnx_only=True, int8=Int8Options(root / "calibration", size=8)), progress=lambda m: None)
+    return root / "bundle"
+
+
+def test_the_gate_passes_and_the_bundle_records_nncf_its_ir_settings_and_attempts(nncf_bundle):
+    from ipiqa.bundle import check_graph_metadata, read_bundle
     from ipiqa.runtime.backends.openvino import OpenVinoBackend
 
-    write_images(tmp_path / "calibration", 12, seed=4)
-    out, lines = tmp_path / "bundle", []
-    export_bundle(load_model(tiny_model_file), [tiny_model_file], out,
-                  ExportOptions(onnx_only=True, int8=Int8Options(tmp_path / "calibration", size=8)), progress=lines.append)
+    out = nncf_bundle
     manifest = read_bundle(out)
     record = manifest.onnx.int8["cpu"].openvino
     assert manifest.onnx.int8["cpu"].openvino_passed and "nncf" not in record
