@@ -114,6 +114,21 @@ def calibration_images(batches: Sequence[np.ndarray], limit: Optional[int] = Non
     return _Images(batches, limit if limit is not None else sum(len(b) for b in batches))
 
 
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF's notes (its logger, below ERROR) and progress bars (rich, on stdout) are not the export's log. Only
+    the ``nncf`` logger's own level changes, and back: ``nncf.set_log_level`` would set the level of every handler
+    on it for the whole process."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def quantize_openvino(fp32_onnx: Path, out_xml: Path, batches: Sequence[np.ndarray], settings: NncfSettings) -> NncfSettings:
     """Write the NNCF IR ``out_xml`` (+ ``.bin``), its rt_info carrying the FP32 graph's ipiqa config, the
     precision ``int8`` and the settings, so the runtime's graph-metadata check reads it as any other graph."""
@@ -124,9 +139,8 @@ def quantize_openvino(fp32_onnx: Path, out_xml: Path, batches: Sequence[np.ndarr
     if n == 0:
         raise IPIQAError(f"{fp32_onnx}: no calibration images; pass a folder or CSV of images like those you will score")
     settings = replace(settings, calibration_size=n)
-    nncf.set_log_level(logging.ERROR)  # its notes are not the export's log
     model = ov.Core().read_model(str(fp32_onnx))
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress bars (rich, on stdout) neither
+    with _quiet_nncf():
         quantized = nncf.quantize(
             model, nncf.Dataset(images), preset=nncf.QuantizationPreset(settings.preset),
             target_device=nncf.TargetDevice[settings.target_device], subset_size=n,
