@@ -148,6 +148,23 @@ def _bf16_available() -> Optional[str]:
     return NOT_AVAILABLE + f"no BF16 on this CPU ({describe()}: none of {', '.join(BF16_FLAGS)})"
 
 
+def _openvino_int8_quantizer(bundle) -> str:
+    """Which INT8 image graph OpenVINO serves, from the manifest: NNCF's IR, or the QDQ graph (and why)."""
+    from ipiqa.bundle import read_bundle
+    from ipiqa.errors import IPIQAError
+
+    try:
+        int8 = read_bundle(bundle, verify_hashes=False).onnx.int8.get("cpu")
+    except IPIQAError as exc:
+        return f"bundle unreadable: {exc}"
+    record = (int8.openvino or {}) if int8 else {}
+    if int8 is None or not int8.openvino_passed:
+        return "no passing OpenVINO INT8 gate"
+    if int8.openvino_file:
+        return f"{record.get('quantizer', 'nncf')} IR, {len(record.get('settings', {}).get('ignored', ()))} layers FP32"
+    return f"the QDQ graph; NNCF: {record.get('nncf', 'not recorded')}"
+
+
 def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tuple[Optional[Callable], str, Optional[object]]]:
     """name -> (fn(images, prompts), note, owner with cache/close) ; fn None = not available, note says why."""
     import torch
@@ -205,9 +222,9 @@ def _runners(args, cfg, model, model_path, bundles, cuda: bool) -> dict[str, tup
                       "gate passed at export; text graph BF16 where its per-prompt gate passed (the backend name says "
                       "+text-bf16), else FP32; prompt cache", backend="openvino", device="cpu",
                       precision="bf16")
-    scorer_runner("openvino-cpu-int8", bundles["single_query"], "OpenVINO on the bundle's CPU INT8 image graph, FP32 "
-                  "fusion, text graph BF16 where its per-prompt gate passed and the CPU has BF16 (+text-bf16), else "
-                  "FP32; prompt cache", backend="openvino", device="cpu", precision="int8")
+    scorer_runner("openvino-cpu-int8", bundles["single_query"], f"OpenVINO INT8 image graph ({_openvino_int8_quantizer(bundles['single_query'])}), "
+                  "FP32 fusion, text graph BF16 where its per-prompt gate passed and the CPU has BF16 (+text-bf16), "
+                  "else FP32; prompt cache", backend="openvino", device="cpu", precision="int8")
     if cuda:
         out[AUTO_ROW] = (None, SKIPPED + " (the CPU auto rule is measured on CPU runs)", None)
     else:

@@ -75,12 +75,13 @@ def auto_reason(manifest, flags: frozenset) -> str:
 
     int8 = manifest.onnx.int8.get("cpu") if manifest.onnx.int8 else None
     gates = [f"INT8 image graph gated: {'yes' if int8 else 'no'}",
-             f"OpenVINO INT8 gate passed: {'yes' if int8 and int8.openvino_passed else 'no'}",
+             f"OpenVINO INT8 gate passed: {'yes' if int8 and int8.openvino_passed else 'no'}"
+             + (f" ({int8.openvino.get('quantizer', 'onnxruntime-qdq')})" if int8 and int8.openvino_passed else ""),
              f"BF16 gate recorded: {'yes' if 'bf16' in manifest.onnx_precisions else 'no'}"]
     have = lambda names: ", ".join(f for f in names if f in flags) or "none"  # noqa: E731
     return ("cpu_auto_choice: BF16 on OpenVINO first where the CPU has AMX (or the bundle has no INT8 graph); else "
-            "the INT8 image graph, on OpenVINO where its gate passed and the CPU has INT8 dot products, on ONNX "
-            f"Runtime otherwise; else ONNX Runtime FP32. Bundle: {'; '.join(gates)}. CPU: INT8 dot flags "
+            "the INT8 image graph (where it computes here as gated), on OpenVINO where its gate passed and the CPU "
+            f"has INT8 dot products, on ONNX Runtime otherwise; else ONNX Runtime FP32. Bundle: {'; '.join(gates)}. CPU: INT8 dot flags "
             f"{have(INT8_DOT_FLAGS)}; BF16 flags {have(BF16_FLAGS)}")
 
 

@@ -22,7 +22,7 @@ from ipiqa._optional import require
 from ipiqa.bundle import read_bundle, write_manifest
 from ipiqa.errors import BundleError, IPIQAError
 from ipiqa.manifest import (BUNDLE_FORMAT, Bf16Gate, Fp16Graph, Fp16Graphs, GraphEntry, Manifest, OnnxGraphs, Parity,
-                            Source, Tokenizer, to_plain)
+                            Source, Tokenizer, to_plain, weights_file)
 from ipiqa.model import IPIQA, pooling_mode
 
 from .checks import check_from_dict
@@ -65,12 +65,12 @@ def _existing(root: Path) -> Optional[Manifest]:
 
 
 def _with_data_files(files: Sequence[str], root: Path) -> list[str]:
-    """Each ONNX file with its external weights file (``.onnx.data``) where it has one."""
+    """Each graph file with its weights file (``manifest.weights_file``: ``.onnx.data``, an IR's ``.bin``)."""
     out = []
     for f in files:
         out.append(f)
-        if f.endswith(".onnx") and (root / (f + ".data")).is_file():
-            out.append(f + ".data")
+        if f.endswith((".onnx", ".xml")) and (root / weights_file(f)).is_file():
+            out.append(weights_file(f))
     return out
 
 

@@ -103,14 +103,15 @@ def embedded_config(metadata: Mapping[str, Mapping[str, str]]) -> IPIQAConfig:
 
 def check_graph_metadata(manifest: Manifest, name: str, metadata: Mapping[str, str],
                          input_shapes: Mapping[str, Sequence[Any]], precision: str = "fp32",
-                         int8_text: bool = False) -> None:
+                         int8_text: bool = False, runtime: str = "onnxruntime") -> None:
     """Refuse a graph whose embedded config, precision or input shape disagrees with the manifest.
 
     ``precision``: the graph set it was loaded from (``Manifest.graph_path``); the graph's own
     ``ipiqa.precision`` metadata (absent: fp32) must agree, so a swapped file cannot pass as another set.
-    ``int8_text``: the caller serves the gated INT8 text graph (``Manifest.graph_precision``).
+    ``int8_text``: the caller serves the gated INT8 text graph (``Manifest.graph_precision``); ``runtime``: whose
+    graph set (OpenVINO may serve its own INT8 image graph).
     """
-    path = manifest.graph_path(name, precision, int8_text)
+    path = manifest.graph_path(name, precision, int8_text, runtime)
     embedded = metadata.get(METADATA_CONFIG_KEY)
     if embedded is None:
         raise BundleError(f"{path}: graph carries no ipiqa config; {REBUILD}")

@@ -45,6 +45,12 @@ INT8_TARGETS = ("cpu", "tensorrt")
 Shape = tuple[Optional[int], ...]
 
 
+def weights_file(graph: str) -> str:
+    """The weights file that travels beside a graph file: an ONNX graph's external data (``FILE.data``), an
+    OpenVINO IR's ``.bin``. The one rule for what the manifest hashes, the compile cache keys and a copy carries."""
+    return graph[:-len(".xml")] + ".bin" if graph.endswith(".xml") else graph + ".data"
+
+
 def check_batch_profile(batch: Any) -> tuple[int, int, int]:
     """(min, opt, max) of a TensorRT optimization profile: three integers, 1 <= MIN <= OPT <= MAX.
 
@@ -148,16 +154,26 @@ class Int8Graph:
     excluded_nodes: tuple[str, ...] = ()
     attempts: tuple[str, ...] = ()
     seconds: float = 0.0
-    # cpu target, where openvino was installed at export: the same graph through OpenVINO's int8 kernels,
-    # gated on the same held-out images ({"runtime": "openvino X", "gate": Int8Gate.to_dict()})
+    # cpu target, where openvino was installed at export: OpenVINO's INT8 image graph, gated on the same held-out
+    # images ({"runtime": "openvino X", "quantizer": "nncf X" | "onnxruntime-qdq", "gate": Int8Gate.to_dict(),
+    # "file": NNCF's IR where it passed, "settings", "attempts"; "nncf": why not NNCF's graph, on the fallback)
     openvino: Optional[Mapping[str, Any]] = None
 
     @property
     def openvino_passed(self) -> bool:
         return bool(self.openvino and self.openvino.get("gate", {}).get("passed"))
 
+    @property
+    def openvino_file(self) -> Optional[str]:
+        """OpenVINO's own INT8 image graph (NNCF's IR) where its gate passed; None: OpenVINO runs ``file``."""
+        return self.openvino.get("file") if self.openvino_passed else None  # type: ignore[union-attr]
+
     def __post_init__(self) -> None:
         _need(self.target in INT8_TARGETS, "target", f"must be one of {', '.join(INT8_TARGETS)}, got {self.target!r}")
+        if self.openvino is not None and "file" in self.openvino:
+            f = self.openvino["file"]
+            _need(isinstance(f, str) and f.endswith(".xml") and not Path(f).is_absolute() and ".." not in Path(f).parts,
+                  "openvino.file", f"must be an OpenVINO IR (.xml) inside the bundle, got {f!r}")
 
 
 @dataclass(frozen=True)
@@ -349,15 +365,18 @@ class Manifest:
             return "fp32"
         return "fp32" if precision == "bf16" else precision
 
-    def graph_path(self, name: str, precision: str = "fp32", int8_text: bool = False) -> Path:
-        """The ONNX graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph, the INT8 text graph
-        where ``int8_text`` asks for it and its gate passed; bf16 and the rest of int8: the FP32 graphs)."""
+    def graph_path(self, name: str, precision: str = "fp32", int8_text: bool = False,
+                   runtime: str = "onnxruntime") -> Path:
+        """The graph ``name`` of the ``precision`` set (int8: the CPU INT8 image graph, on ``runtime`` "openvino"
+        OpenVINO's own IR where its gate passed, the INT8 text graph where ``int8_text`` asks for it and its gate
+        passed; bf16 and the rest of int8: the FP32 graphs)."""
         if precision not in self.onnx_precisions:
             raise self.missing_precision(precision)
         if precision == "fp16":
             return self.root / self.onnx.fp16.graphs[name].file  # type: ignore[union-attr]
         if precision == "int8" and name == "image_encoder":
-            return self.root / self.onnx.int8["cpu"].file
+            cpu = self.onnx.int8["cpu"]
+            return self.root / ((runtime == "openvino" and cpu.openvino_file) or cpu.file)
         if self.graph_precision(name, precision, int8_text) == "int8":
             return self.root / self.onnx.int8_text.file  # type: ignore[union-attr]
         return self.root / self.onnx.graphs[name].file
@@ -374,10 +393,12 @@ class Manifest:
         return self.root / engine.file if engine else None
 
     def listed_files(self) -> list[str]:
-        """Every file the manifest names (graphs, engines, tokenizer), without the ONNX ``.data`` files."""
+        """Every file the manifest names (graphs, engines, tokenizer), without the weights beside the graphs
+        (``weights_file``)."""
         files = [g.file for g in self.onnx.graphs.values()]
         files += [g.file for g in self.onnx.fp16.graphs.values()] if self.onnx.fp16 else []
         files += [e.file for e in self.onnx.int8.values()]
+        files += [e.openvino_file for e in self.onnx.int8.values() if e.openvino_file]
         files += [self.onnx.int8_text.file] if self.onnx.int8_text else []
         files += list(self.tokenizer.files.values())
         files += [g.file for g in self.engines.graphs.values()] if self.engines else []

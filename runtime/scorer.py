@@ -135,14 +135,18 @@ def cpu_auto_choice(manifest: Manifest) -> tuple[str, str]:
     OpenVINO BF16 5.15x, INT8 1.3-1.85x, so BF16 first; on AMD Zen 4 (AVX512-BF16 and VNNI, no AMX), ONNX
     Runtime INT8 2.44x, OpenVINO INT8 2.99x, OpenVINO BF16 2.03x, so INT8 first, on OpenVINO where the CPU has
     VNNI or AMX (its int8 kernels need them; without, ONNX Runtime's reduce_range graph is the measured one).
-    FP32 stays on ONNX Runtime (OpenVINO FP32 0.95x on the AMX machine)."""
+    An INT8 image graph this CPU would compute otherwise than its gate did (full-range weights without INT8 dot
+    products, ``int8_serving``) is never picked. FP32 stays on ONNX Runtime (OpenVINO FP32 0.95x on the AMX
+    machine)."""
     import importlib.util
 
     from .cpu import INT8_DOT_FLAGS, cpu_flags
+    from .int8_serving import image_int8_refusal
 
     flags = cpu_flags()
     have_ov = importlib.util.find_spec("openvino") is not None
-    bf16, int8 = _bf16_servable(manifest), "int8" in manifest.onnx_precisions
+    bf16 = _bf16_servable(manifest)
+    int8 = "int8" in manifest.onnx_precisions and image_int8_refusal(manifest) is None
     if bf16 and ("amx_bf16" in flags or not int8):
         return "openvino", "bf16"
     if int8:

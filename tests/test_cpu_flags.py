@@ -71,12 +71,13 @@ def test_export_bf16_is_refused_before_any_work_exactly_on_the_families_without_
 # Measured reasons in cpu_auto_choice's docstring: BF16 first on AMX, INT8 first elsewhere, OpenVINO's INT8 only
 # with int8 dot products (VNNI/AMX) and its own gate record.
 OV, ORT = "openvino", "onnxruntime"
-GATES = {  # name -> (the bundle's gated precisions, whether its INT8 graph passed the OpenVINO gate)
+GATES = {  # name -> (the bundle's gated precisions, whether its INT8 graph passed the OpenVINO gate[, reduce_range])
     "bf16 + int8, openvino int8 gated": (("fp32", "bf16", "int8"), True),
     "bf16 + int8, openvino int8 not gated": (("fp32", "bf16", "int8"), False),
     "bf16 only": (("fp32", "bf16"), False),
     "int8, openvino int8 gated": (("fp32", "int8"), True),
     "fp32 only": (("fp32",), False),
+    "int8 with full-range weights, openvino int8 gated": (("fp32", "int8"), True, False),
 }
 AUTO_TABLE = {
     "bf16 + int8, openvino int8 gated": [(OV, "bf16"), (OV, "int8"), (OV, "int8"), (ORT, "int8")],
@@ -84,12 +85,16 @@ AUTO_TABLE = {
     "bf16 only": [(OV, "bf16"), (OV, "bf16"), (ORT, "fp32"), (ORT, "fp32")],
     "int8, openvino int8 gated": [(OV, "int8"), (OV, "int8"), (OV, "int8"), (ORT, "int8")],
     "fp32 only": [(ORT, "fp32")] * 4,
+    # full-range 8-bit weights overflow 16-bit sums without INT8 dot products (runtime/int8_serving.py)
+    "int8 with full-range weights, openvino int8 gated": [(OV, "int8"), (OV, "int8"), (OV, "int8"), (ORT, "fp32")],
 }
 
 
 def _manifest(gates: str) -> SimpleNamespace:
-    precisions, openvino_passed = GATES[gates]
-    int8 = {"cpu": SimpleNamespace(openvino_passed=openvino_passed)} if "int8" in precisions else {}
+    precisions, openvino_passed, *reduce_range = GATES[gates]
+    int8 = {"cpu": SimpleNamespace(openvino_passed=openvino_passed, file="int8/image_encoder.cpu.onnx",
+                                   settings={"reduce_range": reduce_range[0] if reduce_range else True})
+            } if "int8" in precisions else {}
     return SimpleNamespace(onnx_precisions=precisions, onnx=SimpleNamespace(int8=int8))
 
 

@@ -204,3 +204,141 @@ def test_the_ranking_names_layers_nncf_can_keep_fp32_never_ops_a_quantizer_passe
     kinds = {op.get_friendly_name(): op.get_type_name() for op in read_ir(xml).get_ordered_ops()}
     assert len(ranked) > 8 and len(set(ranked)) == len(ranked)
     assert {kinds[name] for name in ranked} <= {"Convolution", "MatMul", "Add", "AvgPool", "ReduceMean", "Multiply"}
+
+
+def test_the_manifest_lists_and_hashes_the_nncf_ir_and_its_weights(nncf_bundle):
+    from ipiqa.bundle import read_bundle
+
+    manifest = read_bundle(nncf_bundle)
+    weights = NNCF_FILE[:-len(".xml")] + ".bin"
+    assert NNCF_FILE in manifest.listed_files() and {NNCF_FILE, weights} <= set(manifest.files)
+    assert all(len(manifest.files[f]) == 64 for f in (NNCF_FILE, weights))
+
+
+def test_a_changed_nncf_weights_file_is_refused_when_the_bundle_is_read(nncf_bundle, tmp_path):
+    import shutil
+
+    from ipiqa.bundle import read_bundle
+    from ipiqa.errors import BundleError
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(nncf_bundle, copy, ignore=shutil.ignore_patterns("cache"))
+    weights = copy / (NNCF_FILE[:-len(".xml")] + ".bin")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="image_encoder.openvino.bin"):
+        read_bundle(copy)
+
+
+def test_openvino_int8_serves_the_nncf_ir_and_onnxruntime_int8_the_qdq_graph(nncf_bundle):
+    from ipiqa.bundle import read_bundle
+    from ipiqa.runtime.backends.openvino import OpenVinoBackend
+
+    manifest = read_bundle(nncf_bundle)
+    qdq = nncf_bundle / manifest.onnx.int8["cpu"].file
+    assert manifest.graph_path("image_encoder", "int8", runtime="openvino") == nncf_bundle / NNCF_FILE
+    assert manifest.graph_path("image_encoder", "int8") == qdq
+    r = manifest.config.resolution
+    x = np.random.default_rng(3).integers(0, 256, (3, r, r, 3), np.uint8)
+    fp32 = {n: nncf_bundle / g.file for n, g in manifest.onnx.graphs.items()}
+    with OpenVinoBackend(manifest, "int8", cache_dir=None) as served, \
+            OpenVinoBackend.from_graphs({**fp32, "image_encoder": nncf_bundle / NNCF_FILE}, "int8") as ir, \
+            OpenVinoBackend.from_graphs({**fp32, "image_encoder": qdq}, "int8") as qdq_backend:
+        got = served.image_outputs(x)["image_embedding"]
+        assert np.array_equal(got, ir.image_outputs(x)["image_embedding"])  # the IR, not the QDQ graph
+        assert not np.array_equal(got, qdq_backend.image_outputs(x)["image_embedding"])
+
+
+def test_a_fallback_record_without_a_file_keeps_openvino_on_the_qdq_graph(nncf_bundle):
+    from dataclasses import replace
+
+    from ipiqa.bundle import read_bundle
+
+    manifest = read_bundle(nncf_bundle)
+    cpu = manifest.onnx.int8["cpu"]
+    record = {k: v for k, v in cpu.openvino.items() if k not in ("file", "settings")}
+    fallback = manifest.replace(onnx=replace(manifest.onnx, int8={"cpu": replace(
+        cpu, openvino={**record, "quantizer": "onnxruntime-qdq", "nncf": "forced"})}))
+    assert fallback.onnx.int8["cpu"].openvino_file is None
+    assert fallback.graph_path("image_encoder", "int8", runtime="openvino") == nncf_bundle / cpu.file
+    failed = manifest.replace(onnx=replace(manifest.onnx, int8={"cpu": replace(
+        cpu, openvino={**cpu.openvino, "gate": {**cpu.openvino["gate"], "passed": False}})}))
+    assert failed.onnx.int8["cpu"].openvino_file is None  # a file whose gate failed is never served
+
+
+@pytest.mark.parametrize("file", ["/abs/image_encoder.xml", "../image_encoder.xml", "int8/image_encoder.onnx"])
+def test_a_manifest_naming_an_ir_outside_the_bundle_or_not_an_ir_is_refused(nncf_bundle, tmp_path, file):
+    import shutil
+
+    from ipiqa.bundle import read_bundle
+    from ipiqa.errors import BundleError
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(nncf_bundle, copy, ignore=shutil.ignore_patterns("cache"))
+    path = copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["onnx"]["int8"]["cpu"]["openvino"]["file"] = file
+    path.write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="onnx.int8.cpu.openvino.file"):
+        read_bundle(copy)
+
+
+def test_the_compile_cache_key_of_the_ir_changes_with_its_weights(nncf_bundle, tmp_path):
+    import shutil
+
+    from ipiqa.bundle import read_bundle
+    from ipiqa.runtime.backends.openvino import cache_key
+
+    manifest = read_bundle(nncf_bundle)
+    xml, weights = nncf_bundle / NNCF_FILE, NNCF_FILE[:-len(".xml")] + ".bin"
+    recorded = cache_key(xml, manifest.files, manifest.root)
+    assert cache_key(xml, {**manifest.files, weights: "0" * 64}, manifest.root) != recorded  # from the manifest
+    copy = tmp_path / "x"
+    copy.mkdir()
+    shutil.copy(xml, copy / xml.name)
+    data = bytearray(xml.with_suffix(".bin").read_bytes())
+    shutil.copy(xml.with_suffix(".bin"), copy / "image_encoder.openvino.bin")
+    unchanged = cache_key(copy / xml.name)
+    data[0] ^= 0xFF
+    (copy / "image_encoder.openvino.bin").write_bytes(bytes(data))
+    assert cache_key(copy / xml.name) != unchanged  # hashed from the files
+
+
+def test_score_on_openvino_int8_from_the_command_line_after_the_export_names_the_backend(nncf_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from ipiqa.cli import cli
+
+    images = write_images(tmp_path / "images", 3, seed=9)
+    out = tmp_path / "scores.csv"
+    res = CliRunner().invoke(cli, ["score", str(nncf_bundle), "--images", str(images[0].parent), "--prompt", "a fox",
+                                   "--backend", "openvino", "--precision", "int8", "-o", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert "backend openvino-cpu-int8" in res.output
+    assert len(out.read_text().strip().splitlines()) == 4
+
+
+@pytest.mark.parametrize("gated_with_dot", [True, False])
+def test_the_nncf_ir_gated_with_int8_dot_products_is_refused_on_a_cpu_without_them(nncf_bundle, tmp_path, cpu_family,
+                                                                                    gated_with_dot):
+    import shutil
+
+    from ipiqa.bundle import read_bundle
+    from ipiqa.errors import IPIQAError
+    from ipiqa.runtime.backends.openvino import OpenVinoBackend
+    from ipiqa.runtime.cpu import INT8_DOT_FLAGS
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(nncf_bundle, copy, ignore=shutil.ignore_patterns("cache"))
+    data = json.loads((copy / "manifest.json").read_text())
+    assert isinstance(data["onnx"]["int8"]["cpu"]["openvino"]["cpu_int8_dot"], bool)  # the export records it
+    data["onnx"]["int8"]["cpu"]["openvino"]["cpu_int8_dot"] = gated_with_dot
+    (copy / "manifest.json").write_text(json.dumps(data))
+    manifest = read_bundle(copy)
+    if gated_with_dot and not cpu_family.flags & set(INT8_DOT_FLAGS):
+        with pytest.raises(IPIQAError, match="no INT8 dot products.*--backend onnxruntime"):
+            OpenVinoBackend(manifest, "int8", cache_dir=None)
+        return
+    with OpenVinoBackend(manifest, "int8", cache_dir=None) as backend:
+        assert backend.name.startswith("openvino-cpu-int8")

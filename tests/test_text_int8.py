@@ -43,7 +43,7 @@ def graphs(tmp_path_factory):
     model = tiny_model()
     out = tmp_path_factory.mktemp("text_int8")
     fp32 = export_graphs(model, out)
-    quantize_text_graph(fp32["text_encoder"], out / "int8" / "text_encoder.onnx", reduce_range=False)
+    quantize_text_graph(fp32["text_encoder"], out / "int8" / "text_encoder.onnx")  # the stage's first: 7-bit weights
     return model.cfg, fp32, out / "int8" / "text_encoder.onnx"
 
 
@@ -249,3 +249,67 @@ def test_openvino_int8_keeps_the_fp32_text_graph(text_bundle):
         a, b = fp32.backend.encode_text(tokens), ov.encode_text(tokens)
     assert ov.name == "openvino-cpu-int8"
     np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
+
+
+def _edited_bundle(src: Path, dst: Path, edit) -> Path:
+    """A copy of the bundle ``src`` whose manifest.json went through ``edit(data)`` (the files stay as hashed)."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("cache"))
+    data = json.loads((dst / "manifest.json").read_text())
+    edit(data)
+    (dst / "manifest.json").write_text(json.dumps(data))
+    return dst
+
+
+def _full_range_text(data) -> None:
+    data["onnx"]["int8_text"]["settings"]["reduce_range"] = False
+
+
+def test_a_full_range_int8_text_graph_serves_only_on_cpus_with_int8_dot_products(text_bundle, tmp_path, cpu_family):
+    from ipiqa.runtime.cpu import INT8_DOT_FLAGS
+    from ipiqa.runtime.scorer import Scorer
+
+    root, _ = text_bundle
+    full = _edited_bundle(root / "bundle", tmp_path / "full", _full_range_text)
+    dot = bool(cpu_family.flags & set(INT8_DOT_FLAGS))
+    with Scorer(full, precision="int8", backend="onnxruntime") as s:
+        assert s.backend.text_precision == ("int8" if dot else "fp32"), cpu_family.name
+    with Scorer(root / "bundle", precision="int8", backend="onnxruntime") as s:  # 7-bit weights: every family
+        assert read_bundle(root / "bundle").onnx.int8_text.settings["reduce_range"] is True
+        assert s.backend.text_precision == "int8", cpu_family.name
+
+
+@pytest.mark.skipif(bool({"amx_int8", "avx512_vnni", "avx_vnni"} & set(
+    __import__("ipiqa.runtime.cpu", fromlist=["hardware_flags"]).hardware_flags())),
+    reason="needs the real instruction set without INT8 dot products (AVX2 only); this CPU has VNNI or AMX")
+def test_full_range_8bit_text_weights_miss_the_gate_on_a_cpu_without_int8_dot_products(graphs, tmp_path):
+    """Why ``int8_weights_refusal`` exists: ONNX Runtime's u8 x s8 kernels on AVX2 sum pairs in 16 bits."""
+    cfg, fp32, _ = graphs
+    full = tmp_path / "text_encoder.onnx"
+    quantize_text_graph(fp32["text_encoder"], full, reduce_range=False)
+    gate = text_int8_gate(fp32, full, _prompts(), _tokenize(cfg), "test subset")
+    assert not gate.passed and gate.min_cosine < 0.99, gate.line()
+
+
+def test_a_full_range_int8_image_graph_is_refused_without_int8_dot_products_and_auto_avoids_it(text_bundle, tmp_path,
+                                                                                               cpu_family):
+    from ipiqa.errors import IPIQAError
+    from ipiqa.runtime.cpu import INT8_DOT_FLAGS
+    from ipiqa.runtime.scorer import Scorer, cpu_auto_choice
+
+    root, _ = text_bundle
+
+    def full_range(data) -> None:
+        data["onnx"]["int8"]["cpu"]["settings"]["reduce_range"] = False
+
+    full = _edited_bundle(root / "bundle", tmp_path / "full", full_range)
+    if cpu_family.flags & set(INT8_DOT_FLAGS):
+        with Scorer(full, precision="int8", backend="onnxruntime") as s:
+            assert s.backend.precision == "int8"
+        assert cpu_auto_choice(read_bundle(full))[1] == "int8"
+        return
+    with pytest.raises(IPIQAError, match=r"full-range 8-bit weights.*cpu.reduce_range=false"):
+        Scorer(full, precision="int8", backend="onnxruntime")
+    assert cpu_auto_choice(read_bundle(full)) == ("onnxruntime", "fp32")
+    assert cpu_auto_choice(read_bundle(root / "bundle"))[1] == "int8"  # 7-bit weights: INT8 on every family

@@ -8,8 +8,9 @@ Runtime's CPU provider cannot do. What each precision runs:
 - ``bf16``: the image and fusion graphs at BF16. Served only where the CPU has the flags (``ipiqa.runtime.cpu``)
   and the bundle records a passing BF16 gate (``ipiqa-export --bf16``); the compiled model's own precision is
   checked after compiling, so no silent FP32 fallback is served as BF16;
-- ``int8``: the bundle's CPU INT8 image graph (Q/DQ, OpenVINO's int8 kernels), fusion at f32; served where the
-  export also gated it on OpenVINO (``onnx.int8.cpu.openvino``).
+- ``int8``: OpenVINO's own INT8 image graph (NNCF's IR, ``onnx.int8.cpu.openvino.file``) where the export made
+  and gated it, else the bundle's CPU INT8 QDQ graph through OpenVINO's int8 kernels; fusion at f32; served where
+  the export gated one of them on OpenVINO (``onnx.int8.cpu.openvino``; ``Manifest.graph_path`` picks which).
 
 The text graph (both): at BF16 only where its own per-prompt gate passed (``onnx.bf16_text``, ``ipiqa-export
 --bf16-text``) and the CPU has BF16, else f32. The hint applies to a whole compiled graph, and the text graph
@@ -35,6 +36,8 @@ import numpy as np
 
 from ipiqa._optional import require
 from ipiqa.bundle import Manifest, check_graph_metadata, embedded_config, sha256_file
+from ipiqa.manifest import weights_file
+from ipiqa.runtime.int8_serving import openvino_ir_refusal, refuse_int8_image_here
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.cpu import bf16_refusal, usable_cores
@@ -88,10 +91,11 @@ def cache_key(graph: Path, recorded: Optional[Mapping[str, str]] = None, root: O
     else the files are hashed here."""
     if recorded is not None and root is not None:
         rel = Path(graph).relative_to(root).as_posix()
-        parts = sorted((k, v) for k, v in recorded.items() if k == rel or k.startswith(rel + "."))
+        parts = sorted((k, v) for k, v in recorded.items() if k in (rel, weights_file(rel)))
     else:
         graph = Path(graph)
-        parts = [(p.name, sha256_file(p)) for p in [graph, *sorted(graph.parent.glob(graph.name + ".*"))]]
+        weights = graph.parent / weights_file(graph.name)
+        parts = [(p.name, sha256_file(p)) for p in [graph, *([weights] if weights.is_file() else [])]]
     digest = hashlib.sha256("\n".join(f"{k} {v}" for k, v in parts).encode()).hexdigest()
     return f"{Path(graph).stem}-{digest[:16]}"
 
@@ -145,11 +149,16 @@ class OpenVinoBackend(Backend):
             raise IPIQAError(f"{manifest.root}: the bundle's INT8 graph has no passing OpenVINO gate record (exported "
                              "without ipiqa[openvino], or OpenVINO's int8 kernels missed the INT8 bounds); re-export "
                              "with openvino installed, or serve INT8 with --backend onnxruntime")
-        paths = {name: manifest.graph_path(name, precision) for name in manifest.onnx.graphs}
+        if precision == "int8" and not manifest.onnx.int8["cpu"].openvino_file:  # the QDQ graph, as on ONNX Runtime
+            refuse_int8_image_here(manifest)
+        elif precision == "int8" and (reason := openvino_ir_refusal(manifest)):
+            raise IPIQAError(f"{manifest.root}: {reason}; serve INT8 with --backend onnxruntime on this CPU, or "
+                             "re-export the INT8 graph on a CPU like it")
+        paths = {name: manifest.graph_path(name, precision, runtime="openvino") for name in manifest.onnx.graphs}
         keys = {name: cache_key(path, manifest.files, manifest.root) for name, path in paths.items()}
         self._open(manifest.config, paths, precision, served, threads, cache_folder(manifest.root, cache_dir), keys,
                    check=lambda name, model: check_graph_metadata(manifest, name, _metadata(model),
-                                                                  _input_shapes(model), precision))
+                                                                  _input_shapes(model), precision, runtime="openvino"))
 
     @classmethod
     def from_graphs(cls, graphs: Mapping[str, Path], precision: str = "fp32",

@@ -18,6 +18,7 @@ from ipiqa.bundle import PRECISIONS, Manifest, check_graph_metadata, embedded_co
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.cpu import usable_cores
+from ipiqa.runtime.int8_serving import refuse_int8_image_here, text_int8_servable
 
 from .base import Backend
 
@@ -98,8 +99,10 @@ class OrtBackend(Backend):
         if PROVIDERS[provider] not in available:
             raise IPIQAError(f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
                              "install onnxruntime-gpu (pip install 'ipiqa[gpu]') for cuda/tensorrt")
-        # int8 on the CPU: the INT8 text graph where its gate passed (Manifest.graph_precision), else FP32.
-        text_int8 = precision == "int8" and manifest.int8_text_passed
+        if precision == "int8":
+            refuse_int8_image_here(manifest)
+        # int8 on the CPU: the INT8 text graph where its gate passed and it computes here as gated, else FP32.
+        text_int8 = precision == "int8" and text_int8_servable(manifest)
         paths = {name: manifest.graph_path(name, precision, text_int8) for name in manifest.onnx.graphs}  # refuses
         providers: list[Any] = [PROVIDERS["cpu"]]
         if provider == "cuda":
