@@ -100,10 +100,10 @@ def _nncf_graph(ctx: ExportContext, runtime: str, inputs: Mapping[str, Any], ref
         failed = "; ".join(r.line() for r in result.gate.results if not r) or result.gate.criterion
         return {"nncf": f"{version} missed the INT8 bounds with {len(result.settings.ignored)} layers FP32 ({failed})",
                 "nncf_attempts": list(result.attempts)}
-    from ipiqa.runtime.cpu import INT8_DOT_FLAGS, cpu_flags
+    from ipiqa.runtime.cpu import int8_dot_flags
 
     return {"runtime": runtime, "quantizer": version, "file": openvino_int8.NNCF_FILE,
-            "cpu_int8_dot": bool(cpu_flags() & set(INT8_DOT_FLAGS)),  # int8_serving.openvino_ir_refusal reads it
+            "cpu_int8_dot": bool(int8_dot_flags()),  # int8_serving.openvino_ir_refusal reads it
             "settings": result.settings.to_dict(), "attempts": list(result.attempts), "gate": result.gate.to_dict()}
 
 

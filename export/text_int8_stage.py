@@ -17,9 +17,9 @@ TEXT_INT8_FILE = "int8/text_encoder.cpu.onnx"
 
 
 def _cpu() -> str:
-    from ipiqa.runtime.cpu import INT8_DOT_FLAGS, cpu_flags, describe
+    from ipiqa.runtime.cpu import describe, int8_dot_flags
 
-    flags = [f for f in INT8_DOT_FLAGS if f in cpu_flags()]
+    flags = int8_dot_flags()
     return f"{describe()} ({', '.join(flags) or 'no int8 dot-product flags'})"
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 from ipiqa.errors import IPIQAError
 
 __all__ = ["BF16_FLAGS", "INT8_DOT_FLAGS", "FLAGS_ENV", "cpu_flags", "hardware_flags", "injected_flags", "cpu_model",
-           "describe", "bf16_flags", "bf16_refusal", "int8_weights_refusal", "usable_cores"]
+           "describe", "bf16_flags", "bf16_refusal", "int8_dot_flags", "int8_weights_refusal", "usable_cores"]
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")  # int8 dot products: what OpenVINO's int8 kernels need
@@ -97,13 +97,20 @@ def bf16_refusal(flags: Optional[frozenset[str]] = None, model: Optional[str] = 
             "(Intel Sapphire Rapids or later, AMD Zen 4 or later)")
 
 
-def int8_weights_refusal(reduce_range: bool, what: str, flags: Optional[frozenset[str]] = None) -> Optional[str]:
-    """None where an INT8 graph quantized with ``reduce_range`` (7-bit weights) or not computes as gated on this
-    CPU, else why not. Without INT8 dot products (VNNI, AMX: 32-bit sums) the u8 x s8 kernels add pairs of products
-    in 16 bits, which full-range 8-bit weights overflow: the INT8 text graph gated at cosine >= 0.995 on Zen 4 gave
-    0.78 on Zen 3 (AVX2), measured. 7-bit weights keep every pair in range on any CPU. ``what``: the graph, named."""
+def int8_dot_flags(flags: Optional[frozenset[str]] = None) -> tuple[str, ...]:
+    """Which of ``INT8_DOT_FLAGS`` the CPU has (``flags``: ``cpu_flags()`` when None): empty where u8 x s8
+    kernels sum pairs of products in 16 bits."""
     have = cpu_flags() if flags is None else flags
-    if reduce_range or have & set(INT8_DOT_FLAGS):
+    return tuple(f for f in INT8_DOT_FLAGS if f in have)
+
+
+def int8_weights_refusal(exact_without_dot: bool, what: str, flags: Optional[frozenset[str]] = None) -> Optional[str]:
+    """None where an INT8 graph computes on this CPU as its gate measured it, else why not. Without INT8 dot
+    products (VNNI, AMX: 32-bit sums) the u8 x s8 kernels add pairs of products in 16 bits, which full-range 8-bit
+    weights overflow: the INT8 text graph gated at cosine >= 0.995 on Zen 4 gave 0.78 on Zen 3 (AVX2), measured.
+    ``exact_without_dot``: the graph is safe there anyway (7-bit weights, ``reduce_range``, keep every pair in
+    range; or its gate ran without dot products too). ``what``: the graph, named."""
+    if exact_without_dot or int8_dot_flags(flags):
         return None
     return (f"{what} has full-range 8-bit weights, and this CPU ({describe()}) has no INT8 dot products "
             f"({', '.join(INT8_DOT_FLAGS)}), where its u8 x s8 sums saturate in 16 bits")

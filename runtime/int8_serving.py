@@ -18,7 +18,8 @@ from ipiqa.errors import IPIQAError
 
 from .cpu import int8_weights_refusal
 
-__all__ = ["image_int8_refusal", "refuse_int8_image_here", "openvino_ir_refusal", "text_int8_servable"]
+__all__ = ["image_int8_refusal", "refuse_int8_image_here", "openvino_ir_refusal", "refuse_openvino_int8_here",
+           "text_int8_servable"]
 
 
 def image_int8_refusal(manifest: Manifest, flags: Optional[frozenset[str]] = None) -> Optional[str]:
@@ -26,7 +27,7 @@ def image_int8_refusal(manifest: Manifest, flags: Optional[frozenset[str]] = Non
     entry = manifest.onnx.int8.get("cpu") if manifest.onnx.int8 else None
     if entry is None:
         return None
-    return int8_weights_refusal(bool(entry.settings.get("reduce_range", False)), f"{entry.file}", flags)
+    return int8_weights_refusal(bool(entry.settings.get("reduce_range", False)), entry.file, flags)
 
 
 def refuse_int8_image_here(manifest: Manifest) -> None:
@@ -55,3 +56,16 @@ def openvino_ir_refusal(manifest: Manifest, flags: Optional[frozenset[str]] = No
     gated_with_dot = bool((entry.openvino or {}).get("cpu_int8_dot", True))
     return int8_weights_refusal(not gated_with_dot, f"{entry.openvino_file} (gated on a CPU with INT8 dot products)",
                                 flags)
+
+
+def refuse_openvino_int8_here(manifest: Manifest) -> None:
+    """Raise, naming the fix, where the INT8 image graph OpenVINO would serve (NNCF's IR where recorded, else the
+    QDQ graph) would be wrong on this CPU. A bundle without INT8 graphs passes: ``graph_path`` refuses it."""
+    entry = manifest.onnx.int8.get("cpu") if manifest.onnx.int8 else None
+    if entry is None:
+        return
+    if not entry.openvino_file:
+        refuse_int8_image_here(manifest)
+    elif reason := openvino_ir_refusal(manifest):
+        raise IPIQAError(f"{manifest.root}: {reason}; serve INT8 with --backend onnxruntime on this CPU, or "
+                         "re-export the INT8 graph on a CPU like it")

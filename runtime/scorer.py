@@ -140,7 +140,7 @@ def cpu_auto_choice(manifest: Manifest) -> tuple[str, str]:
     machine)."""
     import importlib.util
 
-    from .cpu import INT8_DOT_FLAGS, cpu_flags
+    from .cpu import cpu_flags, int8_dot_flags
     from .int8_serving import image_int8_refusal
 
     flags = cpu_flags()
@@ -151,7 +151,7 @@ def cpu_auto_choice(manifest: Manifest) -> tuple[str, str]:
         return "openvino", "bf16"
     if int8:
         entry = manifest.onnx.int8["cpu"]
-        fast_ov = have_ov and entry.openvino_passed and bool(flags & set(INT8_DOT_FLAGS))
+        fast_ov = have_ov and entry.openvino_passed and bool(int8_dot_flags(flags))
         return ("openvino" if fast_ov else "onnxruntime"), "int8"
     return "onnxruntime", "fp32"
 

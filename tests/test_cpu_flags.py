@@ -213,3 +213,12 @@ def test_no_onnxruntime_pool_spins_after_its_call_so_the_next_session_gets_the_c
         for backend in (served, gate):
             assert {s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
                     for s in backend.sessions.values()} == {"0"}
+
+
+def test_int8_dot_products_are_read_from_the_flags_each_family_has(cpu_family):
+    from ipiqa.runtime.cpu import int8_dot_flags, int8_weights_refusal
+
+    dot = {"amx-xeon": ("amx_int8", "avx512_vnni"), "zen4": ("avx512_vnni",), "icelake": ("avx512_vnni",), "avx2": ()}
+    assert int8_dot_flags() == dot[cpu_family.name]
+    assert int8_weights_refusal(True, "g.onnx") is None  # 7-bit weights: every family
+    assert (int8_weights_refusal(False, "g.onnx") is None) == bool(dot[cpu_family.name])

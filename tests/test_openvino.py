@@ -271,3 +271,8 @@ def test_the_openvino_backend_imports_no_torch(tiny_bundle):
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_openvino_int8_on_a_bundle_without_int8_graphs_is_refused_naming_the_export(tiny_bundle):
+    with pytest.raises(IPIQAError, match="--int8"):
+        OpenVinoBackend(read_bundle(tiny_bundle), "int8", cache_dir=None)

@@ -37,7 +37,7 @@ import numpy as np
 from ipiqa._optional import require
 from ipiqa.bundle import Manifest, check_graph_metadata, embedded_config, sha256_file
 from ipiqa.manifest import weights_file
-from ipiqa.runtime.int8_serving import openvino_ir_refusal, refuse_int8_image_here
+from ipiqa.runtime.int8_serving import refuse_openvino_int8_here
 from ipiqa.config import IPIQAConfig
 from ipiqa.errors import IPIQAError
 from ipiqa.runtime.cpu import bf16_refusal, usable_cores
@@ -149,11 +149,8 @@ class OpenVinoBackend(Backend):
             raise IPIQAError(f"{manifest.root}: the bundle's INT8 graph has no passing OpenVINO gate record (exported "
                              "without ipiqa[openvino], or OpenVINO's int8 kernels missed the INT8 bounds); re-export "
                              "with openvino installed, or serve INT8 with --backend onnxruntime")
-        if precision == "int8" and not manifest.onnx.int8["cpu"].openvino_file:  # the QDQ graph, as on ONNX Runtime
-            refuse_int8_image_here(manifest)
-        elif precision == "int8" and (reason := openvino_ir_refusal(manifest)):
-            raise IPIQAError(f"{manifest.root}: {reason}; serve INT8 with --backend onnxruntime on this CPU, or "
-                             "re-export the INT8 graph on a CPU like it")
+        if precision == "int8":
+            refuse_openvino_int8_here(manifest)
         paths = {name: manifest.graph_path(name, precision, runtime="openvino") for name in manifest.onnx.graphs}
         keys = {name: cache_key(path, manifest.files, manifest.root) for name, path in paths.items()}
         self._open(manifest.config, paths, precision, served, threads, cache_folder(manifest.root, cache_dir), keys,
