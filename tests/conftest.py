@@ -20,6 +20,13 @@ from ipiqa.runtime.cpu import FLAGS_ENV, hardware_flags, usable_cores  # noqa: E
 
 torch.set_num_threads(usable_cores())
 
+MAX_WORKERS = 4  # an RN50-512 test file peaks near 6 GB; more workers than cores only contend
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (the default, pyproject's addopts): one worker per usable core, at most ``MAX_WORKERS``."""
+    return max(1, min(MAX_WORKERS, usable_cores()))
+
 
 # ---------------------------------------------------------------- CPU families: every flag branch on every machine
 
