@@ -53,6 +53,7 @@ class ExportContext:
     report: ExportReport
     specs: dict[str, GraphSpec]
     manifest: Optional[Manifest] = None  # set by the FP32 stage, refined by each later stage
+    text_references: dict[str, Any] = field(default_factory=dict)  # ``text_reference``'s, by prompt digest
 
     @property
     def cfg(self) -> IPIQAConfig:
@@ -72,6 +73,22 @@ class ExportContext:
 
     def fp32_graphs(self) -> dict[str, Path]:
         return {name: self.out / g.file for name, g in self.built.onnx.graphs.items()}
+
+    def text_reference(self, prompts: list[str]) -> Any:
+        """The FP32 text embeddings of ``prompts`` (``text_reference.TextReference``), shared by every text gate
+        of this export so the FP32 text graph runs over them once."""
+        import hashlib
+
+        from ipiqa.model import tokenize
+
+        from .text_reference import TextReference
+
+        key = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+        if key not in self.text_references:
+            length = self.cfg.context_length
+            self.text_references[key] = TextReference(self.fp32_graphs(), prompts,
+                                                      lambda p: tokenize(p, length).numpy())
+        return self.text_references[key]
 
     def invalidate(self) -> None:
         """About to overwrite files: the old manifest (if any) must not describe them."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 from ipiqa._optional import require
 from ipiqa.manifest import Bf16TextGate, to_plain
@@ -25,26 +25,26 @@ from .prompt_sets import datasets_folder
 from .reuse_keys import stage_key
 from .stages import ExportContext, run_stage
 from .text_int8 import TextInt8Gate, compare_text, text_gate_prompts
+from .text_reference import TextReference
 
 __all__ = ["text_bf16_gate", "text_bf16_stage"]
 
 
 def text_bf16_gate(fp32: Mapping[str, Path], prompts: Iterable[str], tokenize, source: str = "",
-                   batch: int = 64) -> TextInt8Gate:
+                   batch: int = 64, reference: Optional[TextReference] = None) -> TextInt8Gate:
     """The FP32 text graph through ``OpenVinoBackend`` with the text graph served at BF16 against ONNX Runtime FP32,
     prompt by prompt. An exception from OpenVINO (a graph whose end-of-text search cannot be moved) is a failed gate
-    with its reason, never the export's end."""
+    with its reason, never the export's end. ``reference``: the export's shared FP32 embeddings of these prompts."""
     from ipiqa.runtime.backends.openvino import OpenVinoBackend
 
-    from .graph_runs import graph_backend
-
     prompts = list(prompts)
+    reference = reference or TextReference(fp32, prompts, tokenize, batch)
     bound = BOUNDS["bf16"].cosine_min
     graphs = {name: Path(path) for name, path in fp32.items()}
     served = {name: "bf16" if name == "text_encoder" else "fp32" for name in graphs}  # only the text graph judged
     try:
-        with graph_backend(graphs) as ref, OpenVinoBackend.from_graphs(graphs, "bf16", served=served) as low:
-            worst, max_abs, worst_i = compare_text(ref, low, prompts, tokenize, batch)
+        with OpenVinoBackend.from_graphs(graphs, "bf16", served=served) as low:
+            worst, max_abs, worst_i = compare_text(reference, low)
     except Exception as exc:  # noqa: BLE001 - any OpenVINO failure is this optional gate's result
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
         return TextInt8Gate(float("nan"), float("nan"), len(prompts), source, bound, reason, label="bf16")
@@ -72,11 +72,9 @@ def text_bf16_stage(ctx: ExportContext) -> None:
 
 
 def _gate_record(ctx: ExportContext, key: str, prompts: list, source: str, runtime: str, cpu: str) -> Bf16TextGate:
-    from ipiqa.model import tokenize
-
     start = time.perf_counter()
     ctx.progress(f"BF16 text gate: {len(prompts)} prompts ({source}) on {runtime}")
-    gate = text_bf16_gate(ctx.fp32_graphs(), prompts, lambda p: tokenize(p, ctx.cfg.context_length).numpy(), source)
+    gate = text_bf16_gate(ctx.fp32_graphs(), prompts, None, source, reference=ctx.text_reference(prompts))
     served = ("served at BF16 by OpenVINO (bf16, int8) on BF16 CPUs" if gate
               else "not served: OpenVINO keeps the text graph FP32")
     ctx.progress(f"BF16 text gate: {gate.line()} ({served}; {time.perf_counter() - start:.1f}s)")

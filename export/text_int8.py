@@ -176,13 +176,12 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
-def compare_text(ref, low, prompts: Sequence[str], tokenize, batch: int = 64) -> tuple[float, float, int]:
-    """(min cosine, max |d|, index of the worst prompt) of backend ``low``'s text embeddings against ``ref``'s,
-    ``batch`` prompts at a time (memory flat in the number of prompts); a non-finite row stops at NaN."""
+def compare_text(reference: "TextReference", low) -> tuple[float, float, int]:
+    """(min cosine, max |d|, index of the worst prompt) of backend ``low``'s text embeddings against the FP32
+    ``reference``'s, a batch at a time (memory flat in the number of prompts); a non-finite row stops at NaN."""
     worst, worst_i, max_abs = np.inf, 0, 0.0
-    for start in range(0, len(prompts), batch):
-        tokens = np.asarray(tokenize(list(prompts[start:start + batch])), np.int64)
-        a, b = ref.encode_text(tokens), low.encode_text(tokens)
+    for start, tokens, a in reference.batches():
+        b = low.encode_text(tokens)
         cos = _row_cosines(a, b)
         i = int(np.argmin(np.nan_to_num(cos, nan=-np.inf)))
         if not np.isfinite(cos[i]) or cos[i] < worst:
@@ -194,14 +193,17 @@ def compare_text(ref, low, prompts: Sequence[str], tokenize, batch: int = 64) ->
 
 
 def text_int8_gate(fp32: Mapping[str, Path], int8_text: Path, prompts: Iterable[str], tokenize, source: str = "",
-                   batch: int = 64) -> TextInt8Gate:
+                   batch: int = 64, reference: Optional["TextReference"] = None) -> TextInt8Gate:
     """The INT8 text graph in the set ``OrtBackend`` serves for int8 (image INT8 or FP32 alike: only the text
     graph is judged here) against the FP32 graphs' text embeddings, prompt by prompt, ``batch`` at a time
-    (memory flat in the number of prompts). ``tokenize``: prompts -> int64 (B, context_length)."""
+    (memory flat in the number of prompts). ``tokenize``: prompts -> int64 (B, context_length). ``reference``:
+    the export's shared FP32 embeddings of these prompts (``TextReference``), else computed here."""
     from .graph_runs import graph_backend
+    from .text_reference import TextReference
 
     prompts = list(prompts)
-    with graph_backend(dict(fp32)) as ref, graph_backend({**fp32, "text_encoder": Path(int8_text)}, "int8") as low:
-        worst, max_abs, worst_i = compare_text(ref, low, prompts, tokenize, batch)
+    reference = reference or TextReference(fp32, prompts, tokenize, batch)
+    with graph_backend({**fp32, "text_encoder": Path(int8_text)}, "int8") as low:
+        worst, max_abs, worst_i = compare_text(reference, low)
     return TextInt8Gate(worst, max_abs, len(prompts), source, BOUNDS["int8"].cosine_min, eot_path_problem(Path(int8_text)),
                         prompts[worst_i][:80] if prompts else "")

@@ -46,8 +46,6 @@ def text_int8_stage(ctx: ExportContext) -> None:
 def _build(ctx: ExportContext, key: str, prompts: list, source: str, cpu: str) -> Int8TextGraph:
     """Quantize and gate: 7-bit weights first (safe from the 16-bit sums of AVX2 without VNNI, like the CPU
     image graph), then full-range 8-bit weights where that misses the bound."""
-    from ipiqa.model import tokenize
-
     from .text_int8 import quantize_text_graph, text_int8_gate
 
     start = time.perf_counter()
@@ -56,7 +54,7 @@ def _build(ctx: ExportContext, key: str, prompts: list, source: str, cpu: str) -
     attempts = []
     for reduce_range in (True, False):
         settings = quantize_text_graph(fp32["text_encoder"], out, reduce_range=reduce_range)
-        gate = text_int8_gate(fp32, out, prompts, lambda p: tokenize(p, ctx.cfg.context_length).numpy(), source)
+        gate = text_int8_gate(fp32, out, prompts, None, source, reference=ctx.text_reference(prompts))
         attempts.append(f"reduce_range={reduce_range}: {gate.line()}")
         ctx.progress(f"INT8 text graph, reduce_range={reduce_range}: {gate.line()}")
         if gate:
