@@ -8,7 +8,8 @@ import subprocess
 import time
 from importlib import metadata
 
-from ipiqa.runtime.cpu import FLAGS_ENV, cpu_flags, cpu_model, hardware_flags, injected_flags, usable_cores
+from ipiqa.runtime.cpu import (FLAGS_ENV, cpu_flags, cpu_model, cpu_signature, hardware_flags, injected_flags,
+                               usable_cores)
 
 __all__ = ["machine_info", "machine_slug", "measured_peak_flops"]
 
@@ -43,7 +44,7 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             pass
     simd = sorted(f for f in cpu_flags() if f in _SIMD_FLAGS)
-    info = {"cpu": cpu_model(), "cpu_flags": simd, "cores": usable_cores(), "host_cores": os.cpu_count(),
+    info = {"cpu": cpu_model(), "cpu_signature": cpu_signature(), "cpu_flags": simd, "cores": usable_cores(), "host_cores": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(), "gpu": _gpu(), "versions": versions}
     if injected_flags() is not None:  # the branches ran as another CPU family; the figures are this hardware's
         info["cpu_flags_injected_by"] = FLAGS_ENV

@@ -65,8 +65,9 @@ def _end_to_end_tables(rows: list[dict], mixes: list) -> list[str]:
 def markdown(results: dict) -> str:
     info, rows, mixes = results["machine"], results.get("runs", []), _mixes(results)
     gpu = info["gpu"].get("name", "none") if info["gpu"] else "none"
+    cpu = ", ".join(filter(None, [info.get("cpu_signature"), f"{info['cores']} cores"]))
     lines = [f"# ipiqa benchmark: {results['slug']}", "",
-             f"CPU: {info['cpu']} ({info['cores']} cores) · GPU: {gpu} · resolution {results['resolution']} px · "
+             f"CPU: {info['cpu']} ({cpu}) · GPU: {gpu} · resolution {results['resolution']} px · "
              f"prompts: {', '.join(map(str, mixes))} images per prompt · {results['timestamp']}"]
     if results.get("prompt_source"):
         lines += ["", f"Prompt text: {results['prompt_source']}."]

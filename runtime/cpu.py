@@ -22,7 +22,7 @@ from typing import Optional
 from ipiqa.errors import IPIQAError
 
 __all__ = ["BF16_FLAGS", "INT8_DOT_FLAGS", "FLAGS_ENV", "cpu_flags", "hardware_flags", "injected_flags", "cpu_model",
-           "describe", "bf16_flags", "bf16_refusal", "int8_dot_flags", "int8_weights_refusal", "usable_cores"]
+           "cpu_signature", "describe", "bf16_flags", "bf16_refusal", "int8_dot_flags", "int8_weights_refusal", "usable_cores"]
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 INT8_DOT_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")  # int8 dot products: what OpenVINO's int8 kernels need
@@ -74,6 +74,14 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+def cpu_signature() -> str:
+    """x86 family and model ("family 26 model 2": Zen 5), '' where unknown: shared machines name Zen 4 and Zen 5
+    alike ("AMD EPYC", the same flags), and benchmark figures differ between them (1.6x measured)."""
+    info = _cpuinfo()
+    family, model = info.get("cpu family", ""), info.get("model", "")
+    return f"family {family} model {model}" if family and model else ""
 
 
 def describe() -> str:

@@ -222,3 +222,29 @@ def test_int8_dot_products_are_read_from_the_flags_each_family_has(cpu_family):
     assert int8_dot_flags() == dot[cpu_family.name]
     assert int8_weights_refusal(True, "g.onnx") is None  # 7-bit weights: every family
     assert (int8_weights_refusal(False, "g.onnx") is None) == bool(dot[cpu_family.name])
+
+
+def test_the_cpu_signature_is_the_x86_family_and_model_and_empty_where_unknown(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\n")
+    monkeypatch.setattr(cpu, "_CPUINFO", info)
+    cpu._cpuinfo.cache_clear()
+    try:
+        assert cpu.cpu_signature() == "family 26 model 2"  # the first processor's
+        info.write_text("processor\t: 0\nmodel name\t: some ARM core\n")
+        cpu._cpuinfo.cache_clear()
+        assert cpu.cpu_signature() == ""
+    finally:
+        monkeypatch.undo()
+        cpu._cpuinfo.cache_clear()
+
+
+def test_the_benchmark_header_names_the_cpu_signature_beside_the_cores():
+    from benchmarks.report import markdown
+
+    results = {"slug": "cpu-2core", "resolution": 512, "timestamp": "t", "runs": [], "images_per_prompt": [10],
+               "machine": {"cpu": "AMD EPYC", "cpu_signature": "family 26 model 2", "cores": 2, "gpu": {}}}
+    assert "CPU: AMD EPYC (family 26 model 2, 2 cores)" in markdown(results)
+    del results["machine"]["cpu_signature"]  # a record written before the signature
+    assert "CPU: AMD EPYC (2 cores)" in markdown(results)
