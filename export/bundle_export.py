@@ -100,10 +100,13 @@ def export_bundle(model: IPIQA, source_files: Sequence[Path], out: Path, options
         _bf16_stage(ctx)
     if options.int8 is not None:
         int8_stage(ctx)
-    if options.int8_text:
-        text_int8_stage(ctx)
-    if options.bf16_text:
-        text_bf16_stage(ctx)
+    try:
+        if options.int8_text:
+            text_int8_stage(ctx)
+        if options.bf16_text:
+            text_bf16_stage(ctx)
+    finally:
+        ctx.close_text_references()
     if not options.onnx_only:
         engine_stage(ctx)
     _write(ctx)

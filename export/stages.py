@@ -77,18 +77,21 @@ class ExportContext:
     def text_reference(self, prompts: list[str]) -> Any:
         """The FP32 text embeddings of ``prompts`` (``text_reference.TextReference``), shared by every text gate
         of this export so the FP32 text graph runs over them once."""
-        import hashlib
-
         from ipiqa.model import tokenize
 
-        from .text_reference import TextReference
+        from .text_reference import TextReference, prompt_digest
 
-        key = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+        key = prompt_digest(prompts)
         if key not in self.text_references:
             length = self.cfg.context_length
             self.text_references[key] = TextReference(self.fp32_graphs(), prompts,
                                                       lambda p: tokenize(p, length).numpy())
         return self.text_references[key]
+
+    def close_text_references(self) -> None:
+        for reference in self.text_references.values():
+            reference.close()
+        self.text_references.clear()
 
     def invalidate(self) -> None:
         """About to overwrite files: the old manifest (if any) must not describe them."""

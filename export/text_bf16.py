@@ -12,7 +12,6 @@ a failed gate (or an OpenVINO refusal of the rewrite) leaves the text graph FP32
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
@@ -25,7 +24,7 @@ from .prompt_sets import datasets_folder
 from .reuse_keys import stage_key
 from .stages import ExportContext, run_stage
 from .text_int8 import TextInt8Gate, compare_text, text_gate_prompts
-from .text_reference import TextReference
+from .text_reference import TextReference, prompt_digest
 
 __all__ = ["text_bf16_gate", "text_bf16_stage"]
 
@@ -39,6 +38,7 @@ def text_bf16_gate(fp32: Mapping[str, Path], prompts: Iterable[str], tokenize, s
 
     prompts = list(prompts)
     reference = reference or TextReference(fp32, prompts, tokenize, batch)
+    reference.check_prompts(prompts)
     bound = BOUNDS["bf16"].cosine_min
     graphs = {name: Path(path) for name, path in fp32.items()}
     served = {name: "bf16" if name == "text_encoder" else "fp32" for name in graphs}  # only the text graph judged
@@ -63,7 +63,7 @@ def text_bf16_stage(ctx: ExportContext) -> None:
     ov = require("openvino", extra="openvino")
     prompts, source = text_gate_prompts(datasets_folder())
     runtime, cpu = f"openvino {ov.__version__}", f"{describe()} ({', '.join(bf16_flags())})"
-    key = stage_key(ctx.onnx_key, "bf16-text", hashlib.sha256("\n".join(prompts).encode()).hexdigest(), runtime, cpu)
+    key = stage_key(ctx.onnx_key, "bf16-text", prompt_digest(prompts), runtime, cpu)
     old = ctx.previous.onnx.bf16_text if ctx.previous else None
     entry, ctx.report.reused_bf16_text = run_stage(ctx, "BF16 text gate", key, old.key if old else None, old,
                                                    lambda: _gate_record(ctx, key, prompts, source, runtime, cpu))

@@ -203,6 +203,7 @@ def text_int8_gate(fp32: Mapping[str, Path], int8_text: Path, prompts: Iterable[
 
     prompts = list(prompts)
     reference = reference or TextReference(fp32, prompts, tokenize, batch)
+    reference.check_prompts(prompts)
     with graph_backend({**fp32, "text_encoder": Path(int8_text)}, "int8") as low:
         worst, max_abs, worst_i = compare_text(reference, low)
     return TextInt8Gate(worst, max_abs, len(prompts), source, BOUNDS["int8"].cosine_min, eot_path_problem(Path(int8_text)),

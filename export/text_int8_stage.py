@@ -3,13 +3,13 @@ gated per prompt on this CPU; recorded in ``onnx.int8_text`` whether it passed o
 gate leaves ``--precision int8`` on the FP32 text graph, as without the flag."""
 from __future__ import annotations
 
-import hashlib
 import time
 
 from ipiqa.manifest import Int8TextGraph, to_plain
 
 from .reuse_keys import stage_key
 from .stages import ExportContext, run_stage
+from .text_reference import prompt_digest
 
 __all__ = ["text_int8_stage", "TEXT_INT8_FILE"]
 
@@ -33,7 +33,7 @@ def text_int8_stage(ctx: ExportContext) -> None:
     import onnxruntime
 
     prompts, source = text_gate_prompts(datasets_folder())
-    digest = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    digest = prompt_digest(prompts)
     cpu = _cpu()  # the kernels judged: another CPU class re-gates
     key = stage_key(ctx.onnx_key, "int8-text", TEXT_SETTINGS, digest, cpu, onnxruntime.__version__)
     old = ctx.previous.onnx.int8_text if ctx.previous else None

@@ -8,15 +8,21 @@ in the number of prompts; the file is gone when the reference is), and every lat
 """
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["TextReference"]
+__all__ = ["TextReference", "prompt_digest"]
 
 Tokenize = Callable[[list], np.ndarray]  # prompts -> int64 (B, context_length)
+
+
+def prompt_digest(prompts: Sequence[str]) -> str:
+    """What a text stage's reuse key and the export's reference memo name a prompt list by."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()
 
 
 class TextReference:
@@ -33,20 +39,42 @@ class TextReference:
         return np.asarray(self.tokenize(self.prompts[start:start + self.batch]), np.int64)
 
     def _compute(self) -> np.memmap:
-        from .graph_runs import graph_backend
+        """Every row into a fresh file, kept only once all are written: a failure leaves nothing half-filled."""
+        from .graph_runs import batches, graph_backend
 
-        with graph_backend(dict(self.fp32)) as ref:
-            for start in range(0, len(self.prompts), self.batch):
-                emb = np.asarray(ref.encode_text(self._tokens(start)), np.float32)
-                if self._rows is None:
-                    self._file = tempfile.TemporaryFile(prefix="ipiqa-text-reference-")
-                    self._rows = np.memmap(self._file, np.float32, "w+", shape=(len(self.prompts), emb.shape[1]))
-                self._rows[start:start + len(emb)] = emb
+        file, rows = None, None
+        try:
+            with graph_backend(dict(self.fp32)) as ref:
+                for part in batches(len(self.prompts), self.batch):
+                    emb = np.asarray(ref.encode_text(self._tokens(part.start)), np.float32)
+                    if rows is None:
+                        file = tempfile.TemporaryFile(prefix="ipiqa-text-reference-")
+                        rows = np.memmap(file, np.float32, "w+", shape=(len(self.prompts), emb.shape[1]))
+                    rows[part] = emb
+        except BaseException:
+            if file is not None:
+                file.close()
+            raise
+        self._file, self._rows = file, rows
         self.computed += 1
-        return self._rows
+        return rows
+
+    def close(self) -> None:
+        """The file goes (the export calls this after its last text stage); a later ``batches()`` recomputes."""
+        self._rows = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def batches(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """The first call runs the FP32 text graph over every prompt (into the file); every call then reads it."""
+        from .graph_runs import batches
+
         rows = self._rows if self._rows is not None else (self._compute() if self.prompts else None)
-        for start in range(0, len(self.prompts), self.batch):
-            yield start, self._tokens(start), np.asarray(rows[start:start + self.batch])
+        for part in batches(len(self.prompts), self.batch):
+            yield part.start, self._tokens(part.start), np.asarray(rows[part])
+
+    def check_prompts(self, prompts: Sequence[str]) -> None:
+        """A gate handed this reference judges exactly its prompts (the worst one is named by its index)."""
+        if list(prompts) != self.prompts:
+            raise ValueError("the text reference was computed over other prompts than the gate's")

@@ -116,3 +116,44 @@ def test_an_export_gating_the_text_graph_at_int8_and_bf16_runs_the_fp32_text_gra
     assert report.int8_text is not None and report.bf16_text is not None
     assert report.bf16_text["prompts"] == report.int8_text["prompts"]
     assert len(calls) == 1
+
+
+def test_a_failure_while_computing_leaves_no_half_filled_reference(graphs, monkeypatch):
+    from ipiqa.runtime.backends.ort import OrtBackend
+
+    cfg, fp32, _ = graphs
+    ref = TextReference(fp32, _prompts(), _tokenize(cfg), batch=16)
+    real, calls = OrtBackend.encode_text, []
+
+    def second_call_fails(self, tokens):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the FP32 text graph failed")
+        return real(self, tokens)
+
+    monkeypatch.setattr(OrtBackend, "encode_text", second_call_fails)
+    with pytest.raises(RuntimeError, match="FP32 text graph failed"):
+        next(ref.batches())
+    monkeypatch.undo()
+    assert ref.computed == 0
+    fresh = TextReference(fp32, _prompts(), _tokenize(cfg), batch=16)
+    for (_, _, got), (_, _, want) in zip(ref.batches(), fresh.batches(), strict=True):
+        assert np.array_equal(got, want)  # recomputed in full, never the unfilled rows
+    assert ref.computed == 1
+
+
+def test_a_gate_handed_a_reference_of_other_prompts_is_refused(graphs):
+    cfg, fp32, int8 = graphs
+    ref = TextReference(fp32, _prompts()[:-1], _tokenize(cfg))
+    with pytest.raises(ValueError, match="other prompts"):
+        text_int8_gate(fp32, int8, _prompts(), _tokenize(cfg), "test", reference=ref)
+
+
+def test_a_closed_reference_has_no_file_and_computes_again_when_read(graphs):
+    cfg, fp32, _ = graphs
+    ref = TextReference(fp32, _prompts(), _tokenize(cfg))
+    first = [rows.copy() for _, _, rows in ref.batches()]
+    ref.close()
+    assert ref._file is None
+    again = [rows for _, _, rows in ref.batches()]
+    assert ref.computed == 2 and all(np.array_equal(a, b) for a, b in zip(first, again))
