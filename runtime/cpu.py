@@ -78,7 +78,7 @@ def cpu_model() -> str:
 
 def cpu_signature() -> str:
     """x86 family and model ("family 26 model 2": Zen 5), '' where unknown: shared machines name Zen 4 and Zen 5
-    alike ("AMD EPYC", the same flags), and benchmark figures differ between them (1.6x measured)."""
+    alike ("AMD EPYC", flags differing only in avx_vnni), and benchmark figures differ between them (1.6x measured)."""
     info = _cpuinfo()
     family, model = info.get("cpu family", ""), info.get("model", "")
     return f"family {family} model {model}" if family and model else ""

@@ -18,7 +18,8 @@ from authors_layout import authors_files  # noqa: E402
 from ipiqa.demo import SMOKE_ARCH  # noqa: E402
 from ipiqa.runtime.cpu import FLAGS_ENV, hardware_flags, usable_cores  # noqa: E402
 
-torch.set_num_threads(usable_cores())
+# Each pytest-xdist worker (``$PYTEST_XDIST_WORKER_COUNT`` of them) gets its share of the cores for torch.
+torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 MAX_WORKERS = 4  # an RN50-512 test file peaks near 6 GB; more workers than cores only contend
 
