@@ -44,8 +44,9 @@ def machine_info() -> dict:
         except metadata.PackageNotFoundError:
             pass
     simd = sorted(f for f in cpu_flags() if f in _SIMD_FLAGS)
-    info = {"cpu": cpu_model(), "cpu_signature": cpu_signature(), "cpu_flags": simd, "cores": usable_cores(), "host_cores": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "gpu": _gpu(), "versions": versions}
+    info = {"cpu": cpu_model(), "cpu_signature": cpu_signature(), "cpu_flags": simd, "cores": usable_cores(),
+            "host_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "gpu": _gpu(), "versions": versions}
     if injected_flags() is not None:  # the branches ran as another CPU family; the figures are this hardware's
         info["cpu_flags_injected_by"] = FLAGS_ENV
         info["hardware_cpu_flags"] = sorted(f for f in hardware_flags() if f in _SIMD_FLAGS)

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ipiqa.model import IPIQA
 
     from .graphs import GraphSpec
+    from .text_reference import TextReference
 
 __all__ = ["ExportReport", "ExportContext", "run_stage", "check_gate"]
 T = TypeVar("T")
@@ -53,7 +54,7 @@ class ExportContext:
     report: ExportReport
     specs: dict[str, GraphSpec]
     manifest: Optional[Manifest] = None  # set by the FP32 stage, refined by each later stage
-    text_references: dict[str, Any] = field(default_factory=dict)  # ``text_reference``'s, by prompt digest
+    text_references: dict[str, TextReference] = field(default_factory=dict)  # ``text_reference``'s, by prompt digest
 
     @property
     def cfg(self) -> IPIQAConfig:
@@ -74,7 +75,7 @@ class ExportContext:
     def fp32_graphs(self) -> dict[str, Path]:
         return {name: self.out / g.file for name, g in self.built.onnx.graphs.items()}
 
-    def text_reference(self, prompts: list[str]) -> Any:
+    def text_reference(self, prompts: list[str]) -> TextReference:
         """The FP32 text embeddings of ``prompts`` (``text_reference.TextReference``), shared by every text gate
         of this export so the FP32 text graph runs over them once."""
         from ipiqa.model import tokenize

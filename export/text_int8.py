@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -28,6 +28,9 @@ from ipiqa._optional import require
 
 from .checks import BOUNDS
 from .fp16 import PRECISION_KEY
+
+if TYPE_CHECKING:
+    from .text_reference import TextReference
 
 __all__ = ["TEXT_OP_TYPES", "TEXT_SETTINGS", "TEXT_GATE_PROMPTS", "TextInt8Gate", "quantize_text_graph",
            "eot_path_problem", "text_int8_gate", "text_gate_prompts", "compare_text"]
@@ -176,7 +179,7 @@ def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
-def compare_text(reference: "TextReference", low) -> tuple[float, float, int]:
+def compare_text(reference: TextReference, low) -> tuple[float, float, int]:
     """(min cosine, max |d|, index of the worst prompt) of backend ``low``'s text embeddings against the FP32
     ``reference``'s, a batch at a time (memory flat in the number of prompts); a non-finite row stops at NaN."""
     worst, worst_i, max_abs = np.inf, 0, 0.0
@@ -193,7 +196,7 @@ def compare_text(reference: "TextReference", low) -> tuple[float, float, int]:
 
 
 def text_int8_gate(fp32: Mapping[str, Path], int8_text: Path, prompts: Iterable[str], tokenize, source: str = "",
-                   batch: int = 64, reference: Optional["TextReference"] = None) -> TextInt8Gate:
+                   batch: int = 64, reference: Optional[TextReference] = None) -> TextInt8Gate:
     """The INT8 text graph in the set ``OrtBackend`` serves for int8 (image INT8 or FP32 alike: only the text
     graph is judged here) against the FP32 graphs' text embeddings, prompt by prompt, ``batch`` at a time
     (memory flat in the number of prompts). ``tokenize``: prompts -> int64 (B, context_length). ``reference``:

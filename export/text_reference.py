@@ -40,12 +40,12 @@ class TextReference:
 
     def _compute(self) -> np.memmap:
         """Every row into a fresh file, kept only once all are written: a failure leaves nothing half-filled."""
-        from .graph_runs import batches, graph_backend
+        from .graph_runs import batches as slices, graph_backend
 
         file, rows = None, None
         try:
             with graph_backend(dict(self.fp32)) as ref:
-                for part in batches(len(self.prompts), self.batch):
+                for part in slices(len(self.prompts), self.batch):
                     emb = np.asarray(ref.encode_text(self._tokens(part.start)), np.float32)
                     if rows is None:
                         file = tempfile.TemporaryFile(prefix="ipiqa-text-reference-")
@@ -68,10 +68,10 @@ class TextReference:
 
     def batches(self) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """The first call runs the FP32 text graph over every prompt (into the file); every call then reads it."""
-        from .graph_runs import batches
+        from .graph_runs import batches as slices
 
         rows = self._rows if self._rows is not None else (self._compute() if self.prompts else None)
-        for part in batches(len(self.prompts), self.batch):
+        for part in slices(len(self.prompts), self.batch):
             yield part.start, self._tokens(part.start), np.asarray(rows[part])
 
     def check_prompts(self, prompts: Sequence[str]) -> None:
